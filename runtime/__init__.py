@@ -1,0 +1,1 @@
+"""Fanout: fan AI inference out over the devices of a PC and across machines."""

@@ -1,0 +1,94 @@
+"""The interface every engine backend implements.
+
+A backend belongs to one device worker. ``load`` creates one session per model (the worker
+shares it between all its tasks); ``Session.run`` may be called from up to ``capacity``
+threads at once, so a session must be safe for concurrent ``run`` calls (onnxruntime and
+OpenVINO compiled models are; an implementation that is not must serialize inside).
+
+Errors: ``load`` raises ``ModelUnavailable`` with the engine's own text; ``run`` raises
+``DeviceError`` for engine/device faults and ``InvalidInput`` for bad inputs the engine found.
+Inputs reaching ``run`` are already checked against ``Session.inputs`` by the worker.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input as the session accepts it; ``None`` in ``shape`` is a free dimension."""
+
+    name: str
+    dtype: str  # numpy dtype name, e.g. "int64", "float32"
+    shape: tuple[int | None, ...]
+
+    def to_wire(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a worker needs to load one model on its device."""
+
+    name: str
+    path: str  # a resolved local file or folder (packaged models are fetched before this)
+    options: dict[str, Any] = field(default_factory=dict)  # per-device options from the config
+    cache_dir: str | None = None  # where compiled NPU contexts / OpenVINO caches go
+
+
+class CancelToken:
+    """Set by the worker when the task is cancelled; a session may poll it or register a hook."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._hooks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def on_cancel(self, hook: Callable[[], None]) -> None:
+        with self._lock:
+            if not self._event.is_set():
+                self._hooks.append(hook)
+                return
+        hook()
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._event.set()
+            hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:  # a failing hook must not stop the others
+                pass
+
+
+ProgressFn = Callable[[str], None]  # a one-line note: "compiling for HTP", "cached context found"
+
+
+class Session(Protocol):
+    inputs: list[TensorSpec]
+    outputs: list[str]
+
+    def run(self, inputs: dict[str, np.ndarray], cancel: CancelToken) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    """One engine on one device, e.g. onnxruntime+QNN HTP, or OpenVINO 'CPU'."""
+
+    name: str  # "onnxruntime", "qnn", "openvino"
+
+    def load(self, model: ModelSpec, progress: ProgressFn) -> Session: ...
+
+    def close(self) -> None: ...
