@@ -5,8 +5,21 @@ the field path and the bad value. Environment variables are read only here, in t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+import difflib
+import importlib.resources
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
+
+import yaml
+
+from runtime.errors import ConfigError
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:8471"
 DEVICE_KINDS = ("npu", "gpu", "cpu")
@@ -17,7 +30,8 @@ BACKENDS = ("qnn", "onnxruntime", "openvino", "openvino-genai")
 class FaultConfig:
     """Fault injection around the real backend, for tests and drills (off unless set).
 
-    fail_after: the first N runs succeed, later runs raise DeviceError (0 = fail every run).
+    fail_after: the first N runs succeed, later runs raise DeviceError (0 = fail every run;
+      None = off).
     fail_every: every Nth run raises DeviceError (>= 1; 0 = off).
     fail_load: loading any listed model (or all, if the list is empty and this is true) fails.
     hang_s: each run sleeps this long first (0..3600), to test deadlines and hung workers.
@@ -78,25 +92,28 @@ class ModelConfig:
 class SchedulerConfig:
     """The scheduler process.
 
-    address: where clients connect; tcp://HOST:PORT (port 0 = pick a free one).
-    worker_address: where workers connect (default: loopback, a free port).
-    token: shared secret clients and workers must present; required when binding a
-      non-loopback address (env FANOUT_TOKEN).
+    address: where clients connect; tcp://HOST:PORT (port 0 = pick a free one) or ipc://PATH
+      (env FANOUT_ADDRESS overrides it).
+    worker_address: where workers connect (default: loopback, a free port); same forms.
+    token: shared secret clients and workers must present; required when either address
+      binds a non-loopback host (env FANOUT_TOKEN overrides it).
     max_queue: tasks waiting for a slot, 1..1_000_000; past it submits get Overloaded.
     task_timeout_s: default deadline of a task, 0.1..86400.
     heartbeat_interval_s: 0.05..10.  heartbeat_timeout_s: a worker silent this long is hung
-      and is killed and restarted, > 2 * heartbeat_interval_s.
-    load_timeout_s: a worker that has not registered this long after start is restarted.
+      and is killed and restarted, > 2 * heartbeat_interval_s, at most 3600.
+    load_timeout_s: a worker that has not registered this long after start is restarted,
+      0.1..86400.
     max_attempts: tries of one task across devices and lost workers, 1..32.
     breaker_threshold: consecutive device errors of one (worker, model) that open its
-      breaker, 1..1000.  breaker_cooldown_s: how long it stays open before one probe task.
-    restart_backoff_s: first delay before restarting a dead worker (doubles, max 30 s).
+      breaker, 1..1000.  breaker_cooldown_s: how long it stays open before one probe task,
+      0..3600.
+    restart_backoff_s: first delay before restarting a dead worker, 0.01..30 (doubles, max 30 s).
     max_message_bytes: largest message accepted on any socket, 1 KiB..4 GiB.
     """
 
     address: str = DEFAULT_ADDRESS
     worker_address: str = "tcp://127.0.0.1:0"
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # a secret: kept out of reprs and logs
     max_queue: int = 10_000
     task_timeout_s: float = 120.0
     heartbeat_interval_s: float = 0.5
@@ -143,3 +160,544 @@ class Config:
             order += [f for f in self.device(order[i]).fallback if f not in order]
             i += 1
         return order
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation
+# ---------------------------------------------------------------------------------------------
+
+ENV_TOKEN = "FANOUT_TOKEN"
+ENV_HOME = "FANOUT_HOME"
+ENV_ADDRESS = "FANOUT_ADDRESS"
+PACKAGED_PREFIX = "packaged:"
+AUTO_DEVICES = "auto"
+
+DiscoverFn = Callable[[], "list[dict[str, Any]]"]
+
+_NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
+_MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_TCP_RE = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.*_-]+):([0-9]{1,5})")
+_MISSING = object()
+
+_TOP_KEYS = ("scheduler", "devices", "models", "model_cache")
+_DEVICE_KEYS = tuple(f.name for f in fields(DeviceConfig))
+_MODEL_KEYS = tuple(f.name for f in fields(ModelConfig))
+_FAULT_KEYS = tuple(f.name for f in fields(FaultConfig))
+_SCHEDULER_KEYS = tuple(f.name for f in fields(SchedulerConfig))
+# Which backend can drive which kind of device; anything else would silently run elsewhere.
+_BACKEND_KINDS = {"qnn": ("npu", "gpu"), "onnxruntime": ("cpu",),
+                  "openvino": DEVICE_KINDS, "openvino-genai": DEVICE_KINDS}
+# scheduler field -> (type, low, high); addresses and token are checked on their own.
+_SCHEDULER_BOUNDS: dict[str, tuple[type, float, float]] = {
+    "max_queue": (int, 1, 1_000_000),
+    "task_timeout_s": (float, 0.1, 86400.0),
+    "heartbeat_interval_s": (float, 0.05, 10.0),
+    "heartbeat_timeout_s": (float, 0.1, 3600.0),
+    "load_timeout_s": (float, 0.1, 86400.0),
+    "max_attempts": (int, 1, 32),
+    "breaker_threshold": (int, 1, 1000),
+    "breaker_cooldown_s": (float, 0.0, 3600.0),
+    "restart_backoff_s": (float, 0.01, 30.0),
+    "max_message_bytes": (int, 1024, 4 * 1024 ** 3),
+}
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *,
+                env: Mapping[str, str] | None = None,
+                discover: DiscoverFn | None = None) -> Config:
+    """Read, validate and resolve a config file (None = the embedded ``configs/local.yaml``).
+
+    env: the environment to read FANOUT_TOKEN, FANOUT_HOME and FANOUT_ADDRESS from
+      (default ``os.environ``); the only place the runtime reads the environment.
+    discover: returns this machine's devices for ``devices: auto`` (default
+      ``runtime.backends.discovery.discover``).
+    Raises ConfigError naming the file, the field path and the bad value.
+    """
+    if path is None:
+        resource = importlib.resources.files("runtime") / "configs" / "local.yaml"
+        label = str(resource)
+        base_dir = os.path.dirname(os.path.abspath(label)) if isinstance(resource, Path) else None
+        try:
+            text = resource.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{label}: cannot read the embedded default config: {exc}") from exc
+    else:
+        label = os.fspath(path)
+        base_dir = os.path.dirname(os.path.abspath(label))
+        try:
+            with open(label, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{label}: cannot read config file: {exc}") from exc
+    raw = _parse_yaml(text, label)
+    env = os.environ if env is None else env
+    return _Parser(label, base_dir, env, discover, from_dict=False).parse(raw)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain data (str/int/float/bool/None/list/dict) for child processes.
+
+    Includes the token: send it only over a channel the child is meant to trust (its argv/stdin).
+    """
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: Mapping[str, Any]) -> Config:
+    """The inverse of ``config_to_dict``: validated again, but neither env nor paths are re-resolved."""
+    label = d.get("source") if isinstance(d, Mapping) else None
+    label = label if isinstance(label, str) else "<config dict>"
+    return _Parser(label, None, {}, None, from_dict=True).parse(d)
+
+
+# -- YAML ---------------------------------------------------------------------------------------
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error, not last-one-wins."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:
+            continue  # unhashable key: construct_mapping reports it
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark,
+                f"found duplicate key {key!r}", key_node.start_mark)
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _parse_yaml(text: str, label: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        detail = f"{context}: {problem}" if context else problem
+        raise ConfigError(f"{label}: {where}invalid YAML: {detail}") from None
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _plain(value: Any) -> bool:
+    """Data that survives msgpack/JSON unchanged (no dates, sets, tuples or non-string keys)."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return True
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _fmt_num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _is_loopback(host: str) -> bool:
+    host = host[1:-1] if host.startswith("[") else host
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Parser:
+    """One pass over a raw mapping: collects every error, then builds the dataclasses."""
+
+    def __init__(self, label: str, base_dir: str | None, env: Mapping[str, str],
+                 discover: DiscoverFn | None, *, from_dict: bool) -> None:
+        self.label = label
+        self.base_dir = base_dir
+        self.env = env
+        self.discover = discover
+        self.from_dict = from_dict
+        self.errors: list[str] = []
+        self.auto = False
+
+    def error(self, path: str, message: str, value: Any = _MISSING) -> None:
+        got = "" if value is _MISSING else f", got {_show(value)}"
+        self.errors.append(f"{self.label}: {path}: {message}{got}")
+
+    def parse(self, raw: Any) -> Config:
+        if raw is None:
+            raise ConfigError(f"{self.label}: the config is empty; it needs at least 'devices'")
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{self.label}: the config must be a mapping with keys "
+                              f"{', '.join(_TOP_KEYS)}, got {_show(raw)}")
+        allowed = _TOP_KEYS + (("source",) if self.from_dict else ())
+        self.keys("", raw, allowed, required=("devices",))
+        scheduler = self.scheduler(raw.get("scheduler", {}))
+        devices = self.devices(raw.get("devices", _MISSING))
+        models = self.models(raw.get("models", []))
+        model_cache = self.model_cache(raw.get("model_cache"))
+        if devices is not None and models is not None:
+            self.cross_check(devices, models)
+        if self.errors:
+            raise ConfigError("\n".join(self.errors))
+        assert scheduler is not None and devices is not None and models is not None
+        return Config(devices=devices, models=models, scheduler=scheduler,
+                      model_cache=model_cache, source=self.label)
+
+    # -- generic checks: each returns the accepted value, or None after recording an error --
+
+    def keys(self, path: str, d: Mapping[str, Any], allowed: tuple[str, ...],
+             required: tuple[str, ...] = ()) -> None:
+        where = path or "(top level)"
+        for key in d:
+            if key not in allowed:
+                hint = difflib.get_close_matches(str(key), allowed, n=1)
+                did = f"did you mean {hint[0]!r}? " if hint else ""
+                self.error(where, f"unknown key {_show(key)} ({did}allowed: {', '.join(allowed)})")
+        for key in required:
+            if key not in d:
+                self.error(where, f"missing required key {key!r}")
+
+    def mapping(self, path: str, v: Any) -> Mapping[str, Any] | None:
+        if isinstance(v, Mapping) and all(isinstance(k, str) for k in v):
+            return v
+        self.error(path, "must be a mapping with string keys", v)
+        return None
+
+    def integer(self, path: str, v: Any, lo: int, hi: int) -> int | None:
+        if _is_int(v) and lo <= v <= hi:
+            return int(v)
+        self.error(path, f"must be an integer {lo}..{hi}", v)
+        return None
+
+    def number(self, path: str, v: Any, lo: float, hi: float) -> float | None:
+        if _is_number(v) and lo <= v <= hi:
+            return float(v)
+        self.error(path, f"must be a number {_fmt_num(lo)}..{_fmt_num(hi)}", v)
+        return None
+
+    def string(self, path: str, v: Any, what: str = "a non-empty string") -> str | None:
+        if isinstance(v, str) and v.strip():
+            return v
+        self.error(path, f"must be {what}", v)
+        return None
+
+    def boolean(self, path: str, v: Any) -> bool | None:
+        if isinstance(v, bool):
+            return v
+        self.error(path, "must be true or false", v)
+        return None
+
+    def name_list(self, path: str, v: Any, pattern: re.Pattern[str], what: str) -> list[str] | None:
+        if not isinstance(v, list):
+            self.error(path, f"must be a list of {what} names", v)
+            return None
+        ok = True
+        for i, item in enumerate(v):
+            if not (isinstance(item, str) and pattern.fullmatch(item)):
+                self.error(f"{path}[{i}]", f"must be a {what} name", item)
+                ok = False
+            elif item in v[:i]:
+                self.error(f"{path}[{i}]", f"{what} listed twice", item)
+                ok = False
+        return list(v) if ok else None
+
+    def plain_options(self, path: str, v: Any) -> dict[str, Any] | None:
+        d = self.mapping(path, v)
+        if d is None:
+            return None
+        ok = True
+        for key, value in d.items():
+            if not _plain(value):
+                self.error(f"{path}.{key}", "must be plain data (strings, numbers, booleans, "
+                           "null, lists, mappings with string keys)", value)
+                ok = False
+        return dict(d) if ok else None
+
+    def address(self, path: str, v: Any, origin: str | None) -> tuple[str, str | None] | None:
+        """(address, host) with host None for ipc://; origin names the env var it came from."""
+        where = f"{path} (from env {origin})" if origin else path
+        if isinstance(v, str) and v.startswith("ipc://") and len(v) > len("ipc://"):
+            return v, None
+        m = _TCP_RE.fullmatch(v) if isinstance(v, str) else None
+        if m is None or int(m.group(2)) > 65535:
+            self.error(where, "must be tcp://HOST:PORT (port 0..65535) or ipc://PATH", v)
+            return None
+        return v, m.group(1)
+
+    # -- sections -------------------------------------------------------------------------------
+
+    def scheduler(self, raw: Any) -> SchedulerConfig | None:
+        d = self.mapping("scheduler", raw)
+        if d is None:
+            return None
+        self.keys("scheduler", d, _SCHEDULER_KEYS)
+        values: dict[str, Any] = {}
+        ok = True
+        for key, (kind, lo, hi) in _SCHEDULER_BOUNDS.items():
+            if key in d:
+                check = self.integer if kind is int else self.number
+                value = check(f"scheduler.{key}", d[key], lo, hi)  # type: ignore[arg-type]
+                ok = ok and value is not None
+                values[key] = value
+        defaults = SchedulerConfig()
+        interval = values.get("heartbeat_interval_s", defaults.heartbeat_interval_s)
+        timeout = values.get("heartbeat_timeout_s", defaults.heartbeat_timeout_s)
+        if interval is not None and timeout is not None and not timeout > 2 * interval:
+            self.error("scheduler.heartbeat_timeout_s", "must be greater than 2 * "
+                       f"heartbeat_interval_s = {_fmt_num(2 * interval)}", timeout)
+            ok = False
+
+        token, token_origin = d.get("token"), None
+        if self.env.get(ENV_TOKEN):
+            token, token_origin = self.env[ENV_TOKEN], ENV_TOKEN
+        if token is not None and not (isinstance(token, str) and token.strip()):
+            where = f"scheduler.token (from env {token_origin})" if token_origin else "scheduler.token"
+            # never echo a secret: name only its type
+            self.error(where, f"must be a non-empty string, got a {type(token).__name__}")
+            ok = False
+            token = None
+        values["token"] = token
+
+        for key in ("address", "worker_address"):
+            value, origin = d.get(key, getattr(defaults, key)), None
+            if key == "address" and self.env.get(ENV_ADDRESS):
+                value, origin = self.env[ENV_ADDRESS], ENV_ADDRESS
+            parsed = self.address(f"scheduler.{key}", value, origin)
+            if parsed is None:
+                ok = False
+                continue
+            values[key], host = parsed
+            if host is not None and not _is_loopback(host) and token is None:
+                where = f"scheduler.{key} (from env {origin})" if origin else f"scheduler.{key}"
+                self.error(where, f"binds non-loopback host {host} and so needs a token: "
+                           f"set scheduler.token or env {ENV_TOKEN}", value)
+                ok = False
+        return SchedulerConfig(**values) if ok else None
+
+    def devices(self, raw: Any) -> list[DeviceConfig] | None:
+        if raw is _MISSING:
+            return None  # reported by keys()
+        path = "devices"
+        if raw == AUTO_DEVICES and not self.from_dict:
+            self.auto = True
+            raw = self.run_discover()
+            if raw is None:
+                return None
+            path = "devices (auto)"
+        if not isinstance(raw, list) or not raw:
+            self.error(path, f"must be a non-empty list of devices or {AUTO_DEVICES!r}", raw)
+            return None
+        parsed = [self.device(f"{path}[{i}]", item) for i, item in enumerate(raw)]
+        seen: dict[str, int] = {}
+        for i, dev in enumerate(parsed):
+            if dev is None:
+                continue
+            if dev.name in seen:
+                self.error(f"{path}[{i}].name", f"duplicate device name (also {path}[{seen[dev.name]}])",
+                           dev.name)
+            seen.setdefault(dev.name, i)
+        if any(dev is None for dev in parsed) or len(seen) != len(parsed):
+            return None
+        return [dev for dev in parsed if dev is not None]
+
+    def run_discover(self) -> list[Any] | None:
+        discover = self.discover
+        if discover is None:
+            from runtime.backends.discovery import discover  # lazy: imports the engines
+        try:
+            return list(discover())
+        except Exception as exc:  # any failure of discovery is a config the runtime cannot use
+            self.error("devices", f"device discovery failed: {type(exc).__name__}: {exc}", AUTO_DEVICES)
+            return None
+
+    def device(self, path: str, raw: Any) -> DeviceConfig | None:
+        d = self.mapping(path, raw)
+        if d is None:
+            return None
+        before = len(self.errors)
+        self.keys(path, d, _DEVICE_KEYS, required=("name", "kind", "backend"))
+        name, kind, backend = d.get("name"), d.get("kind"), d.get("backend")
+        if "name" in d and not (isinstance(name, str) and _NAME_RE.fullmatch(name)):
+            self.error(f"{path}.name", "must match [a-z0-9_-]{1,32}", name)
+        if "kind" in d and kind not in DEVICE_KINDS:
+            self.error(f"{path}.kind", f"must be one of {', '.join(DEVICE_KINDS)}", kind)
+        if "backend" in d and backend not in BACKENDS:
+            self.error(f"{path}.backend", f"must be one of {', '.join(BACKENDS)}", backend)
+        elif backend in BACKENDS and kind in DEVICE_KINDS and kind not in _BACKEND_KINDS[backend]:
+            self.error(f"{path}.kind", f"backend {backend} drives only "
+                       f"{' or '.join(_BACKEND_KINDS[backend])} devices", kind)
+        capacity = self.integer(f"{path}.capacity", d.get("capacity", 1), 1, 256)
+        fallback = self.name_list(f"{path}.fallback", d.get("fallback", []), _NAME_RE, "device")
+        options = self.plain_options(f"{path}.options", d.get("options", {}))
+        if backend in ("openvino", "openvino-genai") and options and "device" in options:
+            self.string(f"{path}.options.device", options["device"], "an OpenVINO device name")
+        faults = self.faults(f"{path}.faults", d["faults"]) if d.get("faults") is not None else None
+        if len(self.errors) > before:
+            return None
+        return DeviceConfig(name=name, kind=kind, backend=backend, capacity=capacity,
+                            fallback=fallback, options=options, faults=faults)  # type: ignore[arg-type]
+
+    def faults(self, path: str, raw: Any) -> FaultConfig | None:
+        d = self.mapping(path, raw)
+        if d is None:
+            return None
+        before = len(self.errors)
+        self.keys(path, d, _FAULT_KEYS)
+        fail_after = d.get("fail_after")
+        if fail_after is not None:
+            fail_after = self.integer(f"{path}.fail_after", fail_after, 0, 2**31 - 1)
+        fail_every = self.integer(f"{path}.fail_every", d.get("fail_every", 0), 0, 2**31 - 1)
+        fail_load = self.boolean(f"{path}.fail_load", d.get("fail_load", False))
+        hang_s = self.number(f"{path}.hang_s", d.get("hang_s", 0.0), 0.0, 3600.0)
+        models = self.name_list(f"{path}.models", d.get("models", []), _MODEL_NAME_RE, "model")
+        message = self.string(f"{path}.message", d.get("message", FaultConfig.message))
+        if len(self.errors) > before:
+            return None
+        return FaultConfig(fail_after=fail_after, fail_every=fail_every, fail_load=fail_load,  # type: ignore[arg-type]
+                           hang_s=hang_s, models=models, message=message)  # type: ignore[arg-type]
+
+    def models(self, raw: Any) -> list[ModelConfig] | None:
+        if not isinstance(raw, list):
+            self.error("models", "must be a list of models", raw)
+            return None
+        parsed = [self.model(f"models[{i}]", item) for i, item in enumerate(raw)]
+        seen: dict[str, int] = {}
+        for i, m in enumerate(parsed):
+            if m is None:
+                continue
+            if m.name in seen:
+                self.error(f"models[{i}].name", f"duplicate model name (also models[{seen[m.name]}])",
+                           m.name)
+            seen.setdefault(m.name, i)
+        if any(m is None for m in parsed) or len(seen) != len(parsed):
+            return None
+        return [m for m in parsed if m is not None]
+
+    def model(self, path: str, raw: Any) -> ModelConfig | None:
+        d = self.mapping(path, raw)
+        if d is None:
+            return None
+        before = len(self.errors)
+        self.keys(path, d, _MODEL_KEYS, required=("name", "source"))
+        name = d.get("name")
+        if "name" in d and not (isinstance(name, str) and _MODEL_NAME_RE.fullmatch(name)):
+            self.error(f"{path}.name", "must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}", name)
+        source = self.source(f"{path}.source", d["source"]) if "source" in d else None
+        devices = self.name_list(f"{path}.devices", d.get("devices", []), _NAME_RE, "device")
+        options: dict[str, dict[str, Any]] = {}
+        raw_options = self.mapping(f"{path}.options", d.get("options", {}))
+        for device, opts in (raw_options or {}).items():
+            where = f"{path}.options.{device}"
+            if not _NAME_RE.fullmatch(device):
+                self.error(where, "keys of options must be device names", device)
+            value = self.model_options(where, opts)
+            if value is not None:
+                options[device] = value
+        if len(self.errors) > before:
+            return None
+        return ModelConfig(name=name, source=source, devices=devices, options=options)  # type: ignore[arg-type]
+
+    def source(self, path: str, raw: Any) -> str | None:
+        source = self.string(path, raw, f"{PACKAGED_PREFIX}NAME or a path")
+        if source is None:
+            return None
+        if source.startswith(PACKAGED_PREFIX):
+            if not re.fullmatch(r"[A-Za-z0-9._-]+", source[len(PACKAGED_PREFIX):]):
+                self.error(path, f"must be {PACKAGED_PREFIX}NAME", source)
+                return None
+            return source
+        if self.base_dir is None:  # from a dict: already resolved by the parent
+            return source
+        expanded = os.path.expanduser(source)
+        return os.path.normpath(os.path.join(self.base_dir, expanded))
+
+    def model_options(self, path: str, raw: Any) -> dict[str, Any] | None:
+        opts = self.plain_options(path, raw)
+        if opts is None:
+            return None
+        ok = True
+        if "shapes" in opts:
+            shapes = opts["shapes"]
+            if not isinstance(shapes, dict) or not shapes:
+                self.error(f"{path}.shapes", "must map input names to shapes like [1, 32]", shapes)
+                ok = False
+            else:
+                for inp, shape in shapes.items():
+                    if not (isinstance(shape, list) and shape and all(
+                            _is_int(x) and 1 <= x <= 1 << 24 for x in shape)):
+                        self.error(f"{path}.shapes.{inp}", "must be a non-empty list of "
+                                   "positive integers (a static shape)", shape)
+                        ok = False
+        if "pad" in opts and not isinstance(opts["pad"], bool):
+            self.error(f"{path}.pad", "must be true or false", opts["pad"])
+            ok = False
+        return opts if ok else None
+
+    def model_cache(self, raw: Any) -> str | None:
+        if self.env.get(ENV_HOME):
+            return os.path.abspath(os.path.expanduser(self.env[ENV_HOME]))
+        if raw is None:
+            return None
+        value = self.string("model_cache", raw, "a path")
+        if value is None or self.base_dir is None:
+            return value
+        return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(value)))
+
+    # -- references between sections ----------------------------------------------------------
+
+    def cross_check(self, devices: list[DeviceConfig], models: list[ModelConfig]) -> None:
+        device_names = [dev.name for dev in devices]
+        model_names = [m.name for m in models]
+        dev_path = "devices (auto)" if self.auto else "devices"
+        for i, dev in enumerate(devices):
+            for j, other in enumerate(dev.fallback):
+                where = f"{dev_path}[{i}].fallback[{j}]"
+                if other == dev.name:
+                    self.error(where, "a device cannot fall back to itself", other)
+                elif other not in device_names:
+                    self.error(where, f"names no declared device (declared: {', '.join(device_names)})",
+                               other)
+            for j, model in enumerate(dev.faults.models if dev.faults else ()):
+                if model not in model_names:
+                    self.error(f"{dev_path}[{i}].faults.models[{j}]", "names no declared model "
+                               f"(declared: {', '.join(model_names) or 'none'})", model)
+        for i, m in enumerate(models):
+            # With discovered devices a config may name devices other machines have: keep the rest.
+            if self.auto:
+                listed = m.devices
+                m.devices = [name for name in listed if name in device_names]
+                m.options = {k: v for k, v in m.options.items() if k in device_names}
+                if listed and not m.devices:
+                    self.error(f"models[{i}].devices", "none of these devices was discovered "
+                               f"on this machine (found: {', '.join(device_names)})", listed)
+                continue
+            for j, name in enumerate(m.devices):
+                if name not in device_names:
+                    self.error(f"models[{i}].devices[{j}]", "names no declared device "
+                               f"(declared: {', '.join(device_names)})", name)
+            for name in m.options:
+                if name not in device_names:
+                    self.error(f"models[{i}].options.{name}", "names no declared device "
+                               f"(declared: {', '.join(device_names)})", name)
