@@ -1,0 +1,355 @@
+"""The wire protocol between clients, the scheduler and workers.
+
+A message is a ZMQ multipart message: one msgpack header frame, then one frame per numpy
+array (sent without copying). The header is a map with ``v`` (protocol version), ``t`` (the
+message type) and the type's fields; arrays are described in the header as
+``[name, dtype, shape]`` in frame order. No pickle, ever.
+
+Each socket has one decoder that knows the message types allowed on it: a wrong message
+fails at decode with ``ProtocolError``, not deep in a handler. New fields get defaults;
+existing ones never change meaning.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar
+
+import msgpack
+import numpy as np
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 1024 * 1024
+# Numeric dtypes only: object/str/void arrays could smuggle anything through.
+ALLOWED_DTYPES = frozenset(
+    ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+     "float16", "float32", "float64"])
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass
+class Message:
+    TYPE: ClassVar[str] = ""
+    ARRAYS: ClassVar[str | None] = None  # name of the field that holds arrays, if any
+
+
+_REGISTRY: dict[str, type[Message]] = {}
+
+
+def message(cls):
+    """Register a message dataclass under its TYPE tag."""
+    cls = dataclass(cls)
+    _REGISTRY[cls.TYPE] = cls
+    return cls
+
+
+# ---- client <-> scheduler ----------------------------------------------------------------
+
+@message
+class Hello(Message):
+    TYPE = "hello"
+    version: int
+    role: str  # "client" | "worker"
+    token: str | None = None
+    name: str = ""
+
+
+@message
+class Welcome(Message):
+    TYPE = "welcome"
+    version: int
+    cluster: dict = field(default_factory=dict)
+
+
+@message
+class Submit(Message):
+    TYPE = "submit"
+    ARRAYS = "inputs"
+    task_id: str
+    model: str
+    inputs: dict = field(default_factory=dict)
+    timeout_s: float | None = None
+
+
+@message
+class Cancel(Message):
+    TYPE = "cancel"
+    task_id: str
+
+
+@message
+class StatusRequest(Message):
+    TYPE = "status"
+    req_id: str
+
+
+@message
+class Shutdown(Message):
+    TYPE = "shutdown"
+    req_id: str
+
+
+@message
+class Result(Message):
+    TYPE = "result"
+    ARRAYS = "outputs"
+    task_id: str
+    device: str
+    outputs: dict = field(default_factory=dict)
+    attempts: list = field(default_factory=list)
+    service_s: float = 0.0
+
+
+@message
+class Failure(Message):
+    TYPE = "failure"
+    task_id: str
+    error: dict = field(default_factory=dict)
+
+
+@message
+class Reply(Message):
+    """The answer to a request that is not a task (status, shutdown) or to a bad message."""
+
+    TYPE = "reply"
+    req_id: str | None
+    body: dict = field(default_factory=dict)
+    error: dict | None = None
+
+
+# ---- worker <-> scheduler ----------------------------------------------------------------
+
+@message
+class Register(Message):
+    TYPE = "register"
+    version: int
+    device: str
+    epoch: int
+    pid: int
+    node: str
+    token: str | None = None
+    models: dict = field(default_factory=dict)  # model -> {"state", "error", "detail"}
+
+
+@message
+class ModelState(Message):
+    TYPE = "model_state"
+    model: str
+    state: str  # "loading" | "ready" | "unavailable"
+    error: str | None = None
+    detail: str = ""
+    load_s: float = 0.0
+
+
+@message
+class Heartbeat(Message):
+    TYPE = "heartbeat"
+    in_flight: int = 0
+
+
+@message
+class Run(Message):
+    TYPE = "run"
+    ARRAYS = "inputs"
+    attempt: int
+    model: str
+    inputs: dict = field(default_factory=dict)
+    timeout_s: float | None = None
+
+
+@message
+class CancelRun(Message):
+    TYPE = "cancel_run"
+    attempt: int
+
+
+@message
+class Done(Message):
+    TYPE = "done"
+    ARRAYS = "outputs"
+    attempt: int
+    outputs: dict = field(default_factory=dict)
+    service_s: float = 0.0
+
+
+@message
+class Failed(Message):
+    TYPE = "failed"
+    attempt: int
+    kind: str
+    message: str
+    service_s: float = 0.0
+
+
+@message
+class Ping(Message):
+    TYPE = "ping"
+
+
+@message
+class Stop(Message):
+    TYPE = "stop"
+
+
+CLIENT_TO_SCHEDULER = frozenset([Hello, Submit, Cancel, StatusRequest, Shutdown])
+SCHEDULER_TO_CLIENT = frozenset([Welcome, Result, Failure, Reply])
+WORKER_TO_SCHEDULER = frozenset([Register, ModelState, Heartbeat, Done, Failed])
+SCHEDULER_TO_WORKER = frozenset([Welcome, Run, CancelRun, Ping, Stop, Reply])
+
+_SCALARS = {"int": int, "str": str, "float": (int, float), "dict": dict, "list": list,
+            "bool": bool}
+
+
+def _check_type(cls: type[Message], name: str, annotation: str, value: Any) -> None:
+    """Check a header field against its annotation string ("int", "str | None", ...)."""
+    options = [a.strip() for a in annotation.split("|")]
+    if value is None and "None" in options:
+        return
+    for opt in options:
+        py = _SCALARS.get(opt)
+        if py is None:
+            continue
+        if isinstance(value, py) and not (isinstance(value, bool) and opt in ("int", "float")):
+            if opt == "float" and not math.isfinite(value):
+                continue
+            return
+    raise ProtocolError(f"{cls.TYPE}.{name}: expected {annotation}, got {type(value).__name__}")
+
+
+# ---- encoding ----------------------------------------------------------------------------
+
+def encode(msg: Message) -> list:
+    """Frames for ``msg``: the header, then the arrays' buffers (no copies for contiguous arrays)."""
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": msg.TYPE}
+    buffers: list = []
+    for f in fields(msg):
+        value = getattr(msg, f.name)
+        if f.name == msg.ARRAYS:
+            specs = []
+            for name, arr in value.items():
+                if isinstance(arr, RawArray):
+                    specs.append([name, arr.dtype, list(arr.shape)])
+                    buffers.append(arr.frame)
+                    continue
+                arr = np.ascontiguousarray(arr)
+                if arr.dtype.name not in ALLOWED_DTYPES:
+                    raise ProtocolError(f"array {name!r} has dtype {arr.dtype}; allowed: "
+                                        f"{', '.join(sorted(ALLOWED_DTYPES))}")
+                specs.append([name, arr.dtype.name, list(arr.shape)])
+                buffers.append(memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b"")
+            header[f.name] = specs
+        else:
+            header[f.name] = value
+    return [msgpack.packb(header, use_bin_type=True)] + buffers
+
+
+@dataclass(frozen=True)
+class RawArray:
+    """An array still in its received frame: the scheduler forwards it without decoding."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    frame: Any  # zmq.Frame or bytes
+
+    def nbytes(self) -> int:
+        return _frame_len(self.frame)
+
+    def to_numpy(self) -> np.ndarray:
+        buf = self.frame.buffer if hasattr(self.frame, "buffer") else self.frame
+        return np.frombuffer(buf, dtype=self.dtype).reshape(self.shape)
+
+
+def _frame_len(frame) -> int:
+    if hasattr(frame, "buffer"):
+        return frame.buffer.nbytes
+    return len(frame)
+
+
+def frames_size(frames: list) -> int:
+    return sum(_frame_len(f) for f in frames)
+
+
+class Decoder:
+    """Decodes the messages one socket may receive; anything else is a ``ProtocolError``."""
+
+    def __init__(self, allowed: frozenset, max_bytes: int, decode_arrays: bool = True):
+        self.allowed = {cls.TYPE: cls for cls in allowed}
+        self.max_bytes = max_bytes
+        self.decode_arrays = decode_arrays
+
+    def decode(self, frames: list) -> Message:
+        if not frames:
+            raise ProtocolError("empty message")
+        size = frames_size(frames)
+        if size > self.max_bytes:
+            raise ProtocolError(f"message of {size} bytes is larger than the limit of "
+                                f"{self.max_bytes} bytes (scheduler.max_message_bytes)")
+        head = frames[0].bytes if hasattr(frames[0], "bytes") else bytes(frames[0])
+        if len(head) > MAX_HEADER_BYTES:
+            raise ProtocolError(f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
+        try:
+            header = msgpack.unpackb(head, raw=False, strict_map_key=True)
+        except Exception as exc:  # msgpack raises several unrelated types for garbage
+            raise ProtocolError(f"undecodable header: {type(exc).__name__}: {exc}") from None
+        if not isinstance(header, dict):
+            raise ProtocolError("header is not a map")
+        version = header.get("v")
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {version!r} is not supported "
+                                f"(this peer speaks {PROTOCOL_VERSION}); upgrade both sides")
+        cls = self.allowed.get(header.get("t"))  # type: ignore[arg-type]
+        if cls is None:
+            raise ProtocolError(f"unexpected message type {header.get('t')!r} on this socket")
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in header:
+                if f.default is MISSING and f.default_factory is MISSING:  # type: ignore[misc]
+                    raise ProtocolError(f"{cls.TYPE}: missing field {f.name!r}")
+                continue
+            value = header[f.name]
+            if f.name == cls.ARRAYS:
+                value = self._arrays(cls, value, frames[1:])
+            else:
+                _check_type(cls, f.name, str(f.type), value)
+            kwargs[f.name] = value
+        if cls.ARRAYS is None and len(frames) > 1:
+            raise ProtocolError(f"{cls.TYPE}: unexpected {len(frames) - 1} data frames")
+        if cls.ARRAYS is not None and cls.ARRAYS not in header and len(frames) > 1:
+            raise ProtocolError(f"{cls.TYPE}: data frames without array descriptions")
+        return cls(**kwargs)
+
+    def _arrays(self, cls, specs, data: list) -> dict:
+        if not isinstance(specs, list) or len(specs) != len(data):
+            raise ProtocolError(f"{cls.TYPE}: {len(data)} data frames but array list is "
+                                f"{specs!r:.80}")
+        out: dict[str, Any] = {}
+        for spec, frame in zip(specs, data):
+            if (not isinstance(spec, list) or len(spec) != 3 or not isinstance(spec[0], str)
+                    or not isinstance(spec[1], str) or not isinstance(spec[2], list)):
+                raise ProtocolError(f"{cls.TYPE}: bad array description {spec!r:.80}")
+            name, dtype, shape = spec
+            if dtype not in ALLOWED_DTYPES:
+                raise ProtocolError(f"{cls.TYPE}: array {name!r} has dtype {dtype!r}; allowed: "
+                                    f"{', '.join(sorted(ALLOWED_DTYPES))}")
+            if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40
+                       for d in shape) or len(shape) > 32:
+                raise ProtocolError(f"{cls.TYPE}: array {name!r} has bad shape {shape!r:.80}")
+            expected = math.prod(shape) * np.dtype(dtype).itemsize
+            if _frame_len(frame) != expected:
+                raise ProtocolError(f"{cls.TYPE}: array {name!r} {dtype}{shape} needs {expected} "
+                                    f"bytes, frame has {_frame_len(frame)}")
+            if name in out:
+                raise ProtocolError(f"{cls.TYPE}: array {name!r} appears twice")
+            raw = RawArray(dtype, tuple(shape), frame)
+            out[name] = raw.to_numpy() if self.decode_arrays else raw
+        return out
+
+
+def error_reply(req_id: str | None, exc: Exception) -> Reply:
+    from .errors import FanoutError
+    if isinstance(exc, FanoutError):
+        return Reply(req_id=req_id, error=exc.to_wire())
+    return Reply(req_id=req_id, error={"kind": "error", "message": str(exc), "attempts": []})
