@@ -1,0 +1,587 @@
+"""Placement and failover as a pure state machine: events in, actions out.
+
+No sockets, no processes, no sleeping: the clock is injected. The process shell
+(``scheduler_process.py``) turns socket messages and process exits into events and carries
+out the actions. Payloads (the task's input frames, a result's output frames) are opaque here.
+
+Rules:
+- a task goes to the worker expected to finish it first among those with a free slot, that
+  have the model ready and whose breaker for the model is closed; otherwise it waits in a
+  bounded FIFO queue (full queue -> ``Overloaded`` at once);
+- a device error re-runs the task on the next device of the model's order that it has not
+  failed on; an input error is answered at once and never re-run;
+- a lost worker (exit, missed heartbeats, a run that ignores its deadline) has its in-flight
+  tasks re-run and is restarted with backoff;
+- every task is answered exactly once: late results of re-run or finished tasks are dropped.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import placement
+from .config import Config
+from .errors import (Attempt, Cancelled, DeadlineExceeded, FanoutError, InvalidInput,
+                     NoDeviceAvailable, Overloaded)
+
+BREAKER_KINDS = frozenset(["device"])  # only real device faults open a breaker
+EWMA = 0.3
+MAX_RESTART_BACKOFF_S = 30.0
+STABLE_AFTER_S = 30.0  # a worker up this long has its restart backoff reset
+
+
+# ---- events ------------------------------------------------------------------------------
+
+@dataclass
+class WorkerRegistered:
+    device: str
+    epoch: int
+    pid: int
+    node: str
+    models: dict  # model -> {"state", "error", "detail"}
+
+
+@dataclass
+class ModelStateChanged:
+    device: str
+    epoch: int
+    model: str
+    state: str
+    error: str | None = None
+    detail: str = ""
+    load_s: float = 0.0
+
+
+@dataclass
+class WorkerHeartbeat:
+    device: str
+    epoch: int
+
+
+@dataclass
+class WorkerExited:
+    device: str
+    epoch: int
+    reason: str
+
+
+@dataclass
+class TaskSubmitted:
+    key: Any  # opaque to the state machine: (client identity, task id)
+    model: str
+    payload: Any
+    timeout_s: float | None = None
+
+
+@dataclass
+class TaskSucceeded:
+    device: str
+    epoch: int
+    attempt: int
+    payload: Any
+    service_s: float
+
+
+@dataclass
+class TaskFailed:
+    device: str
+    epoch: int
+    attempt: int
+    kind: str
+    message: str
+    service_s: float = 0.0
+
+
+@dataclass
+class TaskCancelled:
+    key: Any
+
+
+@dataclass
+class Tick:
+    pass
+
+
+# ---- actions -----------------------------------------------------------------------------
+
+@dataclass
+class StartWorker:
+    device: str
+    epoch: int
+
+
+@dataclass
+class KillWorker:
+    device: str
+    epoch: int
+    reason: str
+
+
+@dataclass
+class Dispatch:
+    device: str
+    epoch: int
+    attempt: int
+    model: str
+    payload: Any
+    timeout_s: float
+
+
+@dataclass
+class CancelAttempt:
+    device: str
+    epoch: int
+    attempt: int
+
+
+@dataclass
+class Deliver:
+    key: Any
+    device: str
+    payload: Any
+    attempts: list[Attempt]
+    service_s: float
+
+
+@dataclass
+class Reject:
+    key: Any
+    error: FanoutError
+
+
+# ---- state -------------------------------------------------------------------------------
+
+@dataclass
+class ModelSlot:
+    """One model on one worker: load state, measured service time, counters, breaker."""
+
+    state: str = "loading"
+    error: str | None = None
+    detail: str = ""
+    load_s: float = 0.0
+    expected_s: float | None = None
+    done: int = 0
+    failed: int = 0
+    consecutive_errors: int = 0
+    open_until: float | None = None  # breaker open until then; then one probe is let through
+    probing: bool = False
+
+
+@dataclass
+class WorkerView:
+    device: str
+    kind: str
+    capacity: int
+    epoch: int = 0
+    state: str = "starting"  # starting | up | lost | stopped
+    pid: int | None = None
+    node: str = ""
+    started_at: float = 0.0
+    up_since: float | None = None
+    last_seen: float = 0.0
+    restart_at: float | None = None
+    restarts: int = 0
+    backoff_s: float = 0.0
+    last_exit: str = ""
+    models: dict[str, ModelSlot] = field(default_factory=dict)
+    in_flight: dict[int, "Task"] = field(default_factory=dict)  # attempt -> task
+    done: int = 0
+    failed: int = 0
+    failed_over: int = 0
+    lost: int = 0
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.in_flight) if self.state == "up" else 0
+
+
+@dataclass
+class Task:
+    key: Any
+    model: str
+    payload: Any
+    deadline: float
+    timeout_s: float
+    attempts: list[Attempt] = field(default_factory=list)
+    excluded: set[str] = field(default_factory=set)  # devices this task failed on
+    running: tuple[str, int] | None = None  # (device, attempt)
+    finished: bool = False
+
+
+class SchedulerState:
+    """The scheduler's decisions. Feed events to ``handle``; carry out what it returns."""
+
+    def __init__(self, config: Config, clock: Callable[[], float],
+                 policy: placement.Policy = placement.earliest_finish):
+        self.config = config
+        self.sc = config.scheduler
+        self.clock = clock
+        self.policy = policy
+        self.workers: dict[str, WorkerView] = {
+            d.name: WorkerView(d.name, d.kind, d.capacity) for d in config.devices}
+        self.orders: dict[str, list[str]] = {m.name: config.device_order(m.name)
+                                             for m in config.models}
+        for name, view in self.workers.items():
+            view.models = {m: ModelSlot() for m, order in self.orders.items() if name in order}
+        self.queue: collections.deque[Task] = collections.deque()
+        self.tasks: dict[Any, Task] = {}  # every unanswered task
+        self._attempt_ids = itertools.count(1)
+        self.counters = collections.Counter()
+
+    # -- entry points --
+
+    def start(self) -> list:
+        now = self.clock()
+        actions: list = []
+        for view in self.workers.values():
+            actions.append(self._start_worker(view, now))
+        return actions
+
+    def handle(self, *events) -> list:
+        actions: list = []
+        for event in events:
+            handler = getattr(self, "_on_" + type(event).__name__)
+            handler(event, actions)
+        self._place(actions)
+        return actions
+
+    # -- worker lifecycle --
+
+    def _start_worker(self, view: WorkerView, now: float) -> StartWorker:
+        view.epoch += 1
+        view.state = "starting"
+        view.started_at = view.last_seen = now
+        view.restart_at = None
+        view.pid = None
+        for slot in view.models.values():
+            slot.state, slot.error, slot.detail = "loading", None, "starting worker"
+        return StartWorker(view.device, view.epoch)
+
+    def _current(self, device: str, epoch: int) -> WorkerView | None:
+        view = self.workers.get(device)
+        if view is None or view.epoch != epoch or view.state in ("lost", "stopped"):
+            return None  # a message from an old incarnation of the worker
+        return view
+
+    def _on_WorkerRegistered(self, ev: WorkerRegistered, actions: list) -> None:
+        view = self._current(ev.device, ev.epoch)
+        if view is None:
+            return
+        now = self.clock()
+        view.state, view.pid, view.node = "up", ev.pid, ev.node
+        view.up_since = view.last_seen = now
+        for model, info in ev.models.items():
+            if model in view.models:
+                self._set_model(view, model, info.get("state", "loading"), info.get("error"),
+                                info.get("detail", ""), float(info.get("load_s", 0.0)), actions)
+
+    def _on_ModelStateChanged(self, ev: ModelStateChanged, actions: list) -> None:
+        view = self._current(ev.device, ev.epoch)
+        if view is None or ev.model not in view.models:
+            return
+        view.last_seen = self.clock()
+        self._set_model(view, ev.model, ev.state, ev.error, ev.detail, ev.load_s, actions)
+
+    def _set_model(self, view: WorkerView, model: str, state: str, error: str | None,
+                   detail: str, load_s: float, actions: list) -> None:
+        slot = view.models[model]
+        slot.state, slot.error, slot.detail, slot.load_s = state, error, detail, load_s
+        if state == "unavailable":
+            self._reject_hopeless(model, actions)
+
+    def _on_WorkerHeartbeat(self, ev: WorkerHeartbeat, actions: list) -> None:
+        view = self._current(ev.device, ev.epoch)
+        if view is not None:
+            view.last_seen = self.clock()
+
+    def _on_WorkerExited(self, ev: WorkerExited, actions: list) -> None:
+        view = self._current(ev.device, ev.epoch)
+        if view is not None:
+            self._lose_worker(view, f"worker process exited ({ev.reason})", actions, kill=False)
+
+    def _lose_worker(self, view: WorkerView, reason: str, actions: list, kill: bool) -> None:
+        now = self.clock()
+        if kill:
+            actions.append(KillWorker(view.device, view.epoch, reason))
+        stable = view.up_since is not None and now - view.up_since >= STABLE_AFTER_S
+        view.backoff_s = self.sc.restart_backoff_s if stable or not view.backoff_s else min(
+            view.backoff_s * 2, MAX_RESTART_BACKOFF_S)
+        view.state, view.last_exit, view.up_since = "lost", reason, None
+        view.restart_at = now + view.backoff_s
+        view.lost += 1
+        for slot in view.models.values():
+            slot.state, slot.detail, slot.probing = "loading", "worker restarting", False
+        in_flight, view.in_flight = view.in_flight, {}
+        for task in in_flight.values():
+            if task.finished:
+                continue
+            task.running = None
+            task.attempts.append(Attempt(view.device, "worker_lost", reason))
+            self._retry_or_fail(task, actions)
+
+    # -- tasks --
+
+    def _on_TaskSubmitted(self, ev: TaskSubmitted, actions: list) -> None:
+        order = self.orders.get(ev.model)
+        if order is None:
+            known = ", ".join(sorted(self.orders)) or "none"
+            actions.append(Reject(ev.key, InvalidInput(
+                f"unknown model {ev.model!r}; this cluster serves: {known}")))
+            return
+        if ev.key in self.tasks:
+            actions.append(Reject(ev.key, InvalidInput(f"task id {ev.key!r} is already in use")))
+            return
+        if len(self.queue) >= self.sc.max_queue:
+            self.counters["overloaded"] += 1
+            actions.append(Reject(ev.key, Overloaded(
+                f"queue is full ({self.sc.max_queue} tasks waiting); retry later or raise "
+                f"scheduler.max_queue")))
+            return
+        timeout = ev.timeout_s if ev.timeout_s and ev.timeout_s > 0 else self.sc.task_timeout_s
+        task = Task(ev.key, ev.model, ev.payload, self.clock() + timeout, timeout)
+        self.tasks[ev.key] = task
+        self.counters["submitted"] += 1
+        if self._hopeless(task):
+            self._fail(task, actions)
+            return
+        self.queue.append(task)
+
+    def _on_TaskSucceeded(self, ev: TaskSucceeded, actions: list) -> None:
+        view, task = self._finish_attempt(ev.device, ev.epoch, ev.attempt)
+        if view is None:
+            return
+        slot = view.models.get(task.model) if task else None
+        if slot is not None:
+            slot.expected_s = ev.service_s if slot.expected_s is None else (
+                (1 - EWMA) * slot.expected_s + EWMA * ev.service_s)
+            slot.consecutive_errors, slot.open_until, slot.probing = 0, None, False
+            slot.done += 1
+        view.done += 1
+        if task is None or task.finished:
+            return  # answered already (deadline, cancel): drop the late result
+        self._finish(task)
+        self.counters["completed"] += 1
+        actions.append(Deliver(task.key, view.device, ev.payload, list(task.attempts),
+                               ev.service_s))
+
+    def _on_TaskFailed(self, ev: TaskFailed, actions: list) -> None:
+        view, task = self._finish_attempt(ev.device, ev.epoch, ev.attempt)
+        if view is None or task is None:
+            return
+        slot = view.models.get(task.model)
+        view.failed += 1
+        if slot is not None:
+            slot.failed += 1
+            slot.probing = False
+            if ev.kind in BREAKER_KINDS:
+                slot.consecutive_errors += 1
+                if slot.consecutive_errors >= self.sc.breaker_threshold:
+                    slot.open_until = self.clock() + self.sc.breaker_cooldown_s
+            elif ev.kind == "model_unavailable":
+                slot.state, slot.error = "unavailable", ev.message
+        if task.finished:
+            return
+        task.attempts.append(Attempt(view.device, ev.kind, ev.message))
+        if ev.kind == "invalid_input":  # the task is wrong, not the device: never re-run
+            self._finish(task)
+            actions.append(Reject(task.key, InvalidInput(ev.message, task.attempts[:-1])))
+            return
+        # Any other failure (device, unsupported input shape, model unavailable, a worker
+        # that cancelled on its own) is the device's: another device may serve the task.
+        task.excluded.add(view.device)
+        view.failed_over += 1
+        self._retry_or_fail(task, actions)
+
+    def _on_TaskCancelled(self, ev: TaskCancelled, actions: list) -> None:
+        task = self.tasks.get(ev.key)
+        if task is None:
+            return
+        self._abandon(task, actions, Cancelled("cancelled by the caller", task.attempts))
+
+    def _on_Tick(self, ev: Tick, actions: list) -> None:
+        now = self.clock()
+        for view in self.workers.values():
+            if view.state == "lost" and view.restart_at is not None and now >= view.restart_at:
+                view.restarts += 1
+                actions.append(self._start_worker(view, now))
+            elif view.state == "starting" and now - view.started_at > self.sc.load_timeout_s:
+                self._lose_worker(view, f"did not register within {self.sc.load_timeout_s:g} s",
+                                  actions, kill=True)
+            elif view.state == "up" and now - view.last_seen > self._silence_limit(view):
+                self._lose_worker(view, f"no heartbeat for {now - view.last_seen:.1f} s "
+                                        f"(hung or stopped)", actions, kill=True)
+        for task in [t for t in self.tasks.values() if now >= t.deadline]:
+            self._abandon(task, actions, DeadlineExceeded(
+                f"no result within {task.timeout_s:g} s", task.attempts))
+        # A run still held long after its task's deadline means the worker ignores cancels.
+        grace = self.sc.heartbeat_timeout_s
+        for view in self.workers.values():
+            stuck = [t for t in view.in_flight.values() if t.finished and now > t.deadline + grace]
+            if view.state == "up" and stuck:
+                self._lose_worker(view, "a run did not stop after its deadline and cancel",
+                                  actions, kill=True)
+
+    def _silence_limit(self, view: WorkerView) -> float:
+        # Engines may hold the GIL while compiling a model: allow more silence while loading.
+        loading = any(s.state == "loading" for s in view.models.values())
+        return self.sc.load_timeout_s if loading else self.sc.heartbeat_timeout_s
+
+    # -- helpers --
+
+    def _finish_attempt(self, device: str, epoch: int, attempt: int):
+        view = self._current(device, epoch)
+        if view is None:
+            return None, None
+        view.last_seen = self.clock()
+        task = view.in_flight.pop(attempt, None)
+        if task is not None and task.running == (device, attempt):
+            task.running = None
+        return view, task
+
+    def _finish(self, task: Task) -> None:
+        task.finished = True
+        self.tasks.pop(task.key, None)
+
+    def _abandon(self, task: Task, actions: list, error: FanoutError) -> None:
+        """Answer a task that will not complete (cancel, deadline) and stop its run."""
+        if task.running is not None:
+            device, attempt = task.running
+            view = self.workers[device]
+            actions.append(CancelAttempt(device, view.epoch, attempt))
+            # The slot stays held until the worker confirms: capacity is never exceeded.
+        else:
+            try:
+                self.queue.remove(task)
+            except ValueError:
+                pass
+        self._finish(task)
+        self.counters[error.kind] += 1
+        actions.append(Reject(task.key, error))
+
+    def _retry_or_fail(self, task: Task, actions: list) -> None:
+        if len(task.attempts) >= self.sc.max_attempts or self._hopeless(task):
+            self._fail(task, actions)
+            return
+        self.counters["retried"] += 1
+        self.queue.appendleft(task)  # a re-run goes before new work: it has waited already
+
+    def _hopeless(self, task: Task) -> bool:
+        """True when no device left in the task's order can ever serve it."""
+        for device in self.orders[task.model]:
+            if device in task.excluded:
+                continue
+            slot = self.workers[device].models.get(task.model)
+            if slot is not None and slot.state != "unavailable":
+                return False
+        return True
+
+    def _fail(self, task: Task, actions: list) -> None:
+        attempts = list(task.attempts)
+        tried = {a.device for a in attempts}
+        for device in self.orders[task.model]:
+            slot = self.workers[device].models.get(task.model)
+            if device not in tried and slot is not None and slot.state == "unavailable":
+                attempts.append(Attempt(device, "model_unavailable", slot.error or "unavailable"))
+        if task in self.queue:
+            self.queue.remove(task)
+        self._finish(task)
+        self.counters["failed"] += 1
+        if attempts and all(a.kind in ("unsupported", "invalid_input") for a in attempts):
+            err: FanoutError = InvalidInput(
+                f"no device of model {task.model!r} accepts this input", attempts)
+        else:
+            err = NoDeviceAvailable(
+                f"no device could run model {task.model!r} "
+                f"({len(task.attempts)} of at most {self.sc.max_attempts} tries made)", attempts)
+        actions.append(Reject(task.key, err))
+
+    def _reject_hopeless(self, model: str, actions: list) -> None:
+        for task in [t for t in self.queue if t.model == model and self._hopeless(t)]:
+            self._fail(task, actions)
+
+    def _candidates(self, task: Task, now: float) -> list[placement.Candidate]:
+        out = []
+        for rank, device in enumerate(self.orders[task.model]):
+            if device in task.excluded:
+                continue
+            view = self.workers[device]
+            slot = view.models.get(task.model)
+            if view.free <= 0 or slot is None or slot.state != "ready":
+                continue
+            if slot.open_until is not None:
+                if now < slot.open_until or slot.probing:
+                    continue
+            out.append(placement.Candidate(device, rank, slot.expected_s))
+        return out
+
+    def _place(self, actions: list) -> None:
+        if not self.queue:
+            return
+        now = self.clock()
+        blocked: set[tuple[str, frozenset]] = set()  # (model, excluded) that found no slot
+        kept: collections.deque[Task] = collections.deque()
+        while self.queue:
+            if not any(v.free > 0 for v in self.workers.values()):
+                break
+            task = self.queue.popleft()
+            sig = (task.model, frozenset(task.excluded))
+            choice = None
+            if sig not in blocked:
+                choice = self.policy(self._candidates(task, now))
+            if choice is None:
+                blocked.add(sig)
+                kept.append(task)
+                continue
+            view = self.workers[choice.device]
+            slot = view.models[task.model]
+            if slot.open_until is not None:
+                slot.probing = True  # half-open: this task is the probe
+            attempt = next(self._attempt_ids)
+            view.in_flight[attempt] = task
+            task.running = (view.device, attempt)
+            actions.append(Dispatch(view.device, view.epoch, attempt, task.model, task.payload,
+                                    max(0.0, task.deadline - now)))
+        kept.extend(self.queue)
+        self.queue = kept
+
+    # -- views --
+
+    def snapshot(self) -> dict:
+        """Status of every worker and model, as plain data (for ``status`` replies)."""
+        now = self.clock()
+        workers = []
+        queued = collections.Counter(t.model for t in self.queue)
+        for v in self.workers.values():
+            models = {}
+            for name, s in v.models.items():
+                breaker = "closed"
+                if s.open_until is not None:
+                    breaker = "open" if now < s.open_until else "half-open"
+                models[name] = {"state": s.state, "error": s.error, "detail": s.detail,
+                                "load_s": round(s.load_s, 3), "done": s.done, "failed": s.failed,
+                                "expected_s": s.expected_s, "breaker": breaker}
+            workers.append({
+                "device": v.device, "kind": v.kind, "state": v.state, "pid": v.pid,
+                "node": v.node, "capacity": v.capacity, "in_flight": len(v.in_flight),
+                "queued": sum(queued[m] for m in v.models),
+                "done": v.done, "failed": v.failed, "failed_over": v.failed_over,
+                "lost": v.lost, "restarts": v.restarts, "last_exit": v.last_exit,
+                "epoch": v.epoch, "models": models})
+        return {"workers": workers, "queued": len(self.queue), "unanswered": len(self.tasks),
+                "counters": dict(self.counters), "max_queue": self.sc.max_queue}
+
+    def ready(self) -> bool:
+        """Every worker is up and no model is still loading."""
+        return all(v.state == "up" and all(s.state != "loading" for s in v.models.values())
+                   for v in self.workers.values())
+
+    def validate(self) -> None:
+        """Invariants, for tests: capacity honoured, no task both queued and running."""
+        for v in self.workers.values():
+            assert len(v.in_flight) <= v.capacity, (v.device, len(v.in_flight), v.capacity)
+        for t in self.queue:
+            assert t.running is None and not t.finished, t
+        for t in self.tasks.values():
+            assert not t.finished
