@@ -1,0 +1,179 @@
+"""A device worker's logic: it owns one session per model and runs up to ``capacity`` tasks.
+
+No sockets here (see ``worker_process.py``): results and state changes go to ``emit``, which
+the shell turns into messages. ``run`` never blocks the caller; engines release the GIL, so
+``capacity`` threads run inference at once while the shell keeps answering control messages.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .backends.base import Backend, CancelToken, ModelSpec, Session
+from .errors import FanoutError, ModelUnavailable
+from .tensors import fit_inputs
+
+log = logging.getLogger("fanout.worker")
+
+
+@dataclass
+class Outcome:
+    """What one run produced: outputs, or an error kind and message."""
+
+    attempt: int
+    outputs: dict[str, np.ndarray] | None = None
+    kind: str | None = None
+    message: str = ""
+    service_s: float = 0.0
+
+
+@dataclass
+class LoadState:
+    model: str
+    state: str  # loading | ready | unavailable
+    error: str | None = None
+    detail: str = ""
+    load_s: float = 0.0
+
+    def to_wire(self) -> dict:
+        return {"state": self.state, "error": self.error, "detail": self.detail,
+                "load_s": self.load_s}
+
+
+class WorkerCore:
+    """Sessions and concurrency of one device. ``emit`` is called from worker threads."""
+
+    def __init__(self, device: str, capacity: int, backend: Backend, models: list[ModelSpec],
+                 emit: Callable[[Any], None], clock: Callable[[], float] = time.perf_counter):
+        self.device = device
+        self.capacity = capacity
+        self.backend = backend
+        self.specs = {m.name: m for m in models}
+        self.emit = emit
+        self.clock = clock
+        self.sessions: dict[str, Session] = {}
+        self.states = {m.name: LoadState(m.name, "loading", detail="queued for loading")
+                       for m in models}
+        self._pool = ThreadPoolExecutor(max_workers=capacity, thread_name_prefix=device)
+        self._tokens: dict[int, CancelToken] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._loader: threading.Thread | None = None
+
+    # -- loading --
+
+    def start_loading(self) -> None:
+        """Load every model in a background thread, one after another, reporting each step."""
+        self._loader = threading.Thread(target=self._load_all, name=f"{self.device}-load",
+                                        daemon=True)
+        self._loader.start()
+
+    def _load_all(self) -> None:
+        for name, spec in self.specs.items():
+            if self._closed:
+                return
+            self._load_one(name, spec)
+
+    def _load_one(self, name: str, spec: ModelSpec) -> None:
+        started = self.clock()
+
+        def progress(note: str) -> None:
+            self._set_state(LoadState(name, "loading", detail=note,
+                                      load_s=self.clock() - started))
+
+        progress("loading")
+        try:
+            session = self.backend.load(spec, progress)
+        except Exception as exc:  # any engine failure makes the model unavailable here only
+            text = exc.message if isinstance(exc, FanoutError) else f"{type(exc).__name__}: {exc}"
+            log.warning("%s: %s unavailable: %s", self.device, name, text)
+            self._set_state(LoadState(name, "unavailable", error=text,
+                                      load_s=self.clock() - started))
+            return
+        self.sessions[name] = session
+        self._set_state(LoadState(name, "ready", detail="ready", load_s=self.clock() - started))
+
+    def _set_state(self, state: LoadState) -> None:
+        self.states[state.model] = state
+        self.emit(state)
+
+    # -- running --
+
+    def run(self, attempt: int, model: str, inputs: dict[str, np.ndarray]) -> None:
+        """Start a run; its ``Outcome`` is emitted when it ends."""
+        token = CancelToken()
+        with self._lock:
+            self._tokens[attempt] = token
+        try:
+            self._pool.submit(self._run, attempt, model, inputs, token)
+        except RuntimeError:  # pool shut down: the worker is stopping
+            self._finish(Outcome(attempt, kind="cancelled", message="worker is stopping"))
+
+    def cancel(self, attempt: int) -> None:
+        with self._lock:
+            token = self._tokens.get(attempt)
+        if token is not None:
+            token.cancel()
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._tokens)
+
+    def _run(self, attempt: int, model: str, inputs: dict[str, np.ndarray],
+             token: CancelToken) -> None:
+        started = self.clock()
+        outcome = Outcome(attempt)
+        try:
+            if token.cancelled:
+                raise _Cancelled()
+            session = self.sessions.get(model)
+            if session is None:
+                state = self.states.get(model)
+                reason = state.error if state and state.error else "not loaded here"
+                raise ModelUnavailable(f"{model} on {self.device}: {reason}")
+            options = self.specs[model].options
+            fitted, padding = fit_inputs(session.inputs, inputs, model, self.device,
+                                         pad=bool(options.get("pad", True)))
+            outputs = session.run(fitted, token)
+            if token.cancelled:
+                raise _Cancelled()
+            outcome.outputs = padding.unpad(outputs)
+        except _Cancelled:
+            outcome.kind, outcome.message = "cancelled", "cancelled"
+        except FanoutError as exc:
+            outcome.kind, outcome.message = exc.kind, exc.message
+            if token.cancelled:
+                outcome.kind, outcome.message = "cancelled", f"cancelled ({exc.message})"
+        except Exception as exc:  # an engine error we did not classify is the device's
+            outcome.kind, outcome.message = "device", f"{type(exc).__name__}: {exc}"
+        outcome.service_s = self.clock() - started
+        self._finish(outcome)
+
+    def _finish(self, outcome: Outcome) -> None:
+        with self._lock:
+            self._tokens.pop(outcome.attempt, None)
+        self.emit(outcome)
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            tokens = list(self._tokens.values())
+        for token in tokens:
+            token.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for session in self.sessions.values():
+            try:
+                session.close()
+            except Exception:
+                log.exception("%s: closing a session failed", self.device)
+        self.backend.close()
+
+
+class _Cancelled(Exception):
+    pass

@@ -1,0 +1,197 @@
+"""The process around a ``WorkerCore``: one ZMQ DEALER socket to the scheduler.
+
+Started as ``python -m runtime.worker_process --scheduler ADDR --device NAME --epoch N
+--config FILE``. The main thread owns the socket and answers runs, cancels and pings while
+the core's threads run inference; their results come back through a queue and a socketpair
+that wakes the poller. The process exits when the scheduler says stop, goes silent, or its
+parent dies (no orphans).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import zmq
+
+from . import protocol as p
+from .backends import make_backend
+from .backends.base import ModelSpec
+from .config import Config, config_from_dict
+from .worker import LoadState, Outcome, WorkerCore
+
+log = logging.getLogger("fanout.worker")
+
+
+def model_specs(config: Config, device: str, cache_root: Path) -> list[ModelSpec]:
+    """The models this device serves, with their per-device options and compile cache."""
+    specs = []
+    for m in config.models:
+        if device in config.device_order(m.name):
+            specs.append(ModelSpec(m.name, m.source, dict(m.options.get(device, {})),
+                                   str(cache_root / device)))
+    return specs
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL us when the parent dies (the scheduler also watches ppid)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except Exception:
+            pass
+
+
+class WorkerProcess:
+    def __init__(self, config: Config, device: str, epoch: int, scheduler: str):
+        self.config = config
+        self.device = config.device(device)
+        self.epoch = epoch
+        sc = config.scheduler
+        self.heartbeat_s = sc.heartbeat_interval_s
+        # Exit when the scheduler is silent far longer than it would take to notice us hung.
+        self.orphan_s = max(10.0, 4 * sc.heartbeat_timeout_s)
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, f"{device}:{epoch}".encode())
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, sc.max_message_bytes)
+        self.sock.connect(scheduler)
+        self.decoder = p.Decoder(p.SCHEDULER_TO_WORKER, sc.max_message_bytes)
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        cache = Path(config.model_cache or Path.home() / ".cache" / "fanout") / "compiled"
+        self.core = WorkerCore(device, self.device.capacity, make_backend(self.device),
+                               model_specs(config, device, cache), self._emit)
+        self._parent = os.getppid()
+
+    def _emit(self, event) -> None:  # called from the core's threads
+        self.events.put(event)
+        try:
+            self._wake_w.send(b"x")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full of wake-ups already
+
+    def send(self, msg: p.Message) -> None:
+        self.sock.send_multipart(p.encode(msg), copy=False)
+
+    def run(self) -> int:
+        self.send(p.Register(version=p.PROTOCOL_VERSION, device=self.device.name,
+                             epoch=self.epoch, pid=os.getpid(), node=socket.gethostname(),
+                             token=self.config.scheduler.token,
+                             models={n: s.to_wire() for n, s in self.core.states.items()}))
+        self.core.start_loading()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        last_heard = last_beat = time.monotonic()
+        try:
+            while True:
+                ready = dict(poller.poll(self.heartbeat_s * 1000 / 2))
+                if self._wake_r.fileno() in ready:
+                    self._drain_wakeups()
+                self._flush_events()
+                if self.sock in ready:
+                    while True:
+                        try:
+                            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        last_heard = time.monotonic()
+                        if self._handle(frames) == "stop":
+                            return 0
+                now = time.monotonic()
+                if now - last_beat >= self.heartbeat_s:
+                    self.send(p.Heartbeat(in_flight=self.core.in_flight()))
+                    last_beat = now
+                if now - last_heard > self.orphan_s:
+                    log.error("%s: scheduler silent for %.0f s; exiting", self.device.name,
+                              now - last_heard)
+                    return 3
+                if os.getppid() != self._parent:
+                    log.error("%s: parent process died; exiting", self.device.name)
+                    return 3
+        finally:
+            self.close()
+
+    def _handle(self, frames) -> str | None:
+        try:
+            msg = self.decoder.decode(frames)
+        except p.ProtocolError as exc:
+            log.warning("%s: dropped a bad message from the scheduler: %s", self.device.name, exc)
+            return None
+        match msg:
+            case p.Run():
+                self.core.run(msg.attempt, msg.model, msg.inputs)
+            case p.CancelRun():
+                self.core.cancel(msg.attempt)
+            case p.Ping() | p.Welcome():
+                pass
+            case p.Stop():
+                return "stop"
+            case p.Reply(error=error) if error:
+                log.error("%s: the scheduler refused this worker: %s", self.device.name,
+                          error.get("message"))
+                return "stop"
+        return None
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _flush_events(self) -> None:
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(event, LoadState):
+                self.send(p.ModelState(model=event.model, state=event.state, error=event.error,
+                                       detail=event.detail, load_s=event.load_s))
+            elif isinstance(event, Outcome):
+                if event.kind is None:
+                    self.send(p.Done(attempt=event.attempt, outputs=event.outputs or {},
+                                     service_s=event.service_s))
+                else:
+                    self.send(p.Failed(attempt=event.attempt, kind=event.kind,
+                                       message=event.message, service_s=event.service_s))
+
+    def close(self) -> None:
+        self.core.close()
+        self._flush_events()
+        self.sock.close(linger=500)
+        self.ctx.term()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="runtime.worker_process")
+    ap.add_argument("--scheduler", required=True)
+    ap.add_argument("--device", required=True)
+    ap.add_argument("--epoch", type=int, required=True)
+    ap.add_argument("--config", required=True, help="the resolved config as JSON")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("FANOUT_LOG", "WARNING").upper(),
+                        format=f"%(asctime)s {args.device} %(levelname)s %(message)s")
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the scheduler, which stops us
+    config = config_from_dict(json.loads(Path(args.config).read_text()))
+    return WorkerProcess(config, args.device, args.epoch, args.scheduler).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
