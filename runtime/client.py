@@ -78,6 +78,7 @@ class AsyncClient:
         self._hello: asyncio.Future | None = None
         self.cluster: dict = {}
         self._closed = False
+        self.unmatched = 0  # answers for tasks not waiting (late or duplicate): should stay 0
 
     async def connect(self, timeout: float = 10.0) -> "AsyncClient":
         self.sock.connect(self.address)
@@ -122,15 +123,15 @@ class AsyncClient:
             case p.Welcome():
                 if self._hello and not self._hello.done():
                     self._hello.set_result(msg.cluster)
-            case p.Result():
+            case p.Result() | p.Failure():
                 fut = self._pending.pop(msg.task_id, None)
-                if fut is not None and not fut.done():
+                if fut is None or fut.done():
+                    self.unmatched += 1
+                elif isinstance(msg, p.Result):
                     fut.set_result(Result(dict(msg.outputs), msg.device,
                                           [Attempt.from_wire(a) for a in msg.attempts],
                                           msg.service_s))
-            case p.Failure():
-                fut = self._pending.pop(msg.task_id, None)
-                if fut is not None and not fut.done():
+                else:
                     fut.set_exception(error_from_wire(msg.error))
             case p.Reply():
                 if msg.req_id is None:  # an error about a message we sent without an id
@@ -266,6 +267,11 @@ class Client:
     @property
     def cluster(self) -> dict:
         return self._async.cluster
+
+    @property
+    def unmatched(self) -> int:
+        """Answers that arrived for no waiting task; exactly-once delivery keeps this 0."""
+        return self._async.unmatched
 
     def infer(self, model: str, inputs: dict[str, Any], timeout: float | None = None) -> Result:
         return self._call(self._async.ainfer(model, inputs, timeout))

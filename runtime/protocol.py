@@ -148,6 +148,7 @@ class ModelState(Message):
 class Heartbeat(Message):
     TYPE = "heartbeat"
     in_flight: int = 0
+    peak_running: int = 0  # most engine runs ever at once in this worker process
 
 
 @message

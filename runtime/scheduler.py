@@ -58,6 +58,7 @@ class ModelStateChanged:
 class WorkerHeartbeat:
     device: str
     epoch: int
+    peak_running: int = 0
 
 
 @dataclass
@@ -191,6 +192,7 @@ class WorkerView:
     failed: int = 0
     failed_over: int = 0
     lost: int = 0
+    peak_running: int = 0  # as the worker measured it, over all its incarnations
 
     @property
     def free(self) -> int:
@@ -295,6 +297,7 @@ class SchedulerState:
         view = self._current(ev.device, ev.epoch)
         if view is not None:
             view.last_seen = self.clock()
+            view.peak_running = max(view.peak_running, ev.peak_running)
 
     def _on_WorkerExited(self, ev: WorkerExited, actions: list) -> None:
         view = self._current(ev.device, ev.epoch)
@@ -567,7 +570,7 @@ class SchedulerState:
                 "node": v.node, "capacity": v.capacity, "in_flight": len(v.in_flight),
                 "queued": sum(queued[m] for m in v.models),
                 "done": v.done, "failed": v.failed, "failed_over": v.failed_over,
-                "lost": v.lost, "restarts": v.restarts, "last_exit": v.last_exit,
+                "lost": v.lost, "restarts": v.restarts, "peak_running": v.peak_running, "last_exit": v.last_exit,
                 "epoch": v.epoch, "models": models})
         return {"workers": workers, "queued": len(self.queue), "unanswered": len(self.tasks),
                 "counters": dict(self.counters), "max_queue": self.sc.max_queue}

@@ -218,7 +218,7 @@ class SchedulerProcess:
         device, epoch = who
         match msg:
             case p.Heartbeat():
-                self._feed(s.WorkerHeartbeat(device, epoch))
+                self._feed(s.WorkerHeartbeat(device, epoch, msg.peak_running))
             case p.ModelState():
                 self._feed(s.ModelStateChanged(device, epoch, msg.model, msg.state, msg.error,
                                                msg.detail, msg.load_s))

