@@ -219,6 +219,10 @@ def _apply_shapes(so: ort.SessionOptions, model: ModelSpec, shapes: dict | None,
         declared = read_onnx_inputs(model.path)
     except Exception as e:
         raise ModelUnavailable(f"{model.name}: cannot read the model's inputs: {e}") from e
+    unknown = sorted(set(shapes or {}) - set(declared))
+    if unknown:
+        raise ModelUnavailable(f"{model.name}: shapes names {unknown}, which are not inputs of "
+                               f"the model (inputs: {sorted(declared)})")
     sizes: dict[str, int] = {}
     for name, dims in declared.items():
         want = (shapes or {}).get(name)
