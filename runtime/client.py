@@ -87,6 +87,8 @@ class AsyncClient:
         await self._send(p.Hello(version=p.PROTOCOL_VERSION, role="client", token=self.token))
         try:
             self.cluster = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
+            self.max_message_bytes = min(self.max_message_bytes,
+                                         int(self.cluster.get("max_message_bytes") or 2**62))
         except asyncio.TimeoutError:
             await self.close()
             raise ClusterUnavailable(f"no Fanout scheduler answered at {self.address} within "
@@ -102,8 +104,8 @@ class AsyncClient:
         frames = p.encode(msg)
         size = p.frames_size(frames)
         if size > self.max_message_bytes:
-            raise InvalidInput(f"message of {size} bytes exceeds the limit of "
-                               f"{self.max_message_bytes} bytes")
+            raise InvalidInput(f"message of {size} bytes exceeds the cluster's limit of "
+                               f"{self.max_message_bytes} bytes (scheduler.max_message_bytes)")
         await self.sock.send_multipart(frames, copy=False)
 
     async def _read(self) -> None:

@@ -112,6 +112,8 @@ class ProtocolError(FanoutError):
     """A message could not be decoded, was too large, or spoke another protocol version."""
 
     kind = "protocol"
+    ref: str | None = None  # the task or request id of the bad message, when readable
+    msg_type: str | None = None
 
 
 class Unauthorized(FanoutError):

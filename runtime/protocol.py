@@ -282,12 +282,27 @@ class Decoder:
         self.decode_arrays = decode_arrays
 
     def decode(self, frames: list) -> Message:
+        """The message, or ``ProtocolError`` whose ``ref`` is the task or request id when the
+        header was readable, so the sender can be told which of its messages failed."""
+        header: Any = None
+        try:
+            header = self._header(frames)
+            size = frames_size(frames)
+            if size > self.max_bytes:
+                raise ProtocolError(f"message of {size} bytes is larger than the limit of "
+                                    f"{self.max_bytes} bytes (scheduler.max_message_bytes)")
+            return self._message(header, frames)
+        except ProtocolError as exc:
+            if isinstance(header, dict):
+                ref = header.get("task_id", header.get("req_id"))
+                exc.ref = ref if isinstance(ref, str) else None
+                exc.msg_type = header.get("t") if isinstance(header.get("t"), str) else None
+            raise
+
+    @staticmethod
+    def _header(frames: list) -> dict:
         if not frames:
             raise ProtocolError("empty message")
-        size = frames_size(frames)
-        if size > self.max_bytes:
-            raise ProtocolError(f"message of {size} bytes is larger than the limit of "
-                                f"{self.max_bytes} bytes (scheduler.max_message_bytes)")
         head = frames[0].bytes if hasattr(frames[0], "bytes") else bytes(frames[0])
         if len(head) > MAX_HEADER_BYTES:
             raise ProtocolError(f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
@@ -297,6 +312,9 @@ class Decoder:
             raise ProtocolError(f"undecodable header: {type(exc).__name__}: {exc}") from None
         if not isinstance(header, dict):
             raise ProtocolError("header is not a map")
+        return header
+
+    def _message(self, header: dict, frames: list) -> Message:
         version = header.get("v")
         if version != PROTOCOL_VERSION:
             raise ProtocolError(f"protocol version {version!r} is not supported "

@@ -71,9 +71,9 @@ class SchedulerProcess:
     def _router(self, address: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        # The engine drops a frame above this size and the connection with it; smaller but
-        # still too large messages get a typed error reply from the decoder.
-        sock.setsockopt(zmq.MAXMSGSIZE, self.config.scheduler.max_message_bytes)
+        # Up to twice the limit, a message is read and answered with a typed error; past that
+        # libzmq drops the frame and the connection, so no peer can make us buffer more.
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.scheduler.max_message_bytes)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker reuses its identity
         if address.startswith("tcp://") and address.rsplit(":", 1)[1] in ("0", "*"):
             host = address[len("tcp://"):].rsplit(":", 1)[0]
@@ -151,7 +151,10 @@ class SchedulerProcess:
             msg = self.front_decoder.decode(frames)
         except ProtocolError as exc:
             log.warning("client %s: bad message: %s", ident.hex()[:16], exc)
-            self._reply(ident, p.error_reply(None, exc))
+            if exc.msg_type == p.Submit.TYPE and exc.ref is not None:
+                self._reply(ident, p.Failure(task_id=exc.ref, error=exc.to_wire()))
+            else:
+                self._reply(ident, p.error_reply(exc.ref, exc))
             return
         sc = self.config.scheduler
         if isinstance(msg, p.Hello):
@@ -185,6 +188,7 @@ class SchedulerProcess:
         return {"address": self.address, "worker_address": self.worker_address,
                 "pid": os.getpid(), "node": socket.gethostname(), "launcher": "local",
                 "started": self.started, "ready": self.state.ready(),
+                "max_message_bytes": self.config.scheduler.max_message_bytes,
                 "models": sorted(self.state.orders)}
 
     # -- workers --

@@ -58,6 +58,7 @@ class WorkerProcess:
         self.epoch = epoch
         sc = config.scheduler
         self.heartbeat_s = sc.heartbeat_interval_s
+        self.max_message_bytes = sc.max_message_bytes
         # Exit when the scheduler is silent far longer than it would take to notice us hung.
         self.orphan_s = max(10.0, 4 * sc.heartbeat_timeout_s)
         self.ctx = zmq.Context()
@@ -164,11 +165,19 @@ class WorkerProcess:
                                        detail=event.detail, load_s=event.load_s))
             elif isinstance(event, Outcome):
                 if event.kind is None:
-                    self.send(p.Done(attempt=event.attempt, outputs=event.outputs or {},
-                                     service_s=event.service_s))
-                else:
-                    self.send(p.Failed(attempt=event.attempt, kind=event.kind,
-                                       message=event.message, service_s=event.service_s))
+                    frames = p.encode(p.Done(attempt=event.attempt, outputs=event.outputs or {},
+                                             service_s=event.service_s))
+                    size = p.frames_size(frames)
+                    if size <= self.max_message_bytes:
+                        self.sock.send_multipart(frames, copy=False)
+                        continue
+                    # Any device would produce outputs this large: the task, not the device.
+                    event.kind = "invalid_input"
+                    event.message = (f"outputs of {size} bytes exceed the limit of "
+                                     f"{self.max_message_bytes} bytes; raise "
+                                     f"scheduler.max_message_bytes")
+                self.send(p.Failed(attempt=event.attempt, kind=event.kind,
+                                   message=event.message, service_s=event.service_s))
 
     def close(self) -> None:
         self.core.close()

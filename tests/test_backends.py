@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from _models import MINILM_NPU_OPTIONS, MINILM_SHAPES_32, minilm_inputs, minilm_path
+from ._models import MINILM_NPU_OPTIONS, MINILM_SHAPES_32, minilm_inputs, minilm_path
 from runtime.backends import make_backend
 from runtime.backends.base import CancelToken, ModelSpec
 from runtime.backends.faults import FaultyBackend
