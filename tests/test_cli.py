@@ -1,0 +1,141 @@
+"""The fanout command as a user runs it: up in the foreground, status, down, Ctrl-C."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from runtime.supervisor import process_alive
+
+from .conftest import wait_for
+
+CONFIG = """
+    devices:
+      - {name: npu0, kind: npu, backend: qnn, capacity: 1}
+      - {name: cpu0, kind: cpu, backend: onnxruntime, capacity: 2}
+    models:
+      - name: minilm
+        source: "packaged:minilm"
+        devices: [npu0, cpu0]
+        options:
+          npu0: {shapes: {input_ids: [1, 32], attention_mask: [1, 32]}, soc_model: "69"}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fanout(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+class Up:
+    """``fanout up`` in the background, its output collected line by line."""
+
+    def __init__(self, tmp_path, config=CONFIG):
+        path = tmp_path / "up.yaml"
+        path.write_text(textwrap.dedent(config))
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime.cli", "up", "--config", str(path), "--address",
+             self.address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def worker_pids(self) -> list[int]:
+        status = json.loads(fanout("status", "--address", self.address, "--json").stdout)
+        return [w["pid"] for w in status["workers"]]
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def up(tmp_path):
+    running = Up(tmp_path)
+    yield running
+    running.kill()
+
+
+def test_up_shows_load_progress_then_a_ready_table(up):
+    wait_for(lambda: "ready: clients connect to" in up.output, timeout=120, what="ready")
+    out = up.output
+    assert "npu0: worker up" in out and "cpu0: worker up" in out
+    assert "npu0: minilm: ready" in out and "cpu0: minilm: ready" in out
+    assert "DEVICE" in out and "CAP" in out and "FAILOVER" in out
+
+
+def test_status_shows_each_device_its_models_and_counters(up):
+    wait_for(lambda: "ready:" in up.output, timeout=120, what="ready")
+    result = fanout("status", "--address", up.address)
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.split("\n\n")[0].splitlines()  # the device table, before MODELS
+    rows = {line.split()[0]: line.split() for line in table}
+    assert rows["npu0"][1:3] == ["npu", "up"] and rows["cpu0"][1:3] == ["cpu", "up"]
+    assert "minilm" in result.stdout and "breaker closed" in result.stdout
+
+
+def test_ctrl_c_stops_the_scheduler_and_every_worker(up):
+    wait_for(lambda: "ready:" in up.output, timeout=120, what="ready")
+    pids = up.worker_pids()
+    up.proc.send_signal(signal.SIGINT)
+    assert up.proc.wait(timeout=30) == 0
+    assert "stopped" in up.output
+    wait_for(lambda: not any(process_alive(p) for p in pids), timeout=10,
+             what="the workers to exit")
+
+
+def test_down_stops_the_cluster(up):
+    wait_for(lambda: "ready:" in up.output, timeout=120, what="ready")
+    pids = up.worker_pids()
+    result = fanout("down", "--address", up.address)
+    assert result.returncode == 0 and "asked the cluster" in result.stdout
+    assert up.proc.wait(timeout=30) == 0
+    wait_for(lambda: not any(process_alive(p) for p in pids), timeout=10,
+             what="the workers to exit")
+
+
+def test_killing_up_outright_leaves_no_worker_behind(up):
+    wait_for(lambda: "ready:" in up.output, timeout=120, what="ready")
+    pids = up.worker_pids()
+    up.proc.kill()  # no chance to clean up: the workers must notice on their own
+    up.proc.wait()
+    wait_for(lambda: not any(process_alive(p) for p in pids), timeout=30,
+             what="orphaned workers to exit")
+
+
+def test_status_without_a_cluster_says_how_to_start_one():
+    result = fanout("status", "--address", f"tcp://127.0.0.1:{free_port()}", "--timeout", "1")
+    assert result.returncode == 2
+    assert "fanout up" in result.stderr
+
+
+def test_a_bad_config_names_the_file_field_and_value(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("devices:\n  - {name: cpu0, kind: cpu, backend: onnxruntime, capacity: 0}\n")
+    result = fanout("up", "--config", str(path))
+    assert result.returncode == 2
+    assert str(path) in result.stderr and "devices[0].capacity" in result.stderr
+    assert "got 0" in result.stderr

@@ -1,0 +1,115 @@
+"""The Python client API: infer, submit, map, their asyncio twins, and connect."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+import runtime
+from runtime.errors import ClusterUnavailable, FanoutError, InvalidInput
+
+from .conftest import sentences
+
+
+@pytest.fixture(scope="module")
+def cluster(module_clusters):
+    return module_clusters.start("""
+        devices:
+          - {name: cpu0, kind: cpu, backend: onnxruntime, capacity: 2}
+        models:
+          - {name: minilm, source: "packaged:minilm"}
+    """)
+
+
+def embedding(result):
+    return result["onnx::Shape_422"]
+
+
+def test_map_returns_results_in_input_order(cluster, reference):
+    batch = sentences(10)
+    results = cluster.client().map("minilm", batch)
+    for result, inputs in zip(results, batch):
+        np.testing.assert_allclose(embedding(result), reference(inputs)["onnx::Shape_422"],
+                                   rtol=1e-5, atol=1e-5)
+        assert result.device == "cpu0" and not result.failed_over and result.service_s > 0
+
+
+def test_map_with_return_exceptions_keeps_the_other_results(cluster):
+    batch = sentences(5)
+    batch[2] = {"input_ids": batch[2]["input_ids"]}  # one bad item
+    results = cluster.client().map("minilm", batch, return_exceptions=True)
+    assert isinstance(results[2], InvalidInput)
+    assert [r.device for i, r in enumerate(results) if i != 2] == ["cpu0"] * 4
+
+
+def test_map_without_return_exceptions_raises_the_items_error(cluster):
+    batch = sentences(3)
+    batch[1] = {"input_ids": batch[1]["input_ids"]}
+    with pytest.raises(InvalidInput, match="missing"):
+        cluster.client().map("minilm", batch)
+
+
+def test_map_with_a_small_window_still_completes_every_item(cluster):
+    results = cluster.client().map("minilm", sentences(12), window=2)
+    assert len(results) == 12 and all(r.device == "cpu0" for r in results)
+
+
+def test_submit_returns_a_future_of_the_result(cluster):
+    future = cluster.client().submit("minilm", sentences(1)[0])
+    assert future.result(timeout=30).device == "cpu0"
+
+
+def test_asyncio_twins_run_from_the_callers_event_loop(cluster):
+    client = cluster.client()
+    batch = sentences(6)
+
+    async def main():
+        one = await client.ainfer("minilm", batch[0])
+        many = await client.amap("minilm", batch)
+        status = await client.astatus()
+        return one, many, status
+
+    one, many, status = asyncio.run(main())
+    np.testing.assert_allclose(embedding(one), embedding(many[0]), rtol=1e-6)
+    assert len(many) == 6 and status["workers"][0]["device"] == "cpu0"
+
+
+def test_the_async_client_works_on_its_own(cluster):
+    async def main():
+        client = await runtime.AsyncClient(cluster.address).connect()
+        try:
+            return await client.amap("minilm", sentences(4))
+        finally:
+            await client.close()
+
+    assert [r.device for r in asyncio.run(main())] == ["cpu0"] * 4
+
+
+def test_connect_attaches_to_a_running_cluster(cluster):
+    with runtime.connect(cluster.address) as client:
+        assert client.cluster["address"] == cluster.address
+        assert client.infer("minilm", sentences(1)[0]).device == "cpu0"
+
+
+def test_connect_to_an_address_with_no_scheduler_fails_fast_with_advice():
+    started = time.monotonic()
+    with pytest.raises(ClusterUnavailable, match="fanout up"):
+        runtime.connect("tcp://127.0.0.1:9", timeout=1.0)
+    assert time.monotonic() - started < 10
+
+
+def test_status_lists_each_worker_with_pid_node_state_capacity_and_counters(cluster):
+    cluster.client().map("minilm", sentences(3))
+    (w,) = cluster.status()["workers"]
+    assert w["device"] == "cpu0" and w["state"] == "up" and w["capacity"] == 2
+    assert w["pid"] > 0 and w["node"]
+    assert w["done"] >= 3 and w["in_flight"] == 0 and w["queued"] == 0
+    assert set(w) >= {"failed", "failed_over", "models"}
+
+
+def test_errors_share_one_base_class():
+    for name in ("InvalidInput", "DeviceError", "WorkerLost", "Overloaded", "DeadlineExceeded",
+                 "NoDeviceAvailable", "ProtocolError", "Unauthorized", "ClusterUnavailable"):
+        assert issubclass(getattr(runtime.errors, name), FanoutError)
