@@ -384,6 +384,7 @@ class SchedulerState:
                     slot.open_until = self.clock() + self.sc.breaker_cooldown_s
             elif ev.kind == "model_unavailable":
                 slot.state, slot.error = "unavailable", ev.message
+                self._reject_hopeless(task.model, actions)
         if task.finished:
             return
         task.attempts.append(Attempt(view.device, ev.kind, ev.message))
