@@ -317,7 +317,7 @@ class SchedulerState:
         for slot in view.models.values():
             slot.state, slot.detail, slot.probing = "loading", "worker restarting", False
         in_flight, view.in_flight = view.in_flight, {}
-        for task in in_flight.values():
+        for task in reversed(in_flight.values()):  # each re-run goes to the front: keep their order
             if task.finished:
                 continue
             task.running = None
