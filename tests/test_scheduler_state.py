@@ -1,0 +1,847 @@
+"""The scheduler's placement and failover rules (runtime/scheduler.py) as a pure state machine.
+
+No processes, sockets or sleeps: events go in, actions come out, and a fake clock is advanced
+by hand. Every ``handle`` is followed by ``state.validate()``; at teardown the tasks the state
+still owes must be exactly those the test never saw answered, and none was answered twice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from runtime.config import Config, DeviceConfig, ModelConfig, SchedulerConfig
+from runtime.errors import (Attempt, Cancelled, DeadlineExceeded, InvalidInput,
+                            NoDeviceAvailable, Overloaded)
+from runtime.scheduler import (CancelAttempt, Deliver, Dispatch, KillWorker, ModelStateChanged,
+                               Reject, SchedulerState, StartWorker, TaskCancelled, TaskFailed,
+                               TaskSubmitted, TaskSucceeded, Tick, WorkerExited,
+                               WorkerHeartbeat, WorkerRegistered)
+
+
+# ---- the driver --------------------------------------------------------------------------
+
+@dataclass
+class FakeClock:
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def model(name: str, *devices: str) -> ModelConfig:
+    return ModelConfig(name=name, source=f"packaged:{name}", devices=list(devices))
+
+
+def cluster(*, npu: int = 1, cpu: int = 2, models: list[ModelConfig] | None = None,
+            **scheduler: Any) -> Config:
+    """npu0 (capacity ``npu``) and cpu0 (capacity ``cpu``); model ``m`` prefers npu0."""
+    return Config(
+        devices=[DeviceConfig("npu0", "npu", "qnn", capacity=npu),
+                 DeviceConfig("cpu0", "cpu", "onnxruntime", capacity=cpu)],
+        models=models if models is not None else [model("m", "npu0", "cpu0")],
+        scheduler=SchedulerConfig(**scheduler))
+
+
+class Harness:
+    """Holds the state and its clock, speaks for the workers, and records every answer.
+
+    A task's payload is its key, so a Dispatch names the task it carries.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.clock = FakeClock()
+        self.state = SchedulerState(config, self.clock)
+        self.epochs: dict[str, int] = {}
+        self.log: list = []
+        self.pending: set[Any] = set()  # accepted, not yet answered
+        self.answers: dict[Any, Deliver | Reject] = {}
+        self.refused: list[Reject] = []  # submits refused because the key was in use
+        self._refusing: Any = None
+        self._record(self.state.start())
+
+    # -- events in --
+
+    def handle(self, *events) -> list:
+        actions = self.state.handle(*events)
+        self.state.validate()
+        self._record(actions)
+        return actions
+
+    def _record(self, actions: list) -> None:
+        for a in actions:
+            if isinstance(a, StartWorker):
+                self.epochs[a.device] = a.epoch
+            elif isinstance(a, (Deliver, Reject)):
+                if self._refusing is not None and a.key == self._refusing:
+                    self.refused.append(a)
+                    continue
+                assert a.key in self.pending, f"{a.key!r} answered twice or never accepted: {a}"
+                self.pending.remove(a.key)
+                self.answers[a.key] = a
+        self.log += actions
+
+    def up(self, *devices: str, **states: str) -> list:
+        """Register the current incarnation of each device; every model ready unless given."""
+        actions = []
+        for device in devices or tuple(self.state.workers):
+            models = {name: {"state": states.get(name, "ready"), "error": None, "detail": ""}
+                      for name in self.state.workers[device].models}
+            actions += self.handle(WorkerRegistered(device, self.epochs[device], pid=1,
+                                                    node="test", models=models))
+        return actions
+
+    def model_state(self, device: str, name: str, state: str, error: str | None = None) -> list:
+        return self.handle(ModelStateChanged(device, self.epochs[device], name, state, error))
+
+    def heartbeat(self, *devices: str) -> list:
+        return self.handle(*(WorkerHeartbeat(d, self.epochs[d]) for d in devices))
+
+    def tick(self, advance: float = 0.0) -> list:
+        self.clock.advance(advance)
+        return self.handle(Tick())
+
+    def submit(self, key: Any, name: str = "m", timeout_s: float | None = None) -> list:
+        duplicate = key in self.pending
+        self.pending.add(key)
+        self._refusing = key if duplicate else None
+        try:
+            return self.handle(TaskSubmitted(key, name, payload=key, timeout_s=timeout_s))
+        finally:
+            self._refusing = None
+
+    def cancel(self, key: Any) -> list:
+        return self.handle(TaskCancelled(key))
+
+    # -- worker answers, addressed by task key (its latest dispatch) --
+
+    def dispatch_of(self, key: Any) -> Dispatch:
+        found = [a for a in self.log if isinstance(a, Dispatch) and a.payload == key]
+        assert found, f"{key!r} was never dispatched"
+        return found[-1]
+
+    def succeed(self, key: Any, service_s: float = 0.01, *, epoch: int | None = None,
+                dispatch: Dispatch | None = None) -> list:
+        d = dispatch or self.dispatch_of(key)
+        return self.handle(TaskSucceeded(d.device, d.epoch if epoch is None else epoch,
+                                         d.attempt, f"out:{key}", service_s))
+
+    def fail(self, key: Any, kind: str = "device", message: str = "boom", *,
+             dispatch: Dispatch | None = None) -> list:
+        d = dispatch or self.dispatch_of(key)
+        return self.handle(TaskFailed(d.device, d.epoch, d.attempt, kind, message))
+
+    # -- reading --
+
+    def where(self, key: Any) -> str:
+        return self.dispatch_of(key).device
+
+    def in_flight(self, device: str) -> int:
+        return len(self.state.workers[device].in_flight)
+
+    def breaker(self, device: str, name: str = "m") -> str:
+        worker = next(w for w in self.state.snapshot()["workers"] if w["device"] == device)
+        return worker["models"][name]["breaker"]
+
+
+def dispatches(actions: list) -> list[Dispatch]:
+    return [a for a in actions if isinstance(a, Dispatch)]
+
+
+def of(kind: type, actions: list) -> list:
+    return [a for a in actions if isinstance(a, kind)]
+
+
+@pytest.fixture
+def make():
+    """Builds harnesses; at teardown checks the invariants and that state and test agree."""
+    made: list[Harness] = []
+
+    def factory(config: Config | None = None, **kw: Any) -> Harness:
+        h = Harness(config if config is not None else cluster(**kw))
+        made.append(h)
+        return h
+
+    yield factory
+    for h in made:
+        h.state.validate()
+        assert set(h.state.tasks) == h.pending, "the state owes answers the test did not expect"
+        for task in h.state.queue:
+            assert task.key in h.state.tasks
+
+
+@pytest.fixture
+def h(make) -> Harness:
+    """The default cluster, both workers up with ``m`` ready."""
+    harness = make()
+    harness.up()
+    return harness
+
+
+# ---- placement ---------------------------------------------------------------------------
+
+def test_start_asks_for_every_worker_at_epoch_one(make):
+    h = make()
+    assert h.log == [StartWorker("npu0", 1), StartWorker("cpu0", 1)]
+    assert not h.state.ready()
+
+
+def test_tasks_wait_until_a_model_is_ready_and_then_run(make):
+    h = make()
+    h.up("npu0", m="loading")
+    assert dispatches(h.submit("t1")) == []
+    assert not h.state.ready()
+    assert [d.device for d in dispatches(h.model_state("npu0", "m", "ready"))] == ["npu0"]
+
+
+def test_first_task_goes_to_the_preferred_device_while_times_are_unmeasured(h):
+    (d,) = dispatches(h.submit("t1"))
+    assert (d.device, d.epoch, d.model, d.payload) == ("npu0", 1, "m", "t1")
+    assert d.timeout_s == pytest.approx(120.0)
+
+
+def test_an_unmeasured_device_is_tried_before_a_measured_one(h):
+    h.submit("t1")
+    h.succeed("t1", service_s=0.05)
+    h.submit("t2")
+    assert h.where("t2") == "cpu0"
+
+
+def test_once_measured_the_worker_expected_to_finish_first_wins(h):
+    h.submit("t1")
+    h.succeed("t1", service_s=0.05)
+    h.submit("t2")
+    h.succeed("t2", service_s=0.01)
+    h.submit("t3")
+    assert h.where("t3") == "cpu0"
+
+
+def test_the_faster_worker_wins_only_while_it_has_a_free_slot(h):
+    h.submit("t1")
+    h.succeed("t1", service_s=0.05)
+    h.submit("t2")
+    h.succeed("t2", service_s=0.01)
+    for key in ("t3", "t4", "t5"):
+        h.submit(key)
+    assert [h.where(k) for k in ("t3", "t4", "t5")] == ["cpu0", "cpu0", "npu0"]
+
+
+def test_the_models_device_order_breaks_ties(h):
+    h.submit("t1")
+    h.succeed("t1", service_s=0.02)
+    h.submit("t2")
+    h.succeed("t2", service_s=0.02)
+    h.submit("t3")
+    assert h.where("t3") == "npu0"
+
+
+def test_a_worker_never_holds_more_tasks_than_its_capacity(make):
+    h = make(models=[model("m", "npu0")])
+    h.up()
+    for i in range(64):
+        h.submit(i)
+    assert h.in_flight("npu0") == 1
+    for i in range(64):
+        assert h.in_flight("npu0") == 1
+        h.succeed(i)
+    assert h.in_flight("npu0") == 0
+    assert len(of(Dispatch, h.log)) == 64
+    assert sorted(h.answers) == list(range(64))
+
+
+def test_capacity_holds_on_every_device_while_64_tasks_fan_out(h):
+    for i in range(64):
+        h.submit(i)
+    assert (h.in_flight("npu0"), h.in_flight("cpu0")) == (1, 2)
+    while h.pending:
+        key = min(h.pending)
+        h.succeed(key)
+        assert h.in_flight("npu0") <= 1 and h.in_flight("cpu0") <= 2
+    assert all(isinstance(a, Deliver) for a in h.answers.values())
+
+
+def test_queued_tasks_are_placed_in_fifo_order_as_slots_free_up(make):
+    h = make(models=[model("m", "npu0")])
+    h.up()
+    for i in range(5):
+        h.submit(i)
+    placed = []
+    for i in range(5):
+        placed += [d.payload for d in dispatches(h.succeed(i))]
+    assert placed == [1, 2, 3, 4]
+
+
+def test_a_task_for_a_busy_device_does_not_block_a_later_task_for_a_free_one(make):
+    h = make(models=[model("a", "npu0"), model("b", "cpu0")])
+    h.up()
+    h.submit("a1", "a")
+    assert dispatches(h.submit("a2", "a")) == []
+    (d,) = dispatches(h.submit("b1", "b"))
+    assert d.device == "cpu0" and d.payload == "b1"
+    assert [t.key for t in h.state.queue] == ["a2"]
+
+
+# ---- the queue bound -----------------------------------------------------------------------
+
+def test_a_submit_past_max_queue_is_rejected_overloaded_at_once(make):
+    h = make(models=[model("m", "npu0")], max_queue=3)
+    h.up()
+    for i in range(4):  # one runs, three wait
+        h.submit(i)
+    (reject,) = h.submit(4)
+    assert isinstance(reject.error, Overloaded)
+    assert "3 tasks waiting" in reject.error.message
+
+
+def test_every_accepted_task_is_answered_once_when_the_queue_overflows(make):
+    h = make(max_queue=2)
+    h.up()
+    for i in range(10):
+        h.submit(i)
+    overloaded = {k for k, a in h.answers.items() if isinstance(a, Reject)}
+    assert overloaded == {5, 6, 7, 8, 9}  # 3 slots + 2 waiting accepted
+    while h.pending:
+        h.succeed(min(h.pending))
+    assert {k for k, a in h.answers.items() if isinstance(a, Deliver)} == {0, 1, 2, 3, 4}
+
+
+# ---- failover ------------------------------------------------------------------------------
+
+def test_a_device_error_on_npu0_reruns_on_cpu0_and_the_delivery_carries_the_npu0_attempt(h):
+    h.submit("t1")
+    (d,) = dispatches(h.fail("t1", "device", "HTP timed out"))
+    assert d.device == "cpu0"
+    (deliver,) = h.succeed("t1")
+    assert deliver.device == "cpu0" and deliver.payload == "out:t1"
+    assert deliver.attempts == [Attempt("npu0", "device", "HTP timed out")]
+
+
+def test_an_invalid_input_failure_is_rejected_and_never_rerun(h):
+    h.submit("t1")
+    actions = h.fail("t1", "invalid_input", "input_ids must be int64")
+    assert dispatches(actions) == []
+    (reject,) = of(Reject, actions)
+    assert isinstance(reject.error, InvalidInput)
+    assert reject.error.message == "input_ids must be int64"
+    assert h.in_flight("npu0") == 0
+
+
+def test_when_every_device_failed_the_reject_lists_every_attempt(h):
+    h.submit("t1")
+    h.fail("t1", "device", "npu exploded")
+    (reject,) = of(Reject, h.fail("t1", "device", "cpu exploded"))
+    assert isinstance(reject.error, NoDeviceAvailable)
+    assert reject.error.attempts == [Attempt("npu0", "device", "npu exploded"),
+                                     Attempt("cpu0", "device", "cpu exploded")]
+    assert "npu exploded" in str(reject.error) and "cpu exploded" in str(reject.error)
+
+
+def test_a_model_unavailable_everywhere_is_rejected_at_submit_listing_each_load_error(make):
+    h = make()
+    h.handle(WorkerRegistered("npu0", 1, 1, "test", {"m": {"state": "unavailable",
+                                                           "error": "QNN compile failed"}}))
+    h.handle(WorkerRegistered("cpu0", 1, 2, "test", {"m": {"state": "unavailable",
+                                                           "error": "ORT cannot read file"}}))
+    (reject,) = h.submit("t1")
+    assert isinstance(reject.error, NoDeviceAvailable)
+    assert reject.error.attempts == [
+        Attempt("npu0", "model_unavailable", "QNN compile failed"),
+        Attempt("cpu0", "model_unavailable", "ORT cannot read file")]
+
+
+def test_queued_tasks_are_rejected_when_the_last_device_reports_the_model_unavailable(make):
+    h = make()
+    h.up("npu0", m="unavailable")
+    h.up("cpu0", m="loading")
+    assert h.submit("t1") == []
+    (reject,) = h.model_state("cpu0", "m", "unavailable", "out of memory")
+    assert isinstance(reject.error, NoDeviceAvailable)
+    assert [a.device for a in reject.error.attempts] == ["npu0", "cpu0"]
+
+
+def test_queued_tasks_are_rejected_when_a_run_finds_the_model_gone_on_its_last_device(make):
+    h = make(models=[model("m", "npu0")])
+    h.up()
+    h.submit("t1")
+    h.submit("t2")
+    actions = h.fail("t1", "model_unavailable", "context binary was evicted")
+    assert {a.key for a in of(Reject, actions)} == {"t1", "t2"}
+    assert isinstance(h.answers["t2"].error, NoDeviceAvailable)
+    assert h.answers["t2"].error.attempts == [
+        Attempt("npu0", "model_unavailable", "context binary was evicted")]
+
+
+def test_a_model_unavailable_on_npu0_runs_on_cpu0_without_an_attempt(make):
+    h = make()
+    h.up("npu0", m="unavailable")
+    h.up("cpu0")
+    (d,) = dispatches(h.submit("t1"))
+    assert d.device == "cpu0"
+    (deliver,) = h.succeed("t1")
+    assert deliver.attempts == []
+
+
+def test_unsupported_on_every_device_is_invalid_input(h):
+    h.submit("t1")
+    h.fail("t1", "unsupported", "sequence longer than the static shape 32")
+    (reject,) = of(Reject, h.fail("t1", "unsupported", "rank 3 input"))
+    assert isinstance(reject.error, InvalidInput)
+    assert [a.kind for a in reject.error.attempts] == ["unsupported", "unsupported"]
+
+
+def test_unsupported_on_one_device_and_a_device_error_on_the_other_is_no_device(h):
+    h.submit("t1")
+    h.fail("t1", "unsupported", "too long")
+    (reject,) = of(Reject, h.fail("t1", "device", "boom"))
+    assert isinstance(reject.error, NoDeviceAvailable)
+
+
+# ---- bad submits ---------------------------------------------------------------------------
+
+def test_an_unknown_model_is_invalid_input_naming_the_known_models(make):
+    h = make(models=[model("minilm", "npu0"), model("resnet", "cpu0")])
+    h.up()
+    (reject,) = h.submit("t1", "bert")
+    assert isinstance(reject.error, InvalidInput)
+    assert "'bert'" in reject.error.message and "minilm, resnet" in reject.error.message
+
+
+def test_a_duplicate_task_key_is_invalid_input_and_the_first_task_still_runs(h):
+    h.submit("t1")
+    assert dispatches(h.submit("t1")) == []
+    (refusal,) = h.refused
+    assert isinstance(refusal.error, InvalidInput) and "already in use" in refusal.error.message
+    (deliver,) = h.succeed("t1")
+    assert deliver.key == "t1"
+
+
+def test_a_key_may_be_used_again_once_its_task_was_answered(h):
+    h.submit("t1")
+    h.succeed("t1")
+    (d,) = dispatches(h.submit("t1"))
+    assert d.payload == "t1"
+    h.succeed("t1", dispatch=d)
+
+
+# ---- lost workers --------------------------------------------------------------------------
+
+def test_a_worker_exit_reruns_its_tasks_elsewhere_as_worker_lost(h):
+    h.submit("t1")
+    (d,) = dispatches(h.handle(WorkerExited("npu0", 1, "exit code -9")))
+    assert d.device == "cpu0" and d.payload == "t1"
+    (deliver,) = h.succeed("t1")
+    (attempt,) = deliver.attempts
+    assert (attempt.device, attempt.kind) == ("npu0", "worker_lost")
+    assert "exit code -9" in attempt.message
+
+
+def test_a_lost_worker_is_restarted_with_a_higher_epoch_after_the_backoff(make):
+    h = make(restart_backoff_s=0.5)
+    h.up()
+    h.handle(WorkerExited("npu0", 1, "crash"))
+    assert of(StartWorker, h.tick(0.49)) == []
+    assert of(StartWorker, h.tick(0.01)) == [StartWorker("npu0", 2)]
+    assert h.state.snapshot()["workers"][0]["restarts"] == 1
+
+
+def test_the_restart_backoff_doubles_on_repeated_crashes_up_to_30_s(make):
+    h = make(Config(devices=[DeviceConfig("npu0", "npu", "qnn")], models=[model("m", "npu0")],
+                    scheduler=SchedulerConfig(restart_backoff_s=0.5)))
+    h.up()
+    for epoch, backoff in enumerate((0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0), start=1):
+        h.handle(WorkerExited("npu0", epoch, "crash"))
+        assert h.tick(backoff - 0.01) == []
+        assert h.tick(0.02) == [StartWorker("npu0", epoch + 1)]
+        h.up("npu0")
+
+
+def test_the_restart_backoff_resets_once_a_worker_stayed_up(make):
+    h = make(restart_backoff_s=0.5)
+    h.up()
+    h.handle(WorkerExited("npu0", 1, "crash"))
+    h.tick(0.5)
+    h.up("npu0")
+    h.clock.advance(31.0)
+    h.handle(WorkerExited("npu0", 2, "crash"))
+    assert of(StartWorker, h.tick(0.5)) == [StartWorker("npu0", 3)]
+
+
+def test_a_worker_that_never_registers_is_killed_after_the_load_timeout(make):
+    h = make(load_timeout_s=60.0)
+    assert h.tick(60.0) == []
+    kills = of(KillWorker, h.tick(0.1))
+    assert [(k.device, k.epoch) for k in kills] == [("npu0", 1), ("cpu0", 1)]
+    assert "did not register within 60 s" in kills[0].reason
+
+
+def test_messages_from_an_old_epoch_are_ignored(h):
+    h.handle(WorkerExited("npu0", 1, "crash"))
+    h.tick(1.0)
+    h.up("npu0")
+    h.submit("t1")
+    assert h.where("t1") == "npu0"
+    stale = [WorkerRegistered("npu0", 1, 9, "test", {"m": {"state": "unavailable"}}),
+             ModelStateChanged("npu0", 1, "m", "unavailable", "old"),
+             WorkerHeartbeat("npu0", 1),
+             TaskFailed("npu0", 1, h.dispatch_of("t1").attempt, "device", "old"),
+             WorkerExited("npu0", 1, "old exit")]
+    assert h.handle(*stale) == []
+    view = h.state.workers["npu0"]
+    assert (view.state, view.epoch, view.models["m"].state) == ("up", 2, "ready")
+    assert h.in_flight("npu0") == 1
+
+
+def test_a_silent_worker_is_killed_and_its_tasks_rerun(make):
+    h = make(heartbeat_timeout_s=5.0)
+    h.up()
+    h.submit("t1")
+    h.clock.advance(5.0)
+    h.heartbeat("cpu0")
+    assert h.tick() == []
+    h.clock.advance(0.1)
+    h.heartbeat("cpu0")
+    actions = h.tick()
+    (kill,) = of(KillWorker, actions)
+    assert (kill.device, kill.epoch) == ("npu0", 1) and "no heartbeat" in kill.reason
+    (d,) = dispatches(actions)
+    assert (d.device, d.payload) == ("cpu0", "t1")
+    (deliver,) = h.succeed("t1")
+    assert [a.kind for a in deliver.attempts] == ["worker_lost"]
+
+
+def test_heartbeats_keep_a_busy_worker_alive(make):
+    h = make(heartbeat_timeout_s=5.0)
+    h.up()
+    h.submit("t1", timeout_s=100.0)
+    for _ in range(20):
+        h.clock.advance(1.0)
+        h.heartbeat("npu0", "cpu0")
+        assert of(KillWorker, h.tick()) == []
+
+
+def test_while_a_model_loads_the_silence_limit_is_the_load_timeout(make):
+    h = make(heartbeat_timeout_s=5.0, load_timeout_s=60.0)
+    h.up("npu0", m="loading")
+    h.up("cpu0")
+    h.clock.advance(59.0)
+    h.heartbeat("cpu0")
+    assert h.tick() == []
+    h.clock.advance(1.1)
+    h.heartbeat("cpu0")
+    (kill,) = of(KillWorker, h.tick())
+    assert kill.device == "npu0"
+
+
+def test_once_the_model_is_ready_the_silence_limit_is_the_heartbeat_timeout_again(make):
+    h = make(heartbeat_timeout_s=5.0, load_timeout_s=60.0)
+    h.up("npu0", m="loading")
+    h.up("cpu0")
+    h.clock.advance(30.0)
+    h.heartbeat("cpu0")
+    h.model_state("npu0", "m", "ready")
+    h.clock.advance(5.1)
+    h.heartbeat("cpu0")
+    (kill,) = of(KillWorker, h.tick())
+    assert kill.device == "npu0"
+
+
+# ---- circuit breaker -----------------------------------------------------------------------
+
+@pytest.fixture
+def tripped(make) -> Harness:
+    """npu0 (capacity 2) has had two device errors on ``m`` in a row; threshold 2, cooldown 10 s.
+
+    Both tasks re-ran on cpu0 and were delivered (cpu0 is measured at 10 ms).
+    """
+    h = make(npu=2, cpu=2, breaker_threshold=2, breaker_cooldown_s=10.0)
+    h.up()
+    h.submit("f1")
+    h.submit("f2")
+    assert h.where("f1") == h.where("f2") == "npu0"
+    h.fail("f1")
+    assert h.breaker("npu0") == "closed"
+    h.fail("f2")
+    h.succeed("f1")
+    h.succeed("f2")
+    return h
+
+
+def test_consecutive_device_errors_open_the_breaker_and_stop_placement_there(tripped):
+    h = tripped
+    assert h.breaker("npu0") == "open"
+    h.submit("t1")
+    h.submit("t2")
+    assert h.where("t1") == h.where("t2") == "cpu0"
+    h.submit("t3")
+    assert h.in_flight("npu0") == 0 and [t.key for t in h.state.queue] == ["t3"]
+
+
+def test_after_the_cooldown_exactly_one_probe_is_let_through(tripped):
+    h = tripped
+    h.clock.advance(9.9)
+    h.submit("early")
+    assert h.where("early") == "cpu0"
+    h.clock.advance(0.1)
+    assert h.breaker("npu0") == "half-open"
+    h.submit("probe")
+    h.submit("t2")
+    h.submit("t3")
+    assert (h.where("probe"), h.where("t2")) == ("npu0", "cpu0")
+    assert h.in_flight("npu0") == 1  # a second slot is free, but the probe is out
+    assert [t.key for t in h.state.queue] == ["t3"]
+
+
+def test_a_successful_probe_closes_the_breaker(tripped):
+    h = tripped
+    h.clock.advance(10.0)
+    h.submit("probe")
+    h.succeed("probe", service_s=0.005)
+    assert h.breaker("npu0") == "closed"
+    h.submit("t1")
+    h.submit("t2")
+    assert h.where("t1") == h.where("t2") == "npu0"  # both slots again, and now the faster one
+
+
+def test_a_failed_probe_reopens_the_breaker_for_another_cooldown(tripped):
+    h = tripped
+    h.clock.advance(10.0)
+    h.submit("probe")
+    (rerun,) = dispatches(h.fail("probe", "device", "still broken"))
+    assert rerun.device == "cpu0"
+    assert h.breaker("npu0") == "open"
+    h.clock.advance(9.9)
+    h.submit("t1")
+    assert h.where("t1") == "cpu0"
+    h.clock.advance(0.1)
+    h.submit("probe2")
+    assert h.where("probe2") == "npu0"
+
+
+def test_a_success_between_device_errors_keeps_the_breaker_closed(make):
+    h = make(npu=1, cpu=2, breaker_threshold=2)
+    h.up()
+    for key in ("f1", "ok", "f2"):
+        h.submit(key)
+        assert h.where(key) == "npu0"
+        if key == "ok":
+            h.succeed(key)
+        else:
+            h.fail(key)
+            h.succeed(key)
+    assert h.breaker("npu0") == "closed"
+
+
+def test_errors_that_are_not_the_devices_do_not_open_the_breaker(make):
+    h = make(breaker_threshold=1)
+    h.up()
+    h.submit("bad")
+    h.fail("bad", "invalid_input", "wrong dtype")
+    h.submit("long")
+    h.fail("long", "unsupported", "too long for the static shape")
+    h.succeed("long")
+    assert h.breaker("npu0") == "closed"
+
+
+# ---- exactly once --------------------------------------------------------------------------
+
+def test_a_late_success_from_a_lost_workers_old_epoch_is_not_delivered(h):
+    h.submit("t1")
+    old = h.dispatch_of("t1")
+    h.handle(WorkerExited("npu0", 1, "crash"))
+    assert h.succeed("t1", dispatch=old) == []  # the re-run on cpu0 is still out
+    h.tick(1.0)
+    h.up("npu0")
+    assert h.succeed("t1", dispatch=old) == []  # and the worker is back at epoch 2
+    (deliver,) = h.succeed("t1")
+    assert deliver.device == "cpu0"
+
+
+def test_a_result_sent_after_the_worker_was_declared_hung_is_not_delivered(make):
+    h = make(heartbeat_timeout_s=5.0)
+    h.up()
+    h.submit("t1")
+    old = h.dispatch_of("t1")
+    h.clock.advance(5.1)
+    h.heartbeat("cpu0")
+    assert of(KillWorker, h.tick())
+    assert h.succeed("t1", dispatch=old) == []  # same epoch, but the worker is lost
+    (deliver,) = h.succeed("t1")
+    assert deliver.device == "cpu0"
+
+
+def test_a_late_success_after_the_deadline_is_not_delivered(h):
+    h.submit("t1", timeout_s=1.0)
+    h.tick(1.0)
+    assert isinstance(h.answers["t1"].error, DeadlineExceeded)
+    assert h.succeed("t1") == []
+    assert h.in_flight("npu0") == 0
+
+
+def test_a_failed_attempt_whose_late_result_follows_the_reruns_delivery_is_dropped(h):
+    h.submit("t1")
+    first = h.dispatch_of("t1")
+    h.fail("t1", "device", "timeout on the HTP")
+    (deliver,) = h.succeed("t1")
+    assert deliver.device == "cpu0"
+    assert h.succeed("t1", dispatch=first) == []
+    assert h.fail("t1", dispatch=first) == []
+
+
+# ---- deadlines -----------------------------------------------------------------------------
+
+def test_a_queued_task_past_its_deadline_gets_deadline_exceeded(make):
+    h = make(models=[model("m", "npu0")])
+    h.up()
+    h.submit("busy", timeout_s=100.0)
+    h.submit("t1", timeout_s=1.0)
+    assert h.tick(0.99) == []
+    (reject,) = h.tick(0.01)
+    assert reject.key == "t1" and isinstance(reject.error, DeadlineExceeded)
+    assert dispatches(h.succeed("busy")) == []
+
+
+def test_a_queued_task_is_dispatched_with_the_time_left_to_its_deadline(make):
+    h = make(models=[model("m", "npu0")])
+    h.up()
+    h.submit("busy")
+    h.submit("t1", timeout_s=10.0)
+    h.clock.advance(3.0)
+    (d,) = dispatches(h.succeed("busy"))
+    assert d.payload == "t1" and d.timeout_s == pytest.approx(7.0)
+
+
+def test_a_running_task_past_its_deadline_is_cancelled_and_keeps_its_slot_until_answered(make):
+    h = make(models=[model("m", "npu0")])
+    h.up()
+    h.submit("t1", timeout_s=1.0)
+    h.submit("t2", timeout_s=100.0)
+    d = h.dispatch_of("t1")
+    actions = h.tick(1.0)
+    assert CancelAttempt("npu0", 1, d.attempt) in actions
+    assert isinstance(h.answers["t1"].error, DeadlineExceeded)
+    assert dispatches(actions) == [] and h.in_flight("npu0") == 1
+    (d2,) = dispatches(h.fail("t1", "cancelled", "cancelled"))
+    assert d2.payload == "t2"
+
+
+def test_a_worker_holding_a_cancelled_run_far_past_its_deadline_is_killed(make):
+    h = make(heartbeat_timeout_s=5.0)
+    h.up()
+    h.submit("t1", timeout_s=1.0)
+    h.tick(1.0)
+    for _ in range(5):  # the worker keeps answering pings but never gives up the run
+        h.clock.advance(1.0)
+        h.heartbeat("npu0", "cpu0")
+        assert of(KillWorker, h.tick()) == []
+    h.clock.advance(0.1)
+    h.heartbeat("npu0", "cpu0")
+    (kill,) = of(KillWorker, h.tick())
+    assert kill.device == "npu0" and "did not stop" in kill.reason
+    assert h.in_flight("npu0") == 0
+
+
+# ---- cancel --------------------------------------------------------------------------------
+
+def test_cancelling_a_queued_task_removes_it(make):
+    h = make(models=[model("m", "npu0")])
+    h.up()
+    h.submit("busy")
+    h.submit("t1")
+    (reject,) = h.cancel("t1")
+    assert isinstance(reject.error, Cancelled)
+    assert not h.state.queue
+    assert dispatches(h.succeed("busy")) == []
+
+
+def test_cancelling_a_running_task_cancels_its_attempt(h):
+    h.submit("t1")
+    d = h.dispatch_of("t1")
+    actions = h.cancel("t1")
+    assert actions[0] == CancelAttempt("npu0", 1, d.attempt)
+    assert isinstance(actions[1], Reject) and isinstance(actions[1].error, Cancelled)
+    assert h.in_flight("npu0") == 1
+    assert h.fail("t1", "cancelled", "cancelled") == []
+    assert h.in_flight("npu0") == 0
+
+
+def test_cancelling_an_unknown_or_answered_task_does_nothing(h):
+    h.submit("t1")
+    h.succeed("t1")
+    assert h.cancel("t1") == []
+    assert h.cancel("never") == []
+
+
+# ---- max_attempts --------------------------------------------------------------------------
+
+def test_max_attempts_bounds_reruns_across_lost_workers(make):
+    h = make(models=[model("m", "npu0")], max_attempts=3, restart_backoff_s=0.5)
+    h.up()
+    h.submit("t1")
+    for _ in range(2):
+        h.handle(WorkerExited("npu0", h.epochs["npu0"], "segfault"))
+        h.tick(5.0)
+        (d,) = dispatches(h.up("npu0"))  # the same device again: a lost worker is no verdict
+        assert d.payload == "t1"
+    (reject,) = of(Reject, h.handle(WorkerExited("npu0", h.epochs["npu0"], "segfault")))
+    assert isinstance(reject.error, NoDeviceAvailable)
+    assert [a.kind for a in reject.error.attempts] == ["worker_lost"] * 3
+    assert "3 of at most 3" in reject.error.message
+
+
+def test_max_attempts_bounds_reruns_across_devices(make):
+    h = make(max_attempts=1)
+    h.up()
+    h.submit("t1")
+    (reject,) = of(Reject, h.fail("t1", "device", "boom"))
+    assert isinstance(reject.error, NoDeviceAvailable)
+    assert reject.error.attempts == [Attempt("npu0", "device", "boom")]
+
+
+# ---- device order and fallbacks ------------------------------------------------------------
+
+def three_devices(npu_fallback=(), gpu_fallback=(), models=()) -> Config:
+    return Config(
+        devices=[DeviceConfig("cpu0", "cpu", "onnxruntime"),
+                 DeviceConfig("gpu0", "gpu", "qnn", fallback=list(gpu_fallback)),
+                 DeviceConfig("npu0", "npu", "qnn", fallback=list(npu_fallback))],
+        models=list(models))
+
+
+def test_device_order_defaults_to_npu_then_gpu_then_cpu():
+    cfg = three_devices(models=[model("m")])
+    assert cfg.device_order("m") == ["npu0", "gpu0", "cpu0"]
+
+
+def test_device_order_appends_fallbacks_and_fallbacks_of_fallbacks():
+    cfg = three_devices(npu_fallback=["gpu0"], gpu_fallback=["cpu0"], models=[model("m", "npu0")])
+    assert cfg.device_order("m") == ["npu0", "gpu0", "cpu0"]
+
+
+def test_device_order_lists_each_device_once():
+    cfg = three_devices(npu_fallback=["cpu0", "gpu0"], gpu_fallback=["npu0"],
+                        models=[model("m", "gpu0", "npu0", "gpu0")])
+    assert cfg.device_order("m") == ["gpu0", "npu0", "cpu0"]
+
+
+def test_a_device_fallback_carries_a_failed_task_to_the_next_device(make):
+    h = make(three_devices(npu_fallback=["cpu0"], models=[model("m", "npu0")]))
+    assert "m" not in h.state.workers["gpu0"].models
+    h.up()
+    h.submit("t1")
+    (d,) = dispatches(h.fail("t1"))
+    assert d.device == "cpu0"
+    h.succeed("t1")
+
+
+def test_tasks_rerun_after_a_lost_worker_keep_their_order_ahead_of_new_work(make):
+    h = make(npu=2, cpu=1)
+    h.up()
+    for key in ("a", "b", "c", "new"):
+        h.submit(key)
+    assert [h.where(k) for k in ("a", "b", "c")] == ["npu0", "npu0", "cpu0"]
+    h.handle(WorkerExited("npu0", 1, "crash"))
+    assert [t.key for t in h.state.queue] == ["a", "b", "new"]
