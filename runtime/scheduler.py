@@ -336,19 +336,20 @@ class SchedulerState:
         if ev.key in self.tasks:
             actions.append(Reject(ev.key, InvalidInput(f"task id {ev.key!r} is already in use")))
             return
+        timeout = ev.timeout_s if ev.timeout_s and ev.timeout_s > 0 else self.sc.task_timeout_s
+        task = Task(ev.key, ev.model, ev.payload, self.clock() + timeout, timeout)
+        if self._hopeless(task):  # says more than Overloaded would, so it is checked first
+            self.tasks[ev.key] = task
+            self._fail(task, actions)
+            return
         if len(self.queue) >= self.sc.max_queue:
             self.counters["overloaded"] += 1
             actions.append(Reject(ev.key, Overloaded(
                 f"queue is full ({self.sc.max_queue} tasks waiting); retry later or raise "
                 f"scheduler.max_queue")))
             return
-        timeout = ev.timeout_s if ev.timeout_s and ev.timeout_s > 0 else self.sc.task_timeout_s
-        task = Task(ev.key, ev.model, ev.payload, self.clock() + timeout, timeout)
         self.tasks[ev.key] = task
         self.counters["submitted"] += 1
-        if self._hopeless(task):
-            self._fail(task, actions)
-            return
         self.queue.append(task)
 
     def _on_TaskSucceeded(self, ev: TaskSucceeded, actions: list) -> None:
@@ -428,9 +429,11 @@ class SchedulerState:
                                   actions, kill=True)
 
     def _silence_limit(self, view: WorkerView) -> float:
-        # Engines may hold the GIL while compiling a model: allow more silence while loading.
+        # An engine might hold the GIL while compiling (none measured here does): allow more
+        # silence while a model loads, but not while tasks wait on this worker.
         loading = any(s.state == "loading" for s in view.models.values())
-        return self.sc.load_timeout_s if loading else self.sc.heartbeat_timeout_s
+        return self.sc.load_timeout_s if loading and not view.in_flight else \
+            self.sc.heartbeat_timeout_s
 
     # -- helpers --
 
@@ -530,6 +533,10 @@ class SchedulerState:
             if not any(v.free > 0 for v in self.workers.values()):
                 break
             task = self.queue.popleft()
+            if now >= task.deadline:  # expired while queued: answer it, do not dispatch it
+                self._abandon(task, actions, DeadlineExceeded(
+                    f"no result within {task.timeout_s:g} s", task.attempts))
+                continue
             sig = (task.model, frozenset(task.excluded))
             choice = None
             if sig not in blocked:

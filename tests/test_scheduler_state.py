@@ -845,3 +845,40 @@ def test_tasks_rerun_after_a_lost_worker_keep_their_order_ahead_of_new_work(make
     assert [h.where(k) for k in ("a", "b", "c")] == ["npu0", "npu0", "cpu0"]
     h.handle(WorkerExited("npu0", 1, "crash"))
     assert [t.key for t in h.state.queue] == ["a", "b", "new"]
+
+
+def test_a_loading_worker_holding_tasks_gets_only_the_heartbeat_timeout(make):
+    h = make(heartbeat_timeout_s=5.0, load_timeout_s=60.0,
+             models=[model("m", "npu0"), model("slow", "npu0")])
+    h.up("npu0", m="ready", slow="loading")
+    h.up("cpu0")
+    h.submit("t1", timeout_s=100.0)
+    assert h.where("t1") == "npu0"
+    h.clock.advance(5.1)
+    h.heartbeat("cpu0")
+    (kill,) = of(KillWorker, h.tick())
+    assert kill.device == "npu0"
+
+
+def test_a_task_that_expires_before_a_slot_frees_is_answered_not_dispatched(make):
+    h = make(models=[model("m", "npu0")])
+    h.up()
+    h.submit("busy", timeout_s=100.0)
+    h.submit("t1", timeout_s=1.0)
+    h.clock.advance(1.5)  # no Tick yet: the slot frees first
+    actions = h.succeed("busy")
+    assert dispatches(actions) == []
+    (reject,) = of(Reject, actions)
+    assert reject.key == "t1" and isinstance(reject.error, DeadlineExceeded)
+
+
+def test_a_task_no_device_can_run_says_so_even_when_the_queue_is_full(make):
+    h = make(max_queue=1, models=[model("m", "npu0"), model("gone", "cpu0")])
+    h.up("npu0")
+    h.up("cpu0", gone="unavailable")
+    h.submit("busy")
+    h.submit("waiting")
+    (reject,) = of(Reject, h.submit("t1", name="gone"))
+    assert isinstance(reject.error, NoDeviceAvailable)
+    (overloaded,) = of(Reject, h.submit("t2"))
+    assert isinstance(overloaded.error, Overloaded)
