@@ -6,8 +6,9 @@
         results = client.map("minilm", batch)   # each result says .device and .attempts
 """
 from . import errors
-from .client import AsyncClient, Client, Result, connect
+from .client import AsyncClient, Chunk, Client, Completion, Result, connect
 from .launcher import Cluster, start
 
-__all__ = ["AsyncClient", "Client", "Cluster", "Result", "connect", "errors", "start"]
+__all__ = ["AsyncClient", "Chunk", "Client", "Cluster", "Completion", "Result", "connect",
+           "errors", "start"]
 __version__ = "0.1.0"

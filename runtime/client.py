@@ -13,7 +13,7 @@ import os
 import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
 
 import numpy as np
 import zmq
@@ -23,8 +23,10 @@ from . import protocol as p
 from .config import DEFAULT_ADDRESS
 from .errors import (Attempt, ClusterUnavailable, FanoutError, InvalidInput, ProtocolError,
                      error_from_wire)
+from .generation import build_request
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+KEEPALIVE_S = 1.0  # how often a client says it is still there
 
 
 @dataclass
@@ -42,6 +44,38 @@ class Result:
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.outputs[name]
+
+
+@dataclass
+class Completion:
+    """A finished generation: its text, why it stopped, token counts, and where it ran."""
+
+    text: str
+    finish_reason: str  # "stop" | "length"
+    usage: dict  # prompt_tokens, completion_tokens, total_tokens
+    device: str
+    attempts: list[Attempt] = field(default_factory=list)
+    service_s: float = 0.0
+
+    @property
+    def failed_over(self) -> bool:
+        return bool(self.attempts)
+
+
+@dataclass
+class Chunk:
+    """Streamed text. ``previous_device`` is set on the first chunk after a failover moved
+    the stream to another device; the last chunk carries ``finish_reason`` and ``usage``."""
+
+    text: str
+    device: str
+    previous_device: str | None = None
+    finish_reason: str | None = None
+    usage: dict | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+
+
+_END = object()
 
 
 def _as_arrays(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -72,6 +106,8 @@ class AsyncClient:
         self.decoder = p.Decoder(p.SCHEDULER_TO_CLIENT, max_message_bytes)
         self.max_message_bytes = max_message_bytes
         self._pending: dict[str, asyncio.Future] = {}
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._keepalive: asyncio.Task | None = None
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]
         self._reader: asyncio.Task | None = None
@@ -84,11 +120,13 @@ class AsyncClient:
         self.sock.connect(self.address)
         self._reader = asyncio.create_task(self._read())
         self._hello = asyncio.get_running_loop().create_future()
-        await self._send(p.Hello(version=p.PROTOCOL_VERSION, role="client", token=self.token))
+        await self._send(p.Hello(version=p.PROTOCOL_VERSION, role="client", token=self.token,
+                                 keepalive_s=KEEPALIVE_S))
         try:
             self.cluster = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
             self.max_message_bytes = min(self.max_message_bytes,
                                          int(self.cluster.get("max_message_bytes") or 2**62))
+            self._keepalive = asyncio.create_task(self._keep_alive())
         except asyncio.TimeoutError:
             await self.close()
             raise ClusterUnavailable(f"no Fanout scheduler answered at {self.address} within "
@@ -120,8 +158,38 @@ class AsyncClient:
                 continue
             self._dispatch(msg)
 
+    async def _keep_alive(self) -> None:
+        """Tell the scheduler we are here; if we vanish, it cancels our tasks."""
+        while True:
+            await asyncio.sleep(KEEPALIVE_S)
+            try:
+                await self._send(p.KeepAlive())
+            except (zmq.ZMQError, FanoutError):
+                return
+
     def _dispatch(self, msg: p.Message) -> None:
+        stream = self._streams.get(getattr(msg, "task_id", None))  # type: ignore[arg-type]
+        if stream is not None:
+            match msg:
+                case p.Chunk():
+                    stream.put_nowait(Chunk(msg.text, msg.device, msg.previous_device))
+                case p.Completion():
+                    stream.put_nowait(Chunk("", msg.device, None, msg.finish_reason,
+                                            msg.usage, [Attempt.from_wire(a)
+                                                        for a in msg.attempts]))
+                    stream.put_nowait(_END)
+                case p.Failure():
+                    stream.put_nowait(error_from_wire(msg.error))
+            return
         match msg:
+            case p.Completion():
+                fut = self._pending.pop(msg.task_id, None)
+                if fut is None or fut.done():
+                    self.unmatched += 1
+                else:
+                    fut.set_result(Completion(msg.text, msg.finish_reason, msg.usage, msg.device,
+                                              [Attempt.from_wire(a) for a in msg.attempts],
+                                              msg.service_s))
             case p.Welcome():
                 if self._hello and not self._hello.done():
                     self._hello.set_result(msg.cluster)
@@ -167,12 +235,59 @@ class AsyncClient:
                      timeout: float | None = None) -> Result:
         """Run one task; raises the task's ``FanoutError`` if it failed everywhere."""
         arrays = _as_arrays(inputs)
+        return await self._task(lambda tid: p.Submit(task_id=tid, model=model, inputs=arrays,
+                                                     timeout_s=timeout), timeout)
+
+    async def agenerate(self, model: str, messages_or_prompt: Any, *,
+                        timeout: float | None = None, **params) -> Completion:
+        """Generate a completion for chat messages (a list of {role, content}) or a prompt.
+
+        ``params``: max_tokens, temperature (0 = greedy), top_p, stop, seed, ignore_eos.
+        """
+        request = build_request(messages_or_prompt, params)
+        return await self._task(lambda tid: p.Generate(task_id=tid, model=model,
+                                                       request=request, timeout_s=timeout),
+                                timeout)
+
+    async def astream(self, model: str, messages_or_prompt: Any, *,
+                      timeout: float | None = None, **params):
+        """Yield ``Chunk``s as tokens come; leaving the loop early cancels the generation."""
+        request = build_request(messages_or_prompt, params)
+        task_id = self._new_id()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[task_id] = queue
+        finished = False
+        try:
+            await self._send(p.Generate(task_id=task_id, model=model, request=request,
+                                        stream=True, timeout_s=timeout))
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+        finally:
+            self._streams.pop(task_id, None)
+            if not finished:
+                await self._send_quietly(p.Cancel(task_id=task_id))
+
+    async def agenerate_many(self, model: str, chats: Iterable[Any], *,
+                             return_exceptions: bool = False, timeout: float | None = None,
+                             window: int = 1024, **params) -> list:
+        """The fan-out call for chats: one generation per item, results in input order."""
+        return await self._gather([
+            lambda c=c: self.agenerate(model, c, timeout=timeout, **params) for c in chats],
+            return_exceptions, window)
+
+    async def _task(self, make_msg, timeout: float | None):
         task_id = self._new_id()
         fut = asyncio.get_running_loop().create_future()
         self._pending[task_id] = fut
         try:
-            await self._send(p.Submit(task_id=task_id, model=model, inputs=arrays,
-                                      timeout_s=timeout))
+            await self._send(make_msg(task_id))
             # The scheduler enforces the deadline; the margin covers the message's way back.
             wait = None if timeout is None else timeout + 5.0
             return await asyncio.wait_for(asyncio.shield(fut), wait)
@@ -200,14 +315,18 @@ class AsyncClient:
         the scheduler's queue. With ``return_exceptions`` a failed item yields its error in
         its place; otherwise the first error is raised after every task has ended.
         """
-        items = list(inputs)
+        return await self._gather([lambda x=x: self.ainfer(model, x, timeout) for x in inputs],
+                                  return_exceptions, window)
+
+    @staticmethod
+    async def _gather(calls: list, return_exceptions: bool, window: int) -> list:
         gate = asyncio.Semaphore(max(1, window))
 
-        async def one(item):
+        async def one(call):
             async with gate:
-                return await self.ainfer(model, item, timeout)
+                return await call()
 
-        results = await asyncio.gather(*(one(i) for i in items), return_exceptions=True)
+        results = await asyncio.gather(*(one(c) for c in calls), return_exceptions=True)
         if not return_exceptions:
             for r in results:
                 if isinstance(r, BaseException):
@@ -223,11 +342,18 @@ class AsyncClient:
     async def close(self) -> None:
         if self._closed:
             return
+        # Tell the scheduler to stop our unfinished work, so it frees the slots at once.
+        for task_id in [*self._pending, *self._streams]:
+            await self._send_quietly(p.Cancel(task_id=task_id))
         self._closed = True
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(ClusterUnavailable("the client was closed"))
         self._pending.clear()
+        for queue in self._streams.values():
+            queue.put_nowait(ClusterUnavailable("the client was closed"))
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         if self._reader is not None:
             self._reader.cancel()
             try:
@@ -299,6 +425,55 @@ class Client:
         return await self._await(self._async.amap(model, inputs,
                                                   return_exceptions=return_exceptions,
                                                   timeout=timeout, window=window))
+
+    def generate(self, model: str, messages_or_prompt: Any, *, timeout: float | None = None,
+                 **params) -> Completion:
+        return self._call(self._async.agenerate(model, messages_or_prompt, timeout=timeout,
+                                                **params))
+
+    async def agenerate(self, model: str, messages_or_prompt: Any, *,
+                        timeout: float | None = None, **params) -> Completion:
+        return await self._await(self._async.agenerate(model, messages_or_prompt,
+                                                       timeout=timeout, **params))
+
+    def generate_many(self, model: str, chats: Sequence[Any], *, return_exceptions: bool = False,
+                      timeout: float | None = None, window: int = 1024, **params) -> list:
+        """The fan-out call for chats: results in input order."""
+        return self._call(self._async.agenerate_many(
+            model, chats, return_exceptions=return_exceptions, timeout=timeout, window=window,
+            **params))
+
+    async def agenerate_many(self, model: str, chats: Sequence[Any], *,
+                             return_exceptions: bool = False, timeout: float | None = None,
+                             window: int = 1024, **params) -> list:
+        return await self._await(self._async.agenerate_many(
+            model, chats, return_exceptions=return_exceptions, timeout=timeout, window=window,
+            **params))
+
+    def stream(self, model: str, messages_or_prompt: Any, *, timeout: float | None = None,
+               **params) -> Iterator[Chunk]:
+        """Yield ``Chunk``s as tokens come; closing the generator early cancels the task."""
+        agen = self._async.astream(model, messages_or_prompt, timeout=timeout, **params)
+        try:
+            while True:
+                try:
+                    yield self._call(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._call(agen.aclose())
+
+    async def astream(self, model: str, messages_or_prompt: Any, *,
+                      timeout: float | None = None, **params) -> AsyncIterator[Chunk]:
+        agen = self._async.astream(model, messages_or_prompt, timeout=timeout, **params)
+        try:
+            while True:
+                try:
+                    yield await self._await(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            await self._await(agen.aclose())
 
     def status(self, timeout: float = 10.0) -> dict:
         return self._call(self._async.astatus(timeout))

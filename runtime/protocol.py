@@ -55,6 +55,12 @@ class Hello(Message):
     role: str  # "client" | "worker"
     token: str | None = None
     name: str = ""
+    keepalive_s: float | None = None  # the client pings this often; silence cancels its tasks
+
+
+@message
+class KeepAlive(Message):
+    TYPE = "keepalive"
 
 
 @message
@@ -72,6 +78,41 @@ class Submit(Message):
     model: str
     inputs: dict = field(default_factory=dict)
     timeout_s: float | None = None
+
+
+@message
+class Generate(Message):
+    """A chat or prompt completion; ``request`` holds messages or prompt and the parameters."""
+
+    TYPE = "generate"
+    task_id: str
+    model: str
+    request: dict = field(default_factory=dict)
+    stream: bool = False
+    timeout_s: float | None = None
+
+
+@message
+class Chunk(Message):
+    """Streamed text of a generation; the first chunk from a new device says so."""
+
+    TYPE = "chunk"
+    task_id: str
+    text: str
+    device: str
+    previous_device: str | None = None  # set when the stream moved here from another device
+
+
+@message
+class Completion(Message):
+    TYPE = "completion"
+    task_id: str
+    text: str
+    finish_reason: str
+    device: str
+    usage: dict = field(default_factory=dict)
+    attempts: list = field(default_factory=list)
+    service_s: float = 0.0
 
 
 @message
@@ -162,6 +203,35 @@ class Run(Message):
 
 
 @message
+class RunGenerate(Message):
+    TYPE = "run_generate"
+    attempt: int
+    model: str
+    request: dict = field(default_factory=dict)
+    prefix_ids: list = field(default_factory=list)  # already streamed: continue after these
+    prefix_text: str = ""
+    timeout_s: float | None = None
+
+
+@message
+class Tokens(Message):
+    TYPE = "tokens"
+    attempt: int
+    ids: list = field(default_factory=list)
+    text: str = ""
+
+
+@message
+class Generated(Message):
+    TYPE = "generated"
+    attempt: int
+    finish_reason: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    service_s: float = 0.0
+
+
+@message
 class CancelRun(Message):
     TYPE = "cancel_run"
     attempt: int
@@ -195,10 +265,12 @@ class Stop(Message):
     TYPE = "stop"
 
 
-CLIENT_TO_SCHEDULER = frozenset([Hello, Submit, Cancel, StatusRequest, Shutdown])
-SCHEDULER_TO_CLIENT = frozenset([Welcome, Result, Failure, Reply])
-WORKER_TO_SCHEDULER = frozenset([Register, ModelState, Heartbeat, Done, Failed])
-SCHEDULER_TO_WORKER = frozenset([Welcome, Run, CancelRun, Ping, Stop, Reply])
+CLIENT_TO_SCHEDULER = frozenset([Hello, KeepAlive, Submit, Generate, Cancel, StatusRequest,
+                                 Shutdown])
+SCHEDULER_TO_CLIENT = frozenset([Welcome, Result, Chunk, Completion, Failure, Reply])
+WORKER_TO_SCHEDULER = frozenset([Register, ModelState, Heartbeat, Done, Tokens, Generated,
+                                 Failed])
+SCHEDULER_TO_WORKER = frozenset([Welcome, Run, RunGenerate, CancelRun, Ping, Stop, Reply])
 
 _SCALARS = {"int": int, "str": str, "float": (int, float), "dict": dict, "list": list,
             "bool": bool}

@@ -74,6 +74,19 @@ class TaskSubmitted:
     model: str
     payload: Any
     timeout_s: float | None = None
+    generate: bool = False  # a generation: tokens stream back and a failover continues them
+    stream: bool = False  # the caller wants the tokens as they come, not only the completion
+
+
+@dataclass
+class TaskTokens:
+    """New tokens of a running generation."""
+
+    device: str
+    epoch: int
+    attempt: int
+    ids: list[int]
+    text: str
 
 
 @dataclass
@@ -128,6 +141,7 @@ class Dispatch:
     model: str
     payload: Any
     timeout_s: float
+    generation: "Generation | None" = None  # for generations: what was streamed already
 
 
 @dataclass
@@ -144,6 +158,15 @@ class Deliver:
     payload: Any
     attempts: list[Attempt]
     service_s: float
+    generation: "Generation | None" = None  # for generations: the whole completion
+
+
+@dataclass
+class StreamChunk:
+    key: Any
+    text: str
+    device: str
+    previous_device: str | None  # set on the first chunk after the stream changed device
 
 
 @dataclass
@@ -200,6 +223,16 @@ class WorkerView:
 
 
 @dataclass
+class Generation:
+    """What a generation has produced so far, over all its attempts."""
+
+    stream: bool  # forward tokens to the caller as they come
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    device: str | None = None  # the device the last tokens came from
+
+
+@dataclass
 class Task:
     key: Any
     model: str
@@ -210,6 +243,7 @@ class Task:
     excluded: set[str] = field(default_factory=set)  # devices this task failed on
     running: tuple[str, int] | None = None  # (device, attempt)
     finished: bool = False
+    generation: Generation | None = None
 
 
 class SchedulerState:
@@ -337,7 +371,8 @@ class SchedulerState:
             actions.append(Reject(ev.key, InvalidInput(f"task id {ev.key!r} is already in use")))
             return
         timeout = ev.timeout_s if ev.timeout_s and ev.timeout_s > 0 else self.sc.task_timeout_s
-        task = Task(ev.key, ev.model, ev.payload, self.clock() + timeout, timeout)
+        task = Task(ev.key, ev.model, ev.payload, self.clock() + timeout, timeout,
+                    generation=Generation(ev.stream) if ev.generate else None)
         if self._hopeless(task):  # says more than Overloaded would, so it is checked first
             self.tasks[ev.key] = task
             self._fail(task, actions)
@@ -368,7 +403,23 @@ class SchedulerState:
         self._finish(task)
         self.counters["completed"] += 1
         actions.append(Deliver(task.key, view.device, ev.payload, list(task.attempts),
-                               ev.service_s))
+                               ev.service_s, task.generation))
+
+    def _on_TaskTokens(self, ev: TaskTokens, actions: list) -> None:
+        view = self._current(ev.device, ev.epoch)
+        if view is None:
+            return
+        view.last_seen = self.clock()
+        task = view.in_flight.get(ev.attempt)
+        if task is None or task.finished or task.generation is None:
+            return  # tokens of a cancelled, re-run or answered task: drop them
+        gen = task.generation
+        moved = gen.device if gen.device is not None and gen.device != ev.device else None
+        gen.ids.extend(ev.ids)
+        gen.text += ev.text
+        gen.device = ev.device
+        if gen.stream and (ev.text or moved):
+            actions.append(StreamChunk(task.key, ev.text, ev.device, moved))
 
     def _on_TaskFailed(self, ev: TaskFailed, actions: list) -> None:
         view, task = self._finish_attempt(ev.device, ev.epoch, ev.attempt)
@@ -553,7 +604,7 @@ class SchedulerState:
             view.in_flight[attempt] = task
             task.running = (view.device, attempt)
             actions.append(Dispatch(view.device, view.epoch, attempt, task.model, task.payload,
-                                    max(0.0, task.deadline - now)))
+                                    max(0.0, task.deadline - now), task.generation))
         kept.extend(self.queue)
         self.queue = kept
 

@@ -30,6 +30,7 @@ from .supervisor import LocalSupervisor
 
 log = logging.getLogger("fanout.scheduler")
 TICK_S = 0.05
+CLIENT_SILENCE_FACTOR = 5  # missed keepalives before a client counts as gone
 
 
 def _token_ok(expected: str | None, given: str | None) -> bool:
@@ -59,6 +60,8 @@ class SchedulerProcess:
         self.back_decoder = p.Decoder(p.WORKER_TO_SCHEDULER, sc.max_message_bytes,
                                       decode_arrays=False)
         self._clients: set[bytes] = set()  # identities that said hello with the right token
+        self._keepalive: dict[bytes, float] = {}  # client -> its promised ping interval
+        self._seen: dict[bytes, float] = {}  # client -> when it last sent anything
         self._workers: dict[bytes, tuple[str, int]] = {}  # identity -> (device, epoch)
         self._tmp = tempfile.TemporaryDirectory(prefix="fanout-")
         config_file = Path(self._tmp.name) / "config.json"
@@ -105,7 +108,7 @@ class SchedulerProcess:
                 if now - last_tick >= TICK_S:
                     last_tick = now
                     events: list = [s.WorkerExited(d, e, r) for d, e, r in self.supervisor.poll()]
-                    self._feed(*events, s.Tick())
+                    self._feed(*events, *self._vanished_clients(now), s.Tick())
                     self._ping_workers(now)
                     if watch_parent is not None and os.getppid() != watch_parent:
                         log.error("parent process died; shutting the cluster down")
@@ -132,6 +135,20 @@ class SchedulerProcess:
             for ev in events:
                 if not isinstance(ev, s.Tick):
                     self.on_change(self, ev)
+
+    def _vanished_clients(self, now: float) -> list:
+        """Cancels for the tasks of clients that stopped pinging: their slots are freed."""
+        gone = [i for i, every in self._keepalive.items()
+                if now - self._seen.get(i, now) > max(CLIENT_SILENCE_FACTOR * every, 2.0)]
+        events = []
+        for ident in gone:
+            log.warning("client %s went silent; cancelling its tasks", ident.hex()[:16])
+            for key in [k for k in self.state.tasks if k[0] == ident]:
+                events.append(s.TaskCancelled(key))
+            self._keepalive.pop(ident, None)
+            self._seen.pop(ident, None)
+            self._clients.discard(ident)
+        return events
 
     def _ping_workers(self, now: float) -> None:
         if now - self._last_ping < self.config.scheduler.heartbeat_interval_s:
@@ -165,16 +182,24 @@ class SchedulerProcess:
                     "FANOUT_TOKEN")))
                 return
             self._clients.add(ident)
+            if msg.keepalive_s:
+                self._keepalive[ident] = max(0.05, float(msg.keepalive_s))
+                self._seen[ident] = self.clock()
             self._reply(ident, p.Welcome(version=p.PROTOCOL_VERSION, cluster=self.info()))
             return
         if sc.token and ident not in self._clients:
             self._reply(ident, p.error_reply(getattr(msg, "req_id", None), Unauthorized(
                 "say hello with the cluster token first")))
             return
+        if ident in self._keepalive:
+            self._seen[ident] = self.clock()
         match msg:
             case p.Submit():
                 self._feed(s.TaskSubmitted((ident, msg.task_id), msg.model, msg.inputs,
                                            msg.timeout_s))
+            case p.Generate():
+                self._feed(s.TaskSubmitted((ident, msg.task_id), msg.model, msg.request,
+                                           msg.timeout_s, generate=True, stream=msg.stream))
             case p.Cancel():
                 self._feed(s.TaskCancelled((ident, msg.task_id)))
             case p.StatusRequest():
@@ -229,6 +254,12 @@ class SchedulerProcess:
             case p.Done():
                 self._feed(s.TaskSucceeded(device, epoch, msg.attempt, msg.outputs,
                                            msg.service_s))
+            case p.Tokens():
+                self._feed(s.TaskTokens(device, epoch, msg.attempt, msg.ids, msg.text))
+            case p.Generated():
+                self._feed(s.TaskSucceeded(device, epoch, msg.attempt, {
+                    "finish_reason": msg.finish_reason, "prompt_tokens": msg.prompt_tokens,
+                    "completion_tokens": msg.completion_tokens}, msg.service_s))
             case p.Failed():
                 self._feed(s.TaskFailed(device, epoch, msg.attempt, msg.kind, msg.message,
                                         msg.service_s))
@@ -239,18 +270,39 @@ class SchedulerProcess:
         for a in actions:
             match a:
                 case s.Dispatch():
-                    self.back.send_multipart(
-                        [f"{a.device}:{a.epoch}".encode()] + p.encode(p.Run(
-                            attempt=a.attempt, model=a.model, inputs=a.payload,
-                            timeout_s=a.timeout_s)), copy=False)
+                    if a.generation is None:
+                        run: p.Message = p.Run(attempt=a.attempt, model=a.model,
+                                               inputs=a.payload, timeout_s=a.timeout_s)
+                    else:
+                        run = p.RunGenerate(attempt=a.attempt, model=a.model, request=a.payload,
+                                            prefix_ids=list(a.generation.ids),
+                                            prefix_text=a.generation.text,
+                                            timeout_s=a.timeout_s)
+                    self.back.send_multipart([f"{a.device}:{a.epoch}".encode()] + p.encode(run),
+                                             copy=False)
+                case s.StreamChunk():
+                    ident, task_id = a.key
+                    self._reply(ident, p.Chunk(task_id=task_id, text=a.text, device=a.device,
+                                               previous_device=a.previous_device))
                 case s.CancelAttempt():
                     self.back.send_multipart([f"{a.device}:{a.epoch}".encode()]
                                              + p.encode(p.CancelRun(attempt=a.attempt)))
                 case s.Deliver():
                     ident, task_id = a.key
-                    self._reply(ident, p.Result(task_id=task_id, device=a.device,
-                                                outputs=a.payload, service_s=a.service_s,
-                                                attempts=[x.to_wire() for x in a.attempts]))
+                    attempts = [x.to_wire() for x in a.attempts]
+                    if a.generation is None:
+                        self._reply(ident, p.Result(task_id=task_id, device=a.device,
+                                                    outputs=a.payload, service_s=a.service_s,
+                                                    attempts=attempts))
+                        continue
+                    done = len(a.generation.ids)
+                    usage = {"prompt_tokens": a.payload["prompt_tokens"],
+                             "completion_tokens": done,
+                             "total_tokens": a.payload["prompt_tokens"] + done}
+                    self._reply(ident, p.Completion(
+                        task_id=task_id, text=a.generation.text, device=a.device,
+                        finish_reason=a.payload["finish_reason"], usage=usage,
+                        attempts=attempts, service_s=a.service_s))
                 case s.Reject():
                     ident, task_id = a.key
                     self._reply(ident, p.Failure(task_id=task_id, error=a.error.to_wire()))

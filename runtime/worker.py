@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .backends.base import Backend, CancelToken, ModelSpec, Session
-from .errors import FanoutError, ModelUnavailable
+from .backends.base import Backend, CancelToken, GenRequest, GenResult, ModelSpec, Session
+from .errors import FanoutError, InvalidInput, ModelUnavailable
 from .tensors import fit_inputs
 
 log = logging.getLogger("fanout.worker")
@@ -24,13 +24,23 @@ log = logging.getLogger("fanout.worker")
 
 @dataclass
 class Outcome:
-    """What one run produced: outputs, or an error kind and message."""
+    """What one run produced: outputs or a generation, or an error kind and message."""
 
     attempt: int
     outputs: dict[str, np.ndarray] | None = None
+    generated: GenResult | None = None
     kind: str | None = None
     message: str = ""
     service_s: float = 0.0
+
+
+@dataclass
+class TokensOut:
+    """New tokens of a running generation."""
+
+    attempt: int
+    ids: list[int]
+    text: str
 
 
 @dataclass
@@ -108,14 +118,12 @@ class WorkerCore:
     # -- running --
 
     def run(self, attempt: int, model: str, inputs: dict[str, np.ndarray]) -> None:
-        """Start a run; its ``Outcome`` is emitted when it ends."""
-        token = CancelToken()
-        with self._lock:
-            self._tokens[attempt] = token
-        try:
-            self._pool.submit(self._run, attempt, model, inputs, token)
-        except RuntimeError:  # pool shut down: the worker is stopping
-            self._finish(Outcome(attempt, kind="cancelled", message="worker is stopping"))
+        """Start an inference; its ``Outcome`` is emitted when it ends."""
+        self._start(attempt, self._infer, model, inputs)
+
+    def generate(self, attempt: int, model: str, request: GenRequest) -> None:
+        """Start a generation; ``TokensOut`` are emitted as they come, then its ``Outcome``."""
+        self._start(attempt, self._generate, model, request)
 
     def cancel(self, attempt: int) -> None:
         with self._lock:
@@ -127,8 +135,17 @@ class WorkerCore:
         with self._lock:
             return len(self._tokens)
 
-    def _run(self, attempt: int, model: str, inputs: dict[str, np.ndarray],
-             token: CancelToken) -> None:
+    def _start(self, attempt: int, body, *args) -> None:
+        token = CancelToken()
+        with self._lock:
+            self._tokens[attempt] = token
+        try:
+            self._pool.submit(self._execute, attempt, token, body, *args)
+        except RuntimeError:  # pool shut down: the worker is stopping
+            self._finish(Outcome(attempt, kind="cancelled", message="worker is stopping"))
+
+    def _execute(self, attempt: int, token: CancelToken, body, model: str, arg) -> None:
+        """Run ``body`` on the model's session and emit its outcome, whatever happens."""
         started = self.clock()
         outcome = Outcome(attempt)
         try:
@@ -139,20 +156,16 @@ class WorkerCore:
                 state = self.states.get(model)
                 reason = state.error if state and state.error else "not loaded here"
                 raise ModelUnavailable(f"{model} on {self.device}: {reason}")
-            options = self.specs[model].options
-            fitted, padding = fit_inputs(session.inputs, inputs, model, self.device,
-                                         pad=bool(options.get("pad", True)))
             with self._lock:
                 self.running += 1
                 self.peak_running = max(self.peak_running, self.running)
             try:
-                outputs = session.run(fitted, token)
+                body(outcome, session, model, arg, token)
             finally:
                 with self._lock:
                     self.running -= 1
             if token.cancelled:
                 raise _Cancelled()
-            outcome.outputs = padding.unpad(outputs)
         except _Cancelled:
             outcome.kind, outcome.message = "cancelled", "cancelled"
         except FanoutError as exc:
@@ -161,8 +174,29 @@ class WorkerCore:
                 outcome.kind, outcome.message = "cancelled", f"cancelled ({exc.message})"
         except Exception as exc:  # an engine error we did not classify is the device's
             outcome.kind, outcome.message = "device", f"{type(exc).__name__}: {exc}"
+        if outcome.kind is not None:
+            outcome.outputs = outcome.generated = None
         outcome.service_s = self.clock() - started
         self._finish(outcome)
+
+    def _infer(self, outcome: Outcome, session, model: str, inputs: dict[str, np.ndarray],
+               token: CancelToken) -> None:
+        if getattr(session, "kind", None) == "llm":
+            raise InvalidInput(f"model {model!r} generates text: call generate(), not infer()")
+        options = self.specs[model].options
+        fitted, padding = fit_inputs(session.inputs, inputs, model, self.device,
+                                     pad=bool(options.get("pad", True)))
+        outcome.outputs = padding.unpad(session.run(fitted, token))
+
+    def _generate(self, outcome: Outcome, session, model: str, request: GenRequest,
+                  token: CancelToken) -> None:
+        if getattr(session, "kind", None) != "llm":
+            raise InvalidInput(f"model {model!r} does not generate text: call infer()")
+
+        def on_tokens(ids: list[int], text: str) -> None:
+            self.emit(TokensOut(outcome.attempt, list(ids), text))
+
+        outcome.generated = session.generate(request, on_tokens, token)
 
     def _finish(self, outcome: Outcome) -> None:
         with self._lock:

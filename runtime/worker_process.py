@@ -25,7 +25,9 @@ from . import protocol as p
 from .backends import make_backend
 from .backends.base import ModelSpec
 from .config import Config, config_from_dict
-from .worker import LoadState, Outcome, WorkerCore
+from .errors import InvalidInput
+from .generation import read_request
+from .worker import LoadState, Outcome, TokensOut, WorkerCore
 
 log = logging.getLogger("fanout.worker")
 
@@ -135,6 +137,13 @@ class WorkerProcess:
         match msg:
             case p.Run():
                 self.core.run(msg.attempt, msg.model, msg.inputs)
+            case p.RunGenerate():
+                try:
+                    request = read_request(msg.request, msg.prefix_ids, msg.prefix_text)
+                except InvalidInput as exc:
+                    self.send(p.Failed(attempt=msg.attempt, kind=exc.kind, message=exc.message))
+                    return None
+                self.core.generate(msg.attempt, msg.model, request)
             case p.CancelRun():
                 self.core.cancel(msg.attempt)
             case p.Ping() | p.Welcome():
@@ -163,7 +172,16 @@ class WorkerProcess:
             if isinstance(event, LoadState):
                 self.send(p.ModelState(model=event.model, state=event.state, error=event.error,
                                        detail=event.detail, load_s=event.load_s))
+            elif isinstance(event, TokensOut):
+                self.send(p.Tokens(attempt=event.attempt, ids=event.ids, text=event.text))
             elif isinstance(event, Outcome):
+                if event.generated is not None:
+                    g = event.generated
+                    self.send(p.Generated(attempt=event.attempt, finish_reason=g.finish_reason,
+                                          prompt_tokens=g.prompt_tokens,
+                                          completion_tokens=g.completion_tokens,
+                                          service_s=event.service_s))
+                    continue
                 if event.kind is None:
                     frames = p.encode(p.Done(attempt=event.attempt, outputs=event.outputs or {},
                                              service_s=event.service_s))
