@@ -26,9 +26,14 @@ def make_backend(device: DeviceConfig) -> Backend:
 
         backend = OpenVinoBackend(str(device.options.get("device") or device.kind.upper()),
                                   device.options)
+    elif device.backend == "openvino-genai":
+        from .genai import GenAIBackend
+
+        backend = GenAIBackend(str(device.options.get("device") or device.kind.upper()),
+                               device.options)
     else:
         raise ConfigError(f"device {device.name!r}: backend {device.backend!r} is not supported "
-                          f"here; use onnxruntime, qnn or openvino")
+                          f"here; use onnxruntime, qnn, openvino or openvino-genai")
     if device.faults is not None:
         from .faults import FaultyBackend
 
