@@ -33,6 +33,8 @@ class FaultConfig:
     fail_after: the first N runs succeed, later runs raise DeviceError (0 = fail every run;
       None = off).
     fail_every: every Nth run raises DeviceError (>= 1; 0 = off).
+    fail_after_tokens: an LLM generation raises DeviceError after it has delivered this many
+      tokens (>= 0; None = off): a mid-stream failure.
     fail_load: loading any listed model (or all, if the list is empty and this is true) fails.
     hang_s: each run sleeps this long first (0..3600), to test deadlines and hung workers.
     models: restrict the faults to these models (empty = all).
@@ -45,6 +47,7 @@ class FaultConfig:
     hang_s: float = 0.0
     models: list[str] = field(default_factory=list)
     message: str = "injected device fault"
+    fail_after_tokens: int | None = None
 
 
 @dataclass
@@ -569,6 +572,10 @@ class _Parser:
         if fail_after is not None:
             fail_after = self.integer(f"{path}.fail_after", fail_after, 0, 2**31 - 1)
         fail_every = self.integer(f"{path}.fail_every", d.get("fail_every", 0), 0, 2**31 - 1)
+        fail_after_tokens = d.get("fail_after_tokens")
+        if fail_after_tokens is not None:
+            fail_after_tokens = self.integer(f"{path}.fail_after_tokens", fail_after_tokens,
+                                             0, 2**31 - 1)
         fail_load = self.boolean(f"{path}.fail_load", d.get("fail_load", False))
         hang_s = self.number(f"{path}.hang_s", d.get("hang_s", 0.0), 0.0, 3600.0)
         models = self.name_list(f"{path}.models", d.get("models", []), _MODEL_NAME_RE, "model")
@@ -576,7 +583,8 @@ class _Parser:
         if len(self.errors) > before:
             return None
         return FaultConfig(fail_after=fail_after, fail_every=fail_every, fail_load=fail_load,  # type: ignore[arg-type]
-                           hang_s=hang_s, models=models, message=message)  # type: ignore[arg-type]
+                           hang_s=hang_s, models=models, message=message,  # type: ignore[arg-type]
+                           fail_after_tokens=fail_after_tokens)  # type: ignore[arg-type]
 
     def models(self, raw: Any) -> list[ModelConfig] | None:
         if not isinstance(raw, list):

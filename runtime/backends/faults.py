@@ -2,6 +2,8 @@
 
 Runs that are not failed go to the real engine. Runs are counted per backend (one device
 worker), over the models the faults apply to, under a lock: concurrent runs get distinct numbers.
+For an LLM session each ``generate`` call is one run, and ``fail_after_tokens`` also fails a
+generation mid-stream, after it has delivered that many tokens.
 """
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import numpy as np
 
 from ..config import FaultConfig
 from ..errors import Cancelled, DeviceError, ModelUnavailable
-from .base import Backend, CancelToken, ModelSpec, ProgressFn, Session
+from .base import (Backend, CancelToken, GenRequest, GenResult, LLMSession, ModelSpec,
+                   ProgressFn, Session, TokensFn)
 
 
 class FaultyBackend:
@@ -27,19 +30,32 @@ class FaultyBackend:
     def applies_to(self, model: str) -> bool:
         return not self.faults.models or model in self.faults.models
 
-    def load(self, model: ModelSpec, progress: ProgressFn) -> Session:
+    def load(self, model: ModelSpec, progress: ProgressFn) -> Session | LLMSession:
         if self.faults.fail_load and self.applies_to(model.name):
             raise ModelUnavailable(f"{model.name}: {self.faults.message} (injected load fault)")
         session = self.inner.load(model, progress)
         if not self.applies_to(model.name):
             return session
-        return FaultySession(session, model.name, self)
+        if getattr(session, "kind", None) == "llm":
+            return FaultyLLMSession(session, model.name, self)  # type: ignore[arg-type]
+        return FaultySession(session, model.name, self)  # type: ignore[arg-type]
 
     def next_run(self) -> int:
         """The 1-based number of this run among the faulted runs of this backend."""
         with self._lock:
             self._runs += 1
             return self._runs
+
+    def before_run(self, model: str, cancel: CancelToken) -> None:
+        """The injected hang, then the run's number: raises if this run is to fail."""
+        if self.faults.hang_s > 0:
+            woken = threading.Event()
+            cancel.on_cancel(woken.set)
+            if woken.wait(self.faults.hang_s):
+                raise Cancelled(f"{model}: run cancelled (during injected hang)")
+        n = self.next_run()
+        if self.should_fail(n):
+            raise DeviceError(f"{model}: {self.faults.message} (injected fault, run {n})")
 
     def should_fail(self, n: int) -> bool:
         f = self.faults
@@ -60,16 +76,45 @@ class FaultySession:
         self.outputs = inner.outputs
 
     def run(self, inputs: dict[str, np.ndarray], cancel: CancelToken) -> dict[str, np.ndarray]:
-        faults = self._backend.faults
-        if faults.hang_s > 0:
-            woken = threading.Event()
-            cancel.on_cancel(woken.set)
-            if woken.wait(faults.hang_s):
-                raise Cancelled(f"{self._model}: run cancelled (during injected hang)")
-        n = self._backend.next_run()
-        if self._backend.should_fail(n):
-            raise DeviceError(f"{self._model}: {faults.message} (injected fault, run {n})")
+        self._backend.before_run(self._model, cancel)
         return self._inner.run(inputs, cancel)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class FaultyLLMSession:
+    """An ``LLMSession`` whose generations fail as the faults say, before or mid-stream."""
+
+    kind = "llm"
+
+    def __init__(self, inner: LLMSession, model: str, backend: FaultyBackend) -> None:
+        self._inner = inner
+        self._model = model
+        self._backend = backend
+        self.context_length = inner.context_length
+
+    def generate(self, request: GenRequest, on_tokens: TokensFn,
+                 cancel: CancelToken) -> GenResult:
+        self._backend.before_run(self._model, cancel)
+        limit = self._backend.faults.fail_after_tokens
+        if limit is None:
+            return self._inner.generate(request, on_tokens, cancel)
+        delivered = 0
+
+        def limited(ids: list[int], text: str) -> None:
+            # Pass at most `limit` tokens in all, then fail. A chunk cut short goes without its
+            # text: a device that continues from the delivered ids emits that text again.
+            nonlocal delivered
+            take = ids[:limit - delivered]
+            if take or (text and delivered < limit):
+                on_tokens(take, text if len(take) == len(ids) else "")
+            delivered += len(take)
+            if delivered >= limit:
+                raise DeviceError(f"{self._model}: {self._backend.faults.message} (injected "
+                                  f"fault after {delivered} tokens)")
+
+        return self._inner.generate(request, limited, cancel)
 
     def close(self) -> None:
         self._inner.close()
