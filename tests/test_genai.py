@@ -284,6 +284,14 @@ def test_fail_after_tokens_fails_the_generation_after_exactly_k_tokens(session, 
         assert generate(wrapped, ask("owls", max_tokens=k - 1))[0].completion_tokens == k - 1
 
 
+def test_run_faults_apply_to_each_generate_call(session):
+    faulty = FaultyBackend(_Loaded(session), FaultConfig(fail_after=1))
+    wrapped = faulty.load(ModelSpec("smollm2", "unused"), print)
+    assert generate(wrapped, ask("owls", max_tokens=2))[0].completion_tokens == 2
+    with pytest.raises(DeviceError, match=r"injected fault, run 2\)"):
+        generate(wrapped, ask("owls", max_tokens=2))
+
+
 def test_the_serial_pipeline_runs_requests_one_at_a_time_and_close_cancels(smollm2, session):
     serial = GenAIBackend("CPU", {"continuous_batching": False})
     s = serial.load(ModelSpec("smollm2", smollm2), print)
