@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import os
+import queue
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -450,30 +451,47 @@ class Client:
             model, chats, return_exceptions=return_exceptions, timeout=timeout, window=window,
             **params))
 
+    def _pump(self, agen, put) -> concurrent.futures.Future:
+        """Run ``agen`` on the private loop, handing each item (then _END or the error) to
+        ``put``: one hop per chunk instead of a round trip. Cancel the future to stop it."""
+        async def pump():
+            try:
+                async for item in agen:
+                    put(item)
+                put(_END)
+            except BaseException as exc:  # the caller sees the error where it reads
+                put(exc)
+                raise
+        return self._submit(pump())
+
     def stream(self, model: str, messages_or_prompt: Any, *, timeout: float | None = None,
                **params) -> Iterator[Chunk]:
         """Yield ``Chunk``s as tokens come; closing the generator early cancels the task."""
-        agen = self._async.astream(model, messages_or_prompt, timeout=timeout, **params)
+        items: queue.SimpleQueue = queue.SimpleQueue()
+        pump = self._pump(self._async.astream(model, messages_or_prompt, timeout=timeout,
+                                              **params), items.put)
         try:
-            while True:
-                try:
-                    yield self._call(agen.__anext__())
-                except StopAsyncIteration:
-                    return
+            while (item := items.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
-            self._call(agen.aclose())
+            pump.cancel()  # the stream's own cleanup tells the scheduler to cancel
 
     async def astream(self, model: str, messages_or_prompt: Any, *,
                       timeout: float | None = None, **params) -> AsyncIterator[Chunk]:
-        agen = self._async.astream(model, messages_or_prompt, timeout=timeout, **params)
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+        pump = self._pump(self._async.astream(model, messages_or_prompt, timeout=timeout,
+                                              **params),
+                          lambda item: loop.call_soon_threadsafe(items.put_nowait, item))
         try:
-            while True:
-                try:
-                    yield await self._await(agen.__anext__())
-                except StopAsyncIteration:
-                    return
+            while (item := await items.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
-            await self._await(agen.aclose())
+            pump.cancel()
 
     def status(self, timeout: float = 10.0) -> dict:
         return self._call(self._async.astatus(timeout))
