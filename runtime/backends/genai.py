@@ -22,6 +22,7 @@ import queue
 import random
 import struct
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,18 +33,19 @@ from .base import CancelToken, GenRequest, GenResult, ModelSpec, ProgressFn, Tok
 
 # Used when neither the device options nor the model file say how long the context is.
 DEFAULT_CONTEXT_LENGTH = 2048
+GATHER_S = 0.02  # an idle engine waits this long for the rest of a fan-out (option gather_s)
 # The NPU static pipeline's defaults for MAX_PROMPT_LEN and MIN_RESPONSE_LEN.
 NPU_PROMPT_LEN, NPU_RESPONSE_LEN = 1024, 128
 ROLES = ("system", "user", "assistant", "tool")
 # Device options this module interprets; SchedulerConfig fields go to the scheduler, the rest
 # are OpenVINO properties of the pipeline (e.g. INFERENCE_NUM_THREADS, MAX_PROMPT_LEN on NPU).
-_OWN_OPTIONS = {"device", "context_length", "continuous_batching"}
+_OWN_OPTIONS = {"device", "context_length", "continuous_batching", "gather_s"}
 # CPU numerics that do not depend on the batch. With OpenVINO's CPU defaults (bf16 where AMX
 # exists, activations quantized dynamically for int4 weights, u8 KV cache) a greedy request
 # decoded in a batch of 8 differed from the same request alone in 16-20 of 24 cases within 32
 # tokens (6 within the first 8); with these, in 0 of 24, for ~10-15% less batched throughput.
 # The same numerics make a mid-stream continuation (prefix_ids) reproduce the uninterrupted run.
-_CPU_EXACT = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
+CPU_EXACT_PROPERTIES = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
               "KV_CACHE_PRECISION": "f16"}
 _SCHEDULER_OPTIONS = {"cache_size", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks",
                       "dynamic_split_fuse", "enable_prefix_caching"}
@@ -218,10 +220,14 @@ class _Job:
         self.input_ids = input_ids
         self.config = config
         self.max_new_tokens = int(config.max_new_tokens)
-        # ("tokens", ids) | ("done", finish_reason) | ("error", exception)
+        # ("tokens", ids) | ("stopped", None) | ("done", finish_reason) | ("error", exception)
         self.out: queue.SimpleQueue = queue.SimpleQueue()
         self.cancelled = False
         self.handle: Any = None
+        # Set by generate(): turns new ids into text for the caller; True once a stop string
+        # appeared. The batched engine thread calls it directly (one thread handoff less per
+        # token and sequence); the serial session hands ids over through ``out``.
+        self.sink: Callable[[list[int]], bool] | None = None
 
     def fail(self, exc: FanoutError) -> None:
         self.out.put(("error", exc))
@@ -275,25 +281,30 @@ class _EngineSession:
         if max_new == 0:
             return GenResult("length", len(prompt), len(request.prefix_ids))
         job = _Job(prompt + list(request.prefix_ids), generation_config(request, max_new))
+        text = TextDeltas(lambda ids: self._tok.decode(ids), request)
+
+        def sink(ids: list[int]) -> bool:
+            on_tokens(ids, text.push(ids))
+            return text.stopped
+
+        job.sink = sink
         with self._lock:
             if self._closed or self._dead:
                 raise DeviceError(self._dead or f"{self._label}: session is closed")
             self._inbox.put(("add", job))
         cancelled = Cancelled(f"{self._label}: generation cancelled")
         cancel.on_cancel(lambda: self._cancel(job, cancelled))
-        text = TextDeltas(lambda ids: self._tok.decode(ids), request)
         finished = False
         try:
             while True:
                 what, value = job.out.get()
                 if what == "error":
                     raise value
-                if what == "tokens":
-                    delta = text.push(value)
-                    on_tokens(value, delta)
-                    if text.stopped:
-                        reason = "stop"
-                        break
+                if what == "tokens" and not sink(value):
+                    continue
+                if what in ("tokens", "stopped"):  # a stop string appeared in the text
+                    reason = "stop"
+                    break
                 else:
                     reason = value
                     finished = True
@@ -355,9 +366,11 @@ class _EngineSession:
 class BatchedLLMSession(_EngineSession):
     """Continuous batching: concurrent ``generate`` calls are decoded together."""
 
-    def __init__(self, make_pipe: Callable[[], Any], label: str, context_length: int) -> None:
+    def __init__(self, make_pipe: Callable[[], Any], label: str, context_length: int,
+                 gather_s: float = GATHER_S) -> None:
         self._make_pipe = make_pipe
         self._running: dict[int, _Job] = {}
+        self._gather_s = gather_s
         super().__init__(make_pipe(), label, context_length)
 
     def _active(self) -> list[_Job]:
@@ -371,6 +384,15 @@ class BatchedLLMSession(_EngineSession):
             busy = bool(self._running) or (self._pipe is not None and
                                            self._pipe.has_non_finished_requests())
             msgs = [self._inbox.get()] if not busy else []  # idle: block, no busy loop
+            if msgs and self._gather_s > 0:
+                # Woken from idle: the rest of a fan-out is a few ms behind; let it join the
+                # first step, or each straggler costs extra steps (step() holds the GIL).
+                deadline = time.monotonic() + self._gather_s
+                while (left := deadline - time.monotonic()) > 0:
+                    try:
+                        msgs.append(self._inbox.get(timeout=left))
+                    except queue.Empty:
+                        break
             while True:
                 try:
                     msgs.append(self._inbox.get_nowait())
@@ -414,7 +436,19 @@ class BatchedLLMSession(_EngineSession):
                 ids += out.generated_ids
                 reason = out.finish_reason
         if ids:
-            job.out.put(("tokens", ids))
+            try:
+                stopped = job.sink(ids) if job.sink is not None else job.out.put(("tokens", ids))
+            except Exception as e:  # the caller's callback failed (e.g. an injected fault)
+                stopped = e
+            if stopped:
+                h.cancel()  # dropped at the next step
+                del self._running[job.rid]
+                if isinstance(stopped, Exception):
+                    job.fail(stopped if isinstance(stopped, FanoutError) else DeviceError(
+                        f"{self._label}: {type(stopped).__name__}: {stopped}"))
+                else:
+                    job.out.put(("stopped", None))
+                return
         if status == g.GenerationStatus.RUNNING:
             return
         del self._running[job.rid]
@@ -519,7 +553,7 @@ class GenAIBackend:
     Options (device options, overridden per model): ``context_length`` (default: from the
     model file, else 2048), ``continuous_batching`` (default: true except on NPU), the
     ``SchedulerConfig`` fields (cache_size, max_num_seqs, ...), and OpenVINO properties
-    (on CPU the batch-independent numerics of ``_CPU_EXACT`` unless set otherwise).
+    (on CPU the batch-independent numerics of ``CPU_EXACT_PROPERTIES`` unless set otherwise).
     """
 
     name = "openvino-genai"
@@ -536,7 +570,7 @@ class GenAIBackend:
         batched = bool(opts.get("continuous_batching", not npu))
         props = {k: v for k, v in opts.items() if k not in _OWN_OPTIONS | _SCHEDULER_OPTIONS}
         if self.device.upper() == "CPU":
-            for key, value in _CPU_EXACT.items():
+            for key, value in CPU_EXACT_PROPERTIES.items():
                 props.setdefault(key, value)
         elif model.cache_dir and "CACHE_DIR" not in props:
             props["CACHE_DIR"] = str(model.cache_dir)
@@ -553,7 +587,8 @@ class GenAIBackend:
                 for key in _SCHEDULER_OPTIONS & opts.keys():
                     setattr(sched, key, opts[key])
                 make = lambda: g.ContinuousBatchingPipeline(model.path, sched, self.device, props)
-                session: _EngineSession = BatchedLLMSession(make, label, context)
+                session: _EngineSession = BatchedLLMSession(
+                    make, label, context, float(opts.get("gather_s", GATHER_S)))
             else:
                 progress(f"loading {model.name} on {self.device} (one request at a time) ...")
                 pipe = g.LLMPipeline(model.path, self.device, **props)
