@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import importlib.resources
 import ipaddress
 import math
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger("fanout.config")
 
 from runtime.errors import ConfigError
 
@@ -362,6 +365,8 @@ class _Parser:
         model_cache = self.model_cache(raw.get("model_cache"))
         if devices is not None and models is not None:
             self.cross_check(devices, models)
+            if self.auto:
+                models = [m for m in models if m.devices or not self._listed.get(m.name)]
         if self.errors:
             raise ConfigError("\n".join(self.errors))
         assert scheduler is not None and devices is not None and models is not None
@@ -691,6 +696,7 @@ class _Parser:
                 if model not in model_names:
                     self.error(f"{dev_path}[{i}].faults.models[{j}]", "names no declared model "
                                f"(declared: {', '.join(model_names) or 'none'})", model)
+        self._listed = {m.name: list(m.devices) for m in models}
         for i, m in enumerate(models):
             # With discovered devices a config may name devices other machines have: keep the rest.
             if self.auto:
@@ -698,8 +704,11 @@ class _Parser:
                 m.devices = [name for name in listed if name in device_names]
                 m.options = {k: v for k, v in m.options.items() if k in device_names}
                 if listed and not m.devices:
-                    self.error(f"models[{i}].devices", "none of these devices was discovered "
-                               f"on this machine (found: {', '.join(device_names)})", listed)
+                    # Not an error: the config serves what this machine can (an LLM needs
+                    # openvino-genai, which not every platform has).
+                    log.warning("%s: model %s is not served here: none of its devices %s was "
+                                "discovered (found: %s)", self.label, m.name, listed,
+                                ", ".join(device_names))
                 continue
             for j, name in enumerate(m.devices):
                 if name not in device_names:

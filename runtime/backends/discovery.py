@@ -64,10 +64,19 @@ _OPENVINO_PROBE = r'''
 import json
 try:
     import openvino as ov
-    print(json.dumps({"devices": list(ov.Core().available_devices)}))
+    found = {"devices": list(ov.Core().available_devices)}
+    try:
+        import openvino_genai  # noqa: F401  LLM workers need it
+        found["genai"] = True
+    except Exception:
+        found["genai"] = False
+    print(json.dumps(found))
 except Exception as e:
     print(json.dumps({"error": repr(e)}))
 '''
+
+
+LLM_CPU_CAPACITY = 8
 
 
 def discover(timeout_s: float = PROBE_TIMEOUT_S) -> list[dict]:
@@ -78,15 +87,23 @@ def discover(timeout_s: float = PROBE_TIMEOUT_S) -> list[dict]:
         devices.append({"name": "npu0", "kind": "npu", "backend": "qnn", "capacity": 1})
     if qnn.get("gpu") == "ok":
         devices.append({"name": "gpu0", "kind": "gpu", "backend": "qnn", "capacity": 1})
+    llm = []
     for dev in ov.get("devices") or ():
         # OpenVINO's CPU is left out: it would share the cores cpu0 already uses.
         kind = str(dev).split(".")[0].lower()
+        suffix = str(dev).lower().replace(".", "")
         if kind in ("npu", "gpu"):
-            devices.append({"name": "ov" + str(dev).lower().replace(".", ""), "kind": kind,
-                            "backend": "openvino", "capacity": 1, "options": {"device": dev}})
+            devices.append({"name": "ov" + suffix, "kind": kind, "backend": "openvino",
+                            "capacity": 1, "options": {"device": dev}})
+            if ov.get("genai"):  # the NPU's LLM pipeline takes one request at a time
+                llm.append({"name": "llm" + suffix, "kind": kind, "backend": "openvino-genai",
+                            "capacity": 1 if kind == "npu" else 4, "options": {"device": dev}})
     devices.append({"name": "cpu0", "kind": "cpu", "backend": "onnxruntime",
                     "capacity": max(1, os.cpu_count() or 1)})
-    return devices
+    if ov.get("genai"):  # an LLM worker decodes up to 8 sequences together on the CPU
+        llm.append({"name": "llmcpu", "kind": "cpu", "backend": "openvino-genai",
+                    "capacity": LLM_CPU_CAPACITY})
+    return devices + llm
 
 
 def _run_probes(scripts: dict[str, str], timeout_s: float) -> list[dict]:
