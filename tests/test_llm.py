@@ -203,3 +203,32 @@ def test_a_device_failing_mid_stream_continues_on_the_next_without_losing_text(c
     assert final.usage["completion_tokens"] == 32
     (attempt,) = final.attempts
     assert attempt.device == "llm0" and "device reset mid-stream" in attempt.message
+
+
+def test_a_generation_past_its_deadline_is_stopped_and_its_slot_freed(one_slot):
+    from runtime.errors import DeadlineExceeded
+    client = one_slot.client()
+    with pytest.raises(DeadlineExceeded):
+        client.generate("smollm2", chat("Tell me a very long story."), timeout=1.0, **LONG)
+    wait_for(lambda: worker(one_slot.status(), "cpu0")["in_flight"] == 0, timeout=15,
+             what="the expired sequence to be stopped by the worker")
+    assert client.generate("smollm2", chat(CHATS[4]), max_tokens=4).device == "cpu0"
+
+
+def test_generations_beyond_the_queue_bound_get_overloaded(clusters):
+    from runtime.errors import Overloaded
+    cluster = clusters.start("""
+        scheduler: {max_queue: 1}
+        devices:
+          - {name: cpu0, kind: cpu, backend: openvino-genai, capacity: 1}
+        models:
+          - {name: smollm2, source: "packaged:smollm2", devices: [cpu0]}
+    """)
+    outcomes = cluster.client().generate_many(
+        "smollm2", [chat(c) for c in CHATS[:6]], return_exceptions=True, max_tokens=16,
+        ignore_eos=True)
+    overloaded = [o for o in outcomes if isinstance(o, Overloaded)]
+    served = [o for o in outcomes if not isinstance(o, Exception)]
+    assert len(overloaded) + len(served) == 6
+    assert overloaded and len(served) >= 2  # one running, one queued
+    assert all(o.usage["completion_tokens"] == 16 for o in served)
