@@ -86,12 +86,15 @@ class ModelConfig:
       npu first, then gpu, then cpu).
     options: per-device options, e.g. ``{npu0: {shapes: {input_ids: [1, 32]}, soc_model: "69"}}``.
       ``shapes`` fixes free dimensions; ``pad`` (default true) pads smaller inputs to them.
+    tokenizer: a tokenizer.json (``packaged:NAME`` or a path) that makes this a text-embedding
+      model for the HTTP API's /v1/embeddings: text is tokenized, run, mean-pooled, normalized.
     """
 
     name: str
     source: str
     devices: list[str] = field(default_factory=list)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tokenizer: str | None = None
 
 
 @dataclass
@@ -133,10 +136,28 @@ class SchedulerConfig:
 
 
 @dataclass
+class HttpConfig:
+    """The OpenAI-compatible HTTP server that ``fanout up`` starts.
+
+    address: HOST:PORT to listen on (port 0 = a free one); loopback unless told otherwise.
+    api_key: bearer token clients must send; required for a non-loopback address
+      (env FANOUT_API_KEY).
+    enabled: start it with ``fanout up``.
+    max_body_bytes: largest request body, 1 KiB..1 GiB; larger gets 413.
+    """
+
+    address: str = "127.0.0.1:8470"
+    api_key: str | None = field(default=None, repr=False)
+    enabled: bool = True
+    max_body_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass
 class Config:
     devices: list[DeviceConfig]
     models: list[ModelConfig]
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     model_cache: str | None = None  # where packaged models and compiled contexts live (env FANOUT_HOME)
     source: str = "<defaults>"  # the file this came from, for messages
 
@@ -175,6 +196,7 @@ class Config:
 ENV_TOKEN = "FANOUT_TOKEN"
 ENV_HOME = "FANOUT_HOME"
 ENV_ADDRESS = "FANOUT_ADDRESS"
+ENV_API_KEY = "FANOUT_API_KEY"
 PACKAGED_PREFIX = "packaged:"
 AUTO_DEVICES = "auto"
 
@@ -185,7 +207,7 @@ _MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _TCP_RE = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.*_-]+):([0-9]{1,5})")
 _MISSING = object()
 
-_TOP_KEYS = ("scheduler", "devices", "models", "model_cache")
+_TOP_KEYS = ("scheduler", "http", "devices", "models", "model_cache")
 _DEVICE_KEYS = tuple(f.name for f in fields(DeviceConfig))
 _MODEL_KEYS = tuple(f.name for f in fields(ModelConfig))
 _FAULT_KEYS = tuple(f.name for f in fields(FaultConfig))
@@ -363,6 +385,7 @@ class _Parser:
         devices = self.devices(raw.get("devices", _MISSING))
         models = self.models(raw.get("models", []))
         model_cache = self.model_cache(raw.get("model_cache"))
+        http = self.http(raw.get("http", {}))
         if devices is not None and models is not None:
             self.cross_check(devices, models)
             if self.auto:
@@ -370,7 +393,8 @@ class _Parser:
         if self.errors:
             raise ConfigError("\n".join(self.errors))
         assert scheduler is not None and devices is not None and models is not None
-        return Config(devices=devices, models=models, scheduler=scheduler,
+        assert http is not None
+        return Config(devices=devices, models=models, scheduler=scheduler, http=http,
                       model_cache=model_cache, source=self.label)
 
     # -- generic checks: each returns the accepted value, or None after recording an error --
@@ -504,6 +528,42 @@ class _Parser:
                 ok = False
         return SchedulerConfig(**values) if ok else None
 
+    def http(self, raw: Any) -> HttpConfig | None:
+        d = self.mapping("http", raw)
+        if d is None:
+            return None
+        self.keys("http", d, tuple(f.name for f in fields(HttpConfig)))
+        defaults = HttpConfig()
+        ok = True
+        enabled = d.get("enabled", defaults.enabled)
+        if not isinstance(enabled, bool):
+            self.error("http.enabled", "must be true or false", enabled)
+            ok = False
+        size = self.integer("http.max_body_bytes", d.get("max_body_bytes",
+                                                          defaults.max_body_bytes),
+                            1024, 1 << 30)
+        key, origin = d.get("api_key"), None
+        if self.env.get(ENV_API_KEY):
+            key, origin = self.env[ENV_API_KEY], ENV_API_KEY
+        if key is not None and not (isinstance(key, str) and key.strip()):
+            where = f"http.api_key (from env {origin})" if origin else "http.api_key"
+            self.error(where, f"must be a non-empty string, got a {type(key).__name__}")
+            ok = False
+            key = None
+        address = d.get("address", defaults.address)
+        m = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+|\*):(\d{1,5})", address) \
+            if isinstance(address, str) else None
+        if m is None or int(m.group(2)) > 65535:
+            self.error("http.address", "must be HOST:PORT (port 0..65535)", address)
+            ok = False
+        elif enabled and key is None and not _is_loopback(m.group(1).strip("[]")):
+            self.error("http.address", f"binds non-loopback host {m.group(1)} and so needs an "
+                       f"API key: set http.api_key or env {ENV_API_KEY}", address)
+            ok = False
+        if size is None or not ok:
+            return None
+        return HttpConfig(address=address, api_key=key, enabled=enabled, max_body_bytes=size)
+
     def devices(self, raw: Any) -> list[DeviceConfig] | None:
         if raw is _MISSING:
             return None  # reported by keys()
@@ -618,6 +678,8 @@ class _Parser:
         if "name" in d and not (isinstance(name, str) and _MODEL_NAME_RE.fullmatch(name)):
             self.error(f"{path}.name", "must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}", name)
         source = self.source(f"{path}.source", d["source"]) if "source" in d else None
+        tokenizer = (self.source(f"{path}.tokenizer", d["tokenizer"])
+                     if d.get("tokenizer") is not None else None)
         devices = self.name_list(f"{path}.devices", d.get("devices", []), _NAME_RE, "device")
         options: dict[str, dict[str, Any]] = {}
         raw_options = self.mapping(f"{path}.options", d.get("options", {}))
@@ -630,7 +692,8 @@ class _Parser:
                 options[device] = value
         if len(self.errors) > before:
             return None
-        return ModelConfig(name=name, source=source, devices=devices, options=options)  # type: ignore[arg-type]
+        return ModelConfig(name=name, source=source, devices=devices, options=options,  # type: ignore[arg-type]
+                           tokenizer=tokenizer)
 
     def source(self, path: str, raw: Any) -> str | None:
         source = self.string(path, raw, f"{PACKAGED_PREFIX}NAME or a path")

