@@ -191,6 +191,42 @@ class ModelSlot:
     consecutive_errors: int = 0
     open_until: float | None = None  # breaker open until then; then one probe is let through
     probing: bool = False
+    failed_over: int = 0  # tries that failed here and went on to another device
+    latency: "Histogram" = field(default_factory=lambda: Histogram())
+    tokens: int = 0  # generated tokens, all time
+    recent_tokens: collections.deque = field(default_factory=collections.deque)  # (t, n)
+
+    def tokens_per_s(self, now: float) -> float:
+        while self.recent_tokens and self.recent_tokens[0][0] < now - TOKEN_RATE_WINDOW_S:
+            self.recent_tokens.popleft()
+        return sum(n for _, n in self.recent_tokens) / TOKEN_RATE_WINDOW_S
+
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_RATE_WINDOW_S = 10.0
+
+
+@dataclass
+class Histogram:
+    """Service times in Prometheus' cumulative-bucket form."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.total += seconds
+        for i, bound in enumerate(LATENCY_BUCKETS_S):
+            if seconds <= bound:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+    def to_wire(self) -> dict:
+        cumulative, running = [], 0
+        for bound, n in zip([*LATENCY_BUCKETS_S, "+Inf"], self.counts):
+            running += n
+            cumulative.append([bound, running])
+        return {"buckets": cumulative, "sum": self.total, "count": running}
 
 
 @dataclass
@@ -397,6 +433,7 @@ class SchedulerState:
                 (1 - EWMA) * slot.expected_s + EWMA * ev.service_s)
             slot.consecutive_errors, slot.open_until, slot.probing = 0, None, False
             slot.done += 1
+            slot.latency.observe(ev.service_s)
         view.done += 1
         if task is None or task.finished:
             return  # answered already (deadline, cancel): drop the late result
@@ -417,6 +454,10 @@ class SchedulerState:
         gen = task.generation
         moved = gen.device if gen.device is not None and gen.device != ev.device else None
         gen.ids.extend(ev.ids)
+        slot = view.models.get(task.model)
+        if slot is not None and ev.ids:
+            slot.tokens += len(ev.ids)
+            slot.recent_tokens.append((self.clock(), len(ev.ids)))
         gen.text += ev.text
         gen.device = ev.device
         if gen.stream and (ev.text or moved):
@@ -449,6 +490,8 @@ class SchedulerState:
         # that cancelled on its own) is the device's: another device may serve the task.
         task.excluded.add(view.device)
         view.failed_over += 1
+        if slot is not None:
+            slot.failed_over += 1
         self._retry_or_fail(task, actions)
 
     def _on_TaskCancelled(self, ev: TaskCancelled, actions: list) -> None:
@@ -632,7 +675,9 @@ class SchedulerState:
                     breaker = "open" if now < s.open_until else "half-open"
                 models[name] = {"state": s.state, "error": s.error, "detail": s.detail,
                                 "load_s": round(s.load_s, 3), "done": s.done, "failed": s.failed,
-                                "expected_s": s.expected_s, "breaker": breaker}
+                                "failed_over": s.failed_over, "expected_s": s.expected_s,
+                                "breaker": breaker, "latency": s.latency.to_wire(),
+                                "tokens": s.tokens, "tokens_per_s": s.tokens_per_s(now)}
             workers.append({
                 "device": v.device, "kind": v.kind, "state": v.state, "pid": v.pid,
                 "node": v.node, "capacity": v.capacity, "in_flight": len(v.in_flight),
@@ -641,7 +686,8 @@ class SchedulerState:
                 "lost": v.lost, "restarts": v.restarts, "peak_running": v.peak_running, "last_exit": v.last_exit,
                 "epoch": v.epoch, "models": models})
         return {"workers": workers, "queued": len(self.queue), "unanswered": len(self.tasks),
-                "counters": dict(self.counters), "max_queue": self.sc.max_queue}
+                "counters": dict(self.counters), "max_queue": self.sc.max_queue,
+                "queued_by_model": dict(queued)}
 
     def ready(self) -> bool:
         """Every worker is up and no model is still loading."""

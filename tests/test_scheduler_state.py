@@ -893,3 +893,39 @@ def test_a_task_no_device_can_run_says_so_even_when_the_queue_is_full(make):
     assert isinstance(reject.error, NoDeviceAvailable)
     (overloaded,) = of(Reject, h.submit("t2"))
     assert isinstance(overloaded.error, Overloaded)
+
+
+def test_snapshot_has_latency_histograms_failovers_and_queue_depth_per_model(h):
+    h.submit("t1", name="m")
+    h.fail("t1")  # npu0 -> cpu0
+    h.succeed("t1", service_s=0.02)
+    h.submit("t2")
+    h.submit("t3")
+    snap = {w["device"]: w for w in h.state.snapshot()["workers"]}
+    assert snap["npu0"]["models"]["m"]["failed_over"] == 1
+    latency = snap["cpu0"]["models"]["m"]["latency"]
+    assert latency["count"] == 1 and latency["sum"] == pytest.approx(0.02)
+    assert [b for b, n in latency["buckets"] if n == 1][0] == 0.025  # cumulative from 0.025
+    assert latency["buckets"][-1] == ["+Inf", 1]
+    for key in ("t4", "t5"):  # three slots (npu0 1, cpu0 2): t2, t3, t4 run, t5 waits
+        h.submit(key)
+    assert h.state.snapshot()["queued_by_model"] == {"m": 1}
+
+
+def test_generated_tokens_are_counted_per_device_and_model(make):
+    from runtime.scheduler import TaskTokens
+    h = make()
+    h.up()
+    h.handle(TaskSubmitted("g1", "m", payload="g1", generate=True, stream=True))
+    h.pending.add("g1")
+    d = h.dispatch_of("g1")
+    actions = h.handle(TaskTokens(d.device, d.epoch, d.attempt, [1, 2, 3], "abc"))
+    (chunk,) = [a for a in actions if type(a).__name__ == "StreamChunk"]
+    assert chunk.text == "abc" and chunk.previous_device is None
+    model = next(w for w in h.state.snapshot()["workers"]
+                 if w["device"] == d.device)["models"]["m"]
+    assert model["tokens"] == 3 and model["tokens_per_s"] == pytest.approx(0.3)
+    h.clock.advance(11)
+    model = next(w for w in h.state.snapshot()["workers"]
+                 if w["device"] == d.device)["models"]["m"]
+    assert model["tokens"] == 3 and model["tokens_per_s"] == 0
