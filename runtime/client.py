@@ -351,8 +351,8 @@ class AsyncClient:
             if not fut.done():
                 fut.set_exception(ClusterUnavailable("the client was closed"))
         self._pending.clear()
-        for queue in self._streams.values():
-            queue.put_nowait(ClusterUnavailable("the client was closed"))
+        for stream in self._streams.values():
+            stream.put_nowait(ClusterUnavailable("the client was closed"))
         if self._keepalive is not None:
             self._keepalive.cancel()
         if self._reader is not None:

@@ -578,17 +578,21 @@ class _Parser:
             self.error(path, f"must be a non-empty list of devices or {AUTO_DEVICES!r}", raw)
             return None
         parsed = [self.device(f"{path}[{i}]", item) for i, item in enumerate(raw)]
+        return self.unique_names(path, parsed, "device")
+
+    def unique_names(self, path: str, parsed: list, what: str) -> list | None:
+        """The parsed items, or None if any failed to parse or a name repeats (each reported)."""
         seen: dict[str, int] = {}
-        for i, dev in enumerate(parsed):
-            if dev is None:
+        for i, item in enumerate(parsed):
+            if item is None:
                 continue
-            if dev.name in seen:
-                self.error(f"{path}[{i}].name", f"duplicate device name (also {path}[{seen[dev.name]}])",
-                           dev.name)
-            seen.setdefault(dev.name, i)
-        if any(dev is None for dev in parsed) or len(seen) != len(parsed):
+            if item.name in seen:
+                self.error(f"{path}[{i}].name",
+                           f"duplicate {what} name (also {path}[{seen[item.name]}])", item.name)
+            seen.setdefault(item.name, i)
+        if any(item is None for item in parsed) or len(seen) != len(parsed):
             return None
-        return [dev for dev in parsed if dev is not None]
+        return parsed
 
     def run_discover(self) -> list[Any] | None:
         discover = self.discover
@@ -656,17 +660,7 @@ class _Parser:
             self.error("models", "must be a list of models", raw)
             return None
         parsed = [self.model(f"models[{i}]", item) for i, item in enumerate(raw)]
-        seen: dict[str, int] = {}
-        for i, m in enumerate(parsed):
-            if m is None:
-                continue
-            if m.name in seen:
-                self.error(f"models[{i}].name", f"duplicate model name (also models[{seen[m.name]}])",
-                           m.name)
-            seen.setdefault(m.name, i)
-        if any(m is None for m in parsed) or len(seen) != len(parsed):
-            return None
-        return [m for m in parsed if m is not None]
+        return self.unique_names("models", parsed, "model")
 
     def model(self, path: str, raw: Any) -> ModelConfig | None:
         d = self.mapping(path, raw)

@@ -12,21 +12,12 @@ import textwrap
 
 import pytest
 
-import runtime
+from runtime.bench import LLM_PROMPTS
 from runtime.errors import InvalidInput
 
 from .conftest import wait_for, worker
 
-CHATS = [
-    "What is the capital of France?",
-    "Name three colours of the rainbow.",
-    "Why is the sky blue?",
-    "Write a haiku about the sea.",
-    "What is two plus two?",
-    "Give me a tip for learning Python.",
-    "What do bees make?",
-    "Describe a cat in one sentence.",
-]
+CHATS = LLM_PROMPTS  # the benchmark's eight chats
 
 
 def chat(text: str) -> list[dict]:
