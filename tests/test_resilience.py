@@ -116,3 +116,36 @@ def test_a_task_past_its_deadline_gets_deadline_exceeded_and_frees_its_slot(
     wait_for(lambda: worker(cluster.status(), "cpu0")["in_flight"] == 0,
              what="the cancelled run to release its slot")
     assert worker(cluster.status(), "cpu0")["state"] == "up"
+
+
+def test_killing_the_program_that_started_a_cluster_leaves_no_process_behind(clusters):
+    import json
+    import subprocess
+    import sys
+    import textwrap
+    config = clusters.write("""
+        devices:
+          - {name: cpu0, kind: cpu, backend: onnxruntime, capacity: 1}
+          - {name: cpu1, kind: cpu, backend: onnxruntime, capacity: 1}
+        models:
+          - {name: minilm, source: "packaged:minilm"}
+    """, name="parent.yaml")
+    script = textwrap.dedent(f"""
+        import json, time, runtime
+        cluster = runtime.start({str(config)!r})
+        pids = [cluster.pid] + [w["pid"] for w in cluster.status()["workers"]]
+        print(json.dumps(pids), flush=True)
+        time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = json.loads(parent.stdout.readline())
+        clusters.pids.update(pids)  # teardown kills and fails on any left
+        assert len(pids) == 3 and all(process_alive(p) for p in pids)
+        parent.kill()  # a crash: no atexit, no finalizer runs
+        parent.wait()
+        wait_for(lambda: not any(process_alive(p) for p in pids), timeout=30,
+                 what="the scheduler and workers of a crashed parent to exit")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
