@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -78,11 +79,27 @@ def cmd_up(args) -> int:
 
     progress = _Progress()
     config = prepare(args.config, args.address, progress.line)
+    if args.http:
+        config = dataclasses.replace(config, http=dataclasses.replace(config.http,
+                                                                      address=args.http))
     proc = SchedulerProcess(config, on_change=progress)
     progress.line(f"scheduler listening on {proc.address}; starting "
                   f"{len(config.devices)} workers: "
                   + ", ".join(f"{d.name} ({d.kind}, {d.backend}, capacity {d.capacity})"
                               for d in config.devices))
+    http = None
+    if config.http.enabled and not args.no_http:
+        from .http_server import HttpServer
+        scheduler = proc.address.replace("//0.0.0.0:", "//127.0.0.1:")
+        try:  # it connects to the scheduler once serve() below runs the scheduler's loop
+            http = HttpServer.from_config(config, scheduler).serve_in_thread()
+            progress.line(f"HTTP API on {http.url}")
+        except FanoutError as exc:
+            # A busy default port should not cost the user the cluster; an asked-for one does.
+            if args.http or not isinstance(exc.__cause__, OSError):
+                proc.close()
+                raise
+            progress.line(f"HTTP API not started: {exc} (use --http HOST:PORT or --no-http)")
 
     def stop(*_):
         progress.line("stopping: waiting for the workers to exit")
@@ -90,7 +107,11 @@ def cmd_up(args) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    proc.serve()
+    try:
+        proc.serve()
+    finally:
+        if http is not None:  # after the scheduler answered its open requests
+            http.stop()
     progress.line("stopped")
     return 0
 
@@ -132,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--config", help="a YAML config (default: this machine's devices and "
                                      "the packaged models)")
     up.add_argument("--address", help="where clients connect, e.g. tcp://127.0.0.1:8471")
+    up.add_argument("--http", metavar="HOST:PORT", help="where the OpenAI-compatible HTTP API "
+                                                        "listens (default: http.address)")
+    up.add_argument("--no-http", action="store_true", help="do not start the HTTP API")
     for name, helptext in (("status", "show each device, its models and counters"),
                            ("down", "stop the cluster")):
         p = sub.add_parser(name, help=helptext)

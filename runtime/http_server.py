@@ -503,7 +503,8 @@ class HttpServer:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
-            raise ConfigError(f"cannot listen on http.address {self.http.address}: {exc}") from None
+            raise ConfigError(f"cannot listen on http.address {self.http.address}: "
+                              f"{exc.strerror or exc}") from exc
         self.port = self._runner.addresses[0][1]
         self._connected = asyncio.get_running_loop().create_future()
         self._connector = asyncio.create_task(self._connect())
