@@ -65,6 +65,10 @@ class DeviceConfig:
     fallback: device names to try after this one for any model it serves (appended to a
       model's own order).
     options: backend options (e.g. qnn: soc_model, htp_performance_mode; openvino: device).
+    resources: Ray resources the worker needs under the Ray launcher, which places it on a node
+      that has them, e.g. ``{NPU: 1}`` declared with ``ray start --resources``; ``CPU`` and
+      ``GPU`` are Ray's num_cpus/num_gpus. Each value 0 < x <= 1e6, whole above 1. The local
+      launcher ignores it.
     """
 
     name: str
@@ -74,6 +78,7 @@ class DeviceConfig:
     fallback: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     faults: FaultConfig | None = None
+    resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -626,10 +631,29 @@ class _Parser:
         if backend in ("openvino", "openvino-genai") and options and "device" in options:
             self.string(f"{path}.options.device", options["device"], "an OpenVINO device name")
         faults = self.faults(f"{path}.faults", d["faults"]) if d.get("faults") is not None else None
+        resources = self.resources(f"{path}.resources", d.get("resources", {}))
         if len(self.errors) > before:
             return None
         return DeviceConfig(name=name, kind=kind, backend=backend, capacity=capacity,
-                            fallback=fallback, options=options, faults=faults)  # type: ignore[arg-type]
+                            fallback=fallback, options=options, faults=faults,  # type: ignore[arg-type]
+                            resources=resources)  # type: ignore[arg-type]
+
+    def resources(self, path: str, raw: Any) -> dict[str, float] | None:
+        d = self.mapping(path, raw)
+        if d is None:
+            return None
+        ok = True
+        for key, value in d.items():
+            if not key.strip():
+                self.error(path, "resource names must be non-empty", key)
+                ok = False
+            # Ray's own rule: a fraction of one unit, or whole units.
+            elif not (_is_number(value) and 0 < value <= 1e6
+                      and (value <= 1 or float(value).is_integer())):
+                self.error(f"{path}.{key}", "must be a number 0 < x <= 1e6, whole above 1",
+                           value)
+                ok = False
+        return {k: float(v) for k, v in d.items()} if ok else None
 
     def faults(self, path: str, raw: Any) -> FaultConfig | None:
         d = self.mapping(path, raw)

@@ -223,7 +223,7 @@ def test_env_address_on_a_public_host_still_needs_a_token(write):
      "devices[1].kind: backend onnxruntime drives only cpu devices", "got 'npu'"),
     (TWO_DEVICES.replace("capacity: 2", "capcity: 2") + MINILM,
      "devices[1]: unknown key 'capcity' (did you mean 'capacity'? allowed: name, kind, backend,",
-     "capacity, fallback, options, faults)"),
+     "capacity, fallback, options, faults, resources)"),
     (TWO_DEVICES + MINILM + "schedular: {}\n",
      "(top level): unknown key 'schedular'", "allowed: scheduler, http, devices, models, model_cache"),
     (MINILM, "(top level): missing required key 'devices'", ""),
@@ -470,3 +470,21 @@ def test_the_http_section_defaults_to_loopback_and_needs_a_key_elsewhere(write):
     cfg = load(path, env={"FANOUT_API_KEY": "k3y"})
     assert cfg.http.api_key == "k3y" and "k3y" not in repr(cfg)
     assert "http.max_body_bytes" in load_error(write(base + "http: {max_body_bytes: 1}\n"))
+
+
+def test_ray_resources_of_a_device_are_parsed_validated_and_survive_the_dict_round_trip(write):
+    text = TWO_DEVICES.replace("backend: qnn}", "backend: qnn, resources: {NPU: 1, CPU: 0.5}}")
+    cfg = load(write(text + MINILM))
+    assert cfg.device("npu0").resources == {"NPU": 1.0, "CPU": 0.5}
+    assert cfg.device("cpu0").resources == {}
+    assert config_from_dict(config_to_dict(cfg)).device("npu0").resources == {"NPU": 1.0,
+                                                                             "CPU": 0.5}
+    for bad, shown in (("{NPU: 0}", "got 0"), ("{NPU: 1.5}", "got 1.5"), ("{NPU: '1'}", "got '1'"),
+                       ("{NPU: true}", "got True")):
+        path = write(TWO_DEVICES.replace("backend: qnn}", f"backend: qnn, resources: {bad}}}")
+                     + MINILM)
+        message = load_error(path)
+        assert f"{path}: devices[0].resources.NPU: must be a number 0 < x <= 1e6" in message
+        assert shown in message
+    path = write(TWO_DEVICES.replace("backend: qnn}", "backend: qnn, resources: [NPU]}") + MINILM)
+    assert "devices[0].resources: must be a mapping" in load_error(path)
