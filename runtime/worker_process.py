@@ -54,8 +54,11 @@ def die_with_parent() -> None:
 
 
 class WorkerProcess:
-    def __init__(self, config: Config, device: str, epoch: int, scheduler: str):
+    def __init__(self, config: Config, device: str, epoch: int, scheduler: str,
+                 node: str | None = None):
         self.config = config
+        # Several Ray nodes can share one host name; a launcher passes what tells them apart.
+        self.node = node or socket.gethostname()
         self.device = config.device(device)
         self.epoch = epoch
         sc = config.scheduler
@@ -90,7 +93,7 @@ class WorkerProcess:
 
     def run(self) -> int:
         self.send(p.Register(version=p.PROTOCOL_VERSION, device=self.device.name,
-                             epoch=self.epoch, pid=os.getpid(), node=socket.gethostname(),
+                             epoch=self.epoch, pid=os.getpid(), node=self.node,
                              token=self.config.scheduler.token,
                              models={n: s.to_wire() for n, s in self.core.states.items()}))
         self.core.start_loading()
