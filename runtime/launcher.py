@@ -21,7 +21,7 @@ from typing import Callable
 
 from .client import Client
 from .config import Config, config_to_dict, load_config
-from .errors import ClusterUnavailable
+from .errors import ClusterUnavailable, ConfigError
 from .models import model_home, resolve_source
 
 EMBEDDED_ADDRESS = "tcp://127.0.0.1:0"  # a free port, so an embedded cluster never clashes
@@ -128,16 +128,28 @@ def _terminate(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def start(config: Config | str | os.PathLike | None = None, *, address: str = EMBEDDED_ADDRESS,
-          wait: bool = True, timeout: float = 600.0,
+def start(config: Config | str | os.PathLike | None = None, *, address: str | None = None,
+          launcher: str = "local", wait: bool = True, timeout: float = 600.0,
           progress: Callable[[str], None] | None = None) -> Cluster:
     """Start an embedded local cluster and return its handle.
 
     ``config``: a ``Config``, a YAML path, or None for the embedded default (this machine's
     devices, the packaged models). ``address``: where clients connect (default: a free
     loopback port). ``wait``: return only once every model is loaded or known unavailable.
+    ``launcher="ray"``: the scheduler and workers as Ray actors instead (``pip install
+    fanout-runtime[ray]``); ``address`` is then the Ray cluster's, see ``ray_launcher.start``.
     """
-    cfg = prepare(config, address, progress)
+    if launcher == "ray":
+        try:
+            from . import ray_launcher
+        except ImportError as exc:
+            raise ConfigError(f"launcher 'ray' needs Ray ({exc}): pip install "
+                              f"'fanout-runtime[ray]'") from exc
+        return ray_launcher.start(config, address=address, wait=wait, timeout=timeout,
+                                  progress=progress)  # type: ignore[return-value]
+    if launcher != "local":
+        raise ConfigError(f"launcher must be 'local' or 'ray', got {launcher!r}")
+    cfg = prepare(config, address or EMBEDDED_ADDRESS, progress)
     with tempfile.TemporaryDirectory(prefix="fanout-start-") as tmp:
         config_file = Path(tmp) / "config.json"
         config_file.write_text(json.dumps(config_to_dict(cfg)))
