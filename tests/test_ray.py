@@ -21,7 +21,8 @@ from .test_resilience import check_results  # noqa: E402
 
 FANOUT = f"""
     devices:
-      - {{name: npu0, kind: npu, backend: qnn, capacity: 1, resources: {{NPU: 1}}}}
+      - {{name: npu0, kind: npu, backend: qnn, capacity: 1, resources: {{NPU: 1}},
+          faults: {{fail_after: 0, models: [minilm-flaky], message: "HTP subsystem restart"}}}}
       - {{name: cpu0, kind: cpu, backend: onnxruntime, capacity: 2}}
       - {{name: cpu1, kind: cpu, backend: onnxruntime, capacity: 2}}
     models:
@@ -32,6 +33,10 @@ FANOUT = f"""
       - name: minilm-npu
         source: "packaged:minilm"
         devices: [npu0]
+        options: {{npu0: {NPU_OPTIONS}}}
+      - name: minilm-flaky
+        source: "packaged:minilm"
+        devices: [npu0, cpu0]
         options: {{npu0: {NPU_OPTIONS}}}
 """
 
@@ -153,6 +158,17 @@ def test_the_npu_worker_actor_serves_on_the_qnn_htp_backend(fanout, reference):
         expected = reference(inputs)[EMBEDDING]
         assert result[EMBEDDING].shape == expected.shape == (1, 12, 384)
         assert np.abs(result[EMBEDDING] - expected).max() < 0.02 * np.abs(expected).max()
+
+
+def test_a_device_error_on_the_npu_actor_is_re_run_on_a_cpu_actor_with_the_failover_recorded(
+        fanout, reference):
+    inputs = sentences(1)[0]
+    result = fanout.client().infer("minilm-flaky", inputs)
+    assert result.device == "cpu0"
+    assert_matches(result, reference(inputs))
+    (attempt,) = result.attempts
+    assert attempt.device == "npu0" and attempt.kind == "device"
+    assert "HTP subsystem restart" in attempt.message
 
 
 def test_a_device_that_requires_an_npu_resource_runs_on_the_node_that_has_it(fanout, nodes):
