@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     mp.add_argument("action", choices=["fetch"])
     mp.add_argument("names", nargs="*")
     bp = sub.add_parser("bench", help="measure against in-process baselines in the same run")
-    bp.add_argument("which", choices=["llm", "minilm"])
+    bp.add_argument("which", choices=["llm", "minilm", "http"])
     args = ap.parse_args(argv)
     logging.basicConfig(level=os.environ.get("FANOUT_LOG", "WARNING").upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
