@@ -115,7 +115,9 @@ class TaskCancelled:
 
 @dataclass
 class Tick:
-    pass
+    # When the shell last had read every worker message: silence after that is not the
+    # workers' fault (a backlog or a stalled scheduler), so it does not count against them.
+    heard_all_until: float | None = None
 
 
 # ---- actions -----------------------------------------------------------------------------
@@ -502,6 +504,7 @@ class SchedulerState:
 
     def _on_Tick(self, ev: Tick, actions: list) -> None:
         now = self.clock()
+        heard = now if ev.heard_all_until is None else min(now, ev.heard_all_until)
         for view in self.workers.values():
             if view.state == "lost" and view.restart_at is not None and now >= view.restart_at:
                 view.restarts += 1
@@ -509,8 +512,8 @@ class SchedulerState:
             elif view.state == "starting" and now - view.started_at > self.sc.load_timeout_s:
                 self._lose_worker(view, f"did not register within {self.sc.load_timeout_s:g} s",
                                   actions, kill=True)
-            elif view.state == "up" and now - view.last_seen > self._silence_limit(view):
-                self._lose_worker(view, f"no heartbeat for {now - view.last_seen:.1f} s "
+            elif view.state == "up" and heard - view.last_seen > self._silence_limit(view):
+                self._lose_worker(view, f"no heartbeat for {heard - view.last_seen:.1f} s "
                                         f"(hung or stopped)", actions, kill=True)
         for task in [t for t in self.tasks.values() if now >= t.deadline]:
             self._abandon(task, actions, DeadlineExceeded(

@@ -97,18 +97,19 @@ class SchedulerProcess:
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
         last_tick = 0.0
+        heard_all_until = self.clock()
         try:
             while not self._stopping:
                 ready = dict(poller.poll(TICK_S * 1000))
-                if self.back in ready:
-                    self._drain(self.back, self._on_worker_message)
+                if self.back not in ready or self._drain(self.back, self._on_worker_message):
+                    heard_all_until = self.clock()  # every worker message so far is read
                 if self.front in ready:
                     self._drain(self.front, self._on_client_message)
                 now = self.clock()
                 if now - last_tick >= TICK_S:
                     last_tick = now
                     events: list = [s.WorkerExited(d, e, r) for d, e, r in self.supervisor.poll()]
-                    self._feed(*events, *self._vanished_clients(now), s.Tick())
+                    self._feed(*events, *self._vanished_clients(now), s.Tick(heard_all_until))
                     self._ping_workers(now)
                     if watch_parent is not None and os.getppid() != watch_parent:
                         log.error("parent process died; shutting the cluster down")
@@ -116,18 +117,20 @@ class SchedulerProcess:
         finally:
             self.close()
 
-    def _drain(self, sock: zmq.Socket, handler) -> None:
+    def _drain(self, sock: zmq.Socket, handler) -> bool:
+        """Handle waiting messages; True if the socket is now empty."""
         for _ in range(1000):  # bounded, so one busy socket cannot starve the other
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return True
             if len(frames) < 2:
                 continue
             try:
                 handler(frames[0].bytes, frames[1:])
             except Exception:  # a bug in handling one message must not take the cluster down
                 log.exception("error while handling a message")
+        return False
 
     def _feed(self, *events) -> None:
         self._execute(self.state.handle(*events))

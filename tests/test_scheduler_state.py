@@ -929,3 +929,15 @@ def test_generated_tokens_are_counted_per_device_and_model(make):
     model = next(w for w in h.state.snapshot()["workers"]
                  if w["device"] == d.device)["models"]["m"]
     assert model["tokens"] == 3 and model["tokens_per_s"] == 0
+
+
+def test_silence_while_the_scheduler_had_messages_unread_does_not_count_against_a_worker(make):
+    h = make(heartbeat_timeout_s=5.0)
+    h.up()
+    h.submit("t1", timeout_s=100.0)
+    h.clock.advance(6.0)  # the shell was backlogged: it last read everything 6 s ago
+    assert of(KillWorker, h.handle(Tick(heard_all_until=h.clock.now - 6.0))) == []
+    h.heartbeat("npu0", "cpu0")  # the backlog, read now, held their heartbeats
+    h.clock.advance(5.1)
+    kills = of(KillWorker, h.handle(Tick(heard_all_until=h.clock.now)))
+    assert {k.device for k in kills} == {"npu0", "cpu0"}  # real silence still counts
