@@ -34,6 +34,7 @@ from .base import CancelToken, GenRequest, GenResult, ModelSpec, ProgressFn, Tok
 # Used when neither the device options nor the model file say how long the context is.
 DEFAULT_CONTEXT_LENGTH = 2048
 GATHER_S = 0.02  # an idle engine waits this long for the rest of a fan-out (option gather_s)
+GATHER_CAP = 5  # ... after each arrival, up to this many times gather_s in all
 # The NPU static pipeline's defaults for MAX_PROMPT_LEN and MIN_RESPONSE_LEN.
 NPU_PROMPT_LEN, NPU_RESPONSE_LEN = 1024, 128
 ROLES = ("system", "user", "assistant", "tool")
@@ -387,8 +388,9 @@ class BatchedLLMSession(_EngineSession):
             if msgs and self._gather_s > 0:
                 # Woken from idle: the rest of a fan-out is a few ms behind; let it join the
                 # first step, or each straggler costs extra steps (step() holds the GIL).
-                deadline = time.monotonic() + self._gather_s
-                while (left := deadline - time.monotonic()) > 0:
+                # Wait gather_s after each arrival, at most GATHER_CAP times that in all.
+                cap = time.monotonic() + GATHER_CAP * self._gather_s
+                while (left := min(cap - time.monotonic(), self._gather_s)) > 0:
                     try:
                         msgs.append(self._inbox.get(timeout=left))
                     except queue.Empty:
