@@ -48,7 +48,8 @@ class Up:
         self.address = f"tcp://127.0.0.1:{free_port()}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "runtime.cli", "up", "--config", str(path), "--address",
-             self.address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             self.address, "--no-http"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 

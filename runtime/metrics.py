@@ -1,0 +1,69 @@
+"""The Prometheus text exposition of a cluster's status (``GET /metrics``)."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+
+def _label(v: Any) -> str:
+    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(**kv: Any) -> str:
+    return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in kv.items()) + "}"
+
+
+def prometheus_text(status: dict, requests: Counter, models: list[str] = ()) -> str:
+    """The cluster's status and this server's request counts in Prometheus text format."""
+    families: list[tuple[str, str, str, list[str]]] = []
+
+    def family(name: str, kind: str, help_: str) -> list[str]:
+        samples: list[str] = []
+        families.append((name, kind, help_, samples))
+        return samples
+
+    queue = family("fanout_queue_depth", "gauge", "Tasks waiting for a slot, per model.")
+    up = family("fanout_worker_up", "gauge", "1 if the device's worker is up.")
+    in_flight = family("fanout_in_flight", "gauge", "Tasks running on the device now.")
+    capacity = family("fanout_capacity", "gauge", "Tasks the device runs at once.")
+    done = family("fanout_tasks_completed_total", "counter",
+                  "Tasks completed, per device and model.")
+    failed = family("fanout_tasks_failed_total", "counter",
+                    "Tries that failed, per device and model.")
+    failed_over = family("fanout_tasks_failed_over_total", "counter",
+                         "Tasks completed after failing on another device, per device and model.")
+    seconds = family("fanout_task_seconds", "histogram", "Service time of a task.")
+    tokens = family("fanout_generated_tokens_total", "counter", "Tokens generated.")
+    rate = family("fanout_tokens_per_second", "gauge", "Tokens generated per second, recently.")
+    http = family("fanout_http_requests_total", "counter",
+                  "HTTP requests answered, per endpoint and status.")
+
+    queued = dict.fromkeys(models, 0) | (status.get("queued_by_model") or {})
+    for model, n in sorted(queued.items()):
+        queue.append(f"fanout_queue_depth{_labels(model=model)} {n}")
+    for w in status.get("workers", []):
+        dev = w["device"]
+        up.append(f"fanout_worker_up{_labels(device=dev)} {int(w['state'] == 'up')}")
+        in_flight.append(f"fanout_in_flight{_labels(device=dev)} {w['in_flight']}")
+        capacity.append(f"fanout_capacity{_labels(device=dev)} {w['capacity']}")
+        for model, m in w.get("models", {}).items():
+            lab = _labels(device=dev, model=model)
+            done.append(f"fanout_tasks_completed_total{lab} {m.get('done', 0)}")
+            failed.append(f"fanout_tasks_failed_total{lab} {m.get('failed', 0)}")
+            failed_over.append(f"fanout_tasks_failed_over_total{lab} {m.get('failed_over', 0)}")
+            latency = m.get("latency") or {}
+            for le, count in latency.get("buckets", []):
+                le_text = le if isinstance(le, str) else repr(float(le))
+                seconds.append(f"fanout_task_seconds_bucket"
+                               f"{_labels(device=dev, model=model, le=le_text)} {count}")
+            seconds.append(f"fanout_task_seconds_sum{lab} {float(latency.get('sum', 0.0))}")
+            seconds.append(f"fanout_task_seconds_count{lab} {latency.get('count', 0)}")
+            tokens.append(f"fanout_generated_tokens_total{lab} {m.get('tokens', 0)}")
+            rate.append(f"fanout_tokens_per_second{lab} {float(m.get('tokens_per_s') or 0.0)}")
+    for (endpoint, code), n in sorted(requests.items()):
+        http.append(f"fanout_http_requests_total{_labels(endpoint=endpoint, status=code)} {n}")
+
+    lines = []
+    for name, kind, help_, samples in families:
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *samples]
+    return "\n".join(lines) + "\n"
