@@ -290,8 +290,9 @@ def start(config: Config | str | os.PathLike | None = None, *, address: str | No
     try:
         actor = SchedulerActor.options(
             name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=0,
-            # Near the caller, so the client's hop to the scheduler stays on this node.
-            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+            # On the caller's node: Ray's soft affinity still put it elsewhere, and the node
+            # that hosts the scheduler is the one whose loss the cluster cannot survive.
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
         ).remote(config_to_dict(cfg), name, port)
     except ValueError as exc:  # Ray refuses a second live actor of the same name
         if owns_ray:

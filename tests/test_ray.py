@@ -221,6 +221,36 @@ def test_a_worker_actor_killed_mid_fanout_loses_nothing_and_is_restarted(ray_clu
     assert client.infer("minilm", batch[0]).device in ("cpu0", "cpu1")
 
 
+def test_a_node_removed_mid_fanout_loses_nothing_and_the_scheduler_stays_up(
+        nodes, ray_clusters, reference):
+    spare = nodes.cluster.add_node(num_cpus=1, resources={"spare": 1})
+    nodes.cluster.wait_for_nodes()
+    cluster = ray_clusters.start("""
+        scheduler: {heartbeat_interval_s: 0.2, heartbeat_timeout_s: 5.0}
+        devices:
+          - {name: cpu0, kind: cpu, backend: onnxruntime, capacity: 2, faults: {hang_s: 0.01}}
+          - {name: cpu9, kind: cpu, backend: onnxruntime, capacity: 2, faults: {hang_s: 0.01},
+             resources: {spare: 1}}
+        models:
+          - {name: minilm, source: "packaged:minilm", devices: [cpu0, cpu9]}
+    """, name="fanout-node")
+    assert worker(cluster.status(), "cpu9")["node"] == nodes.label(spare)
+    client = cluster.client()
+    batch = sentences(200)
+    futures = [client.submit("minilm", x) for x in batch]
+    wait_for(lambda: sum(f.done() for f in futures) >= 40, what="40 tasks done")
+    nodes.cluster.remove_node(spare)
+    results = [f.result(timeout=60) for f in futures]
+
+    check_results(results, batch, reference)
+    lost = [a for r in results for a in r.attempts if a.kind == "worker_lost"]
+    assert lost and all(a.device == "cpu9" and "node" in a.message for a in lost)
+    assert client.unmatched == 0
+    status = cluster.status()  # the scheduler's node is the caller's, not the removed one
+    assert status["counters"]["completed"] == 200 and status["unanswered"] == 0
+    assert worker(status, "cpu9")["state"] != "up"  # waits for a node with {spare: 1}
+
+
 def test_shutting_down_leaves_no_ray_actor_and_no_process_behind(nodes, tmp_path):
     factory = RayClusters(tmp_path)
     cluster = factory.start("""
