@@ -47,20 +47,20 @@ def prepare(config: Config | str | os.PathLike | None, address: str | None = Non
     return resolve_models(cfg, progress)
 
 
-class Cluster:
-    """A running embedded cluster. Use as a context manager, or call ``shutdown()``."""
+class ClusterHandle:
+    """What every launcher's handle offers: a shared client, status, readiness, ``with``.
 
-    def __init__(self, proc: subprocess.Popen, address: str, token: str | None):
-        self.process = proc
+    A launcher's subclass says how to tell its scheduler died (``_check_alive``) and how to
+    stop everything (``shutdown``)."""
+
+    address: str
+    token: str | None
+
+    def __init__(self, address: str, token: str | None):
         self.address = address
         self.token = token
         self._client: Client | None = None
         self._lock = threading.Lock()
-        self._finalizer = weakref.finalize(self, _terminate, proc)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
 
     def client(self) -> Client:
         """A client of this cluster (one per handle, shared; it is thread-safe)."""
@@ -72,13 +72,14 @@ class Cluster:
     def status(self) -> dict:
         return self.client().status()
 
+    def _check_alive(self) -> None:
+        """Raise ``ClusterUnavailable`` if the scheduler is gone."""
+
     def wait_ready(self, timeout: float = 600.0) -> dict:
         """Block until every worker is up and every model loaded or unavailable."""
         deadline = time.monotonic() + timeout
         while True:
-            if self.process.poll() is not None:
-                raise ClusterUnavailable(f"the scheduler exited with code "
-                                         f"{self.process.returncode} while starting")
+            self._check_alive()
             status = self.status()
             if status["cluster"]["ready"]:
                 return status
@@ -86,6 +87,33 @@ class Cluster:
                 raise ClusterUnavailable(f"cluster not ready after {timeout:g} s: "
                                          f"{_loading(status)}")
             time.sleep(0.1)
+
+    def shutdown(self, timeout: float = 15.0) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+class Cluster(ClusterHandle):
+    """A running embedded cluster. Use as a context manager, or call ``shutdown()``."""
+
+    def __init__(self, proc: subprocess.Popen, address: str, token: str | None):
+        super().__init__(address, token)
+        self.process = proc
+        self._finalizer = weakref.finalize(self, _terminate, proc)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise ClusterUnavailable(f"the scheduler exited with code "
+                                     f"{self.process.returncode} while starting")
 
     def shutdown(self, timeout: float = 15.0) -> None:
         """Stop the scheduler and every worker; idempotent."""
@@ -103,12 +131,6 @@ class Cluster:
         except subprocess.TimeoutExpired:
             pass
         self._finalizer()
-
-    def __enter__(self) -> "Cluster":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
 
 
 def _loading(status: dict) -> str:

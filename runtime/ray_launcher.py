@@ -18,7 +18,6 @@ import logging
 import os
 import secrets
 import threading
-import time
 import weakref
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from .client import Client
 from .config import Config, DeviceConfig, config_from_dict, config_to_dict, load_config
 from .errors import ClusterUnavailable
-from .launcher import _loading
+from .launcher import ClusterHandle
 from .models import model_home, resolve_source
 from .scheduler_process import SchedulerProcess
 from .worker_process import WorkerProcess
@@ -192,48 +191,25 @@ class SchedulerActor:
         return not self.thread.is_alive()
 
 
-class RayCluster:
+class RayCluster(ClusterHandle):
     """A scheduler running as a detached Ray actor. Use as a context manager, or ``shutdown()``."""
 
     def __init__(self, actor, info: dict, name: str, owns_ray: bool):
+        super().__init__(info["address"], info["token"])
         self.actor = actor
         self.name = name
-        self.address: str = info["address"]
-        self.token: str | None = info["token"]
         self.node: str = info["node"]
         self.pid: int = info["pid"]  # of the scheduler actor's process
-        self._client: Client | None = None
-        self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _release, name, owns_ray)
 
-    def client(self) -> Client:
-        """A client of this cluster (one per handle, shared; it is thread-safe)."""
-        with self._lock:
-            if self._client is None:
-                self._client = Client(self.address, self.token)
-            return self._client
-
-    def status(self) -> dict:
-        return self.client().status()
-
-    def wait_ready(self, timeout: float = 600.0) -> dict:
-        """Block until every worker is up and every model loaded or unavailable."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                alive = ray.get(self.actor.alive.remote(), timeout=30)
-            except ray.exceptions.RayError as exc:
-                raise ClusterUnavailable(f"the scheduler actor died while starting: {exc}") from exc
-            if not alive:
-                raise ClusterUnavailable("the scheduler stopped while starting; see its log "
-                                         "in the Ray session's logs")
-            status = self.status()
-            if status["cluster"]["ready"]:
-                return status
-            if time.monotonic() > deadline:
-                raise ClusterUnavailable(f"cluster not ready after {timeout:g} s: "
-                                         f"{_loading(status)}")
-            time.sleep(0.1)
+    def _check_alive(self) -> None:
+        try:
+            alive = ray.get(self.actor.alive.remote(), timeout=30)
+        except ray.exceptions.RayError as exc:
+            raise ClusterUnavailable(f"the scheduler actor died while starting: {exc}") from exc
+        if not alive:
+            raise ClusterUnavailable("the scheduler stopped while starting; see its log "
+                                     "in the Ray session's logs")
 
     def shutdown(self, timeout: float = 15.0) -> None:
         """Stop the scheduler and every worker actor, then kill the detached actor; idempotent."""
@@ -247,12 +223,6 @@ class RayCluster:
             except (ray.exceptions.RayError, TimeoutError):
                 pass  # already dead or stuck: the kill below ends it and its workers
         self._finalizer()
-
-    def __enter__(self) -> "RayCluster":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
 
 
 def _release(name: str, owns_ray: bool) -> None:
