@@ -88,6 +88,14 @@ class ClusterHandle:
                                          f"{_loading(status)}")
             time.sleep(0.1)
 
+    def wait_ready_or_shutdown(self, timeout: float) -> None:
+        """``wait_ready``; a cluster that never gets ready (or a Ctrl-C) is shut down whole."""
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.shutdown()
+            raise
+
     def shutdown(self, timeout: float = 15.0) -> None:
         raise NotImplementedError
 
@@ -186,11 +194,7 @@ def start(config: Config | str | os.PathLike | None = None, *, address: str | No
                                  f"before it was listening; see its log above")
     cluster = Cluster(proc, json.loads(line)["address"], cfg.scheduler.token)
     if wait:
-        try:
-            cluster.wait_ready(timeout)
-        except BaseException:
-            cluster.shutdown()
-            raise
+        cluster.wait_ready_or_shutdown(timeout)
     return cluster
 
 

@@ -277,11 +277,7 @@ def start(config: Config | str | os.PathLike | None = None, *, address: str | No
     say(f"scheduler actor {name!r} on node {info['node']}, clients connect to {info['address']}")
     cluster = RayCluster(actor, info, name, owns_ray)
     if wait:
-        try:
-            cluster.wait_ready(timeout)
-        except BaseException:
-            cluster.shutdown()
-            raise
+        cluster.wait_ready_or_shutdown(timeout)
     return cluster
 
 
