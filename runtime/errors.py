@@ -6,7 +6,7 @@ Python class of an engine's exception.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -145,12 +145,3 @@ def error_from_wire(d: dict) -> FanoutError:
     cls = _BY_KIND.get(str(d.get("kind")), FanoutError)
     attempts = [Attempt.from_wire(a) for a in d.get("attempts") or ()]
     return cls(str(d.get("message", "")), attempts)
-
-
-@dataclass
-class ErrorInfo:
-    """An error as the state machine carries it: kind plus message, no Python class."""
-
-    kind: str
-    message: str
-    attempts: list[Attempt] = field(default_factory=list)

@@ -26,8 +26,3 @@ def earliest_finish(candidates: Sequence[Candidate]) -> Candidate | None:
     if not candidates:
         return None
     return min(candidates, key=lambda c: (c.expected_s or 0.0, c.rank))
-
-
-def device_order_only(candidates: Sequence[Candidate]) -> Candidate | None:
-    """The most preferred free device, ignoring measured times (a baseline for benchmarks)."""
-    return min(candidates, key=lambda c: c.rank) if candidates else None

@@ -105,9 +105,6 @@ class RaySupervisor:
         if entry and entry[0] == epoch:
             ray.kill(entry[1], no_restart=True)  # poll() then reports it, as for a process
 
-    def pid(self, device: str) -> int | None:
-        return None  # the worker reports its pid when it registers
-
     def poll(self) -> list[tuple[str, int, str]]:
         """Workers whose actor died or whose run ended since the last call: (device, epoch, reason)."""
         runs = {entry[2]: device for device, entry in self.actors.items()}

@@ -39,10 +39,6 @@ class LocalSupervisor:
             except subprocess.TimeoutExpired:
                 log.error("worker %s pid %d did not die after SIGKILL", device, entry[1].pid)
 
-    def pid(self, device: str) -> int | None:
-        entry = self.procs.get(device)
-        return entry[1].pid if entry else None
-
     def poll(self) -> list[tuple[str, int, str]]:
         """Workers that exited since the last call: (device, epoch, reason)."""
         for device, (epoch, proc) in list(self.procs.items()):
