@@ -69,6 +69,11 @@ class DeviceConfig:
       that has them, e.g. ``{NPU: 1}`` declared with ``ray start --resources``; ``CPU`` and
       ``GPU`` are Ray's num_cpus/num_gpus. Each value 0 < x <= 1e6, whole above 1. The local
       launcher ignores it.
+    per_node: under the Ray launcher, one worker on every node that can host this device (has
+      its ``resources`` and, by that node's own device discovery, its kind and backend), each
+      named ``NAME@NODE`` (NODE: the first 8 hex digits of the Ray node id); nodes that join
+      later get theirs. Models and fallbacks name the device as NAME. The local launcher runs
+      one worker, named NAME.
     """
 
     name: str
@@ -79,6 +84,7 @@ class DeviceConfig:
     options: dict[str, Any] = field(default_factory=dict)
     faults: FaultConfig | None = None
     resources: dict[str, float] = field(default_factory=dict)
+    per_node: bool = False
 
 
 @dataclass
@@ -158,11 +164,49 @@ class HttpConfig:
 
 
 @dataclass
+class CurveKeys:
+    """CurveZMQ keys of one cluster, Z85 text (40 characters each).
+
+    The scheduler's sockets are CURVE servers with the server pair; clients and workers are
+    CURVE clients with the client pair, and the scheduler admits only that client public key.
+    Whoever holds the file is a member of the cluster: keep it like a password.
+    """
+
+    server_public: str
+    server_secret: str = field(repr=False)
+    client_public: str
+    client_secret: str = field(repr=False)
+
+
+@dataclass
+class ClusterConfig:
+    """How ``fanout up`` and ``runtime.start`` run the cluster.
+
+    launcher: local (processes on this machine; the default) or ray (Ray actors on the nodes
+      of a Ray cluster; ``pip install 'fanout-runtime[ray]'``).
+    address: the Ray cluster to join under launcher ray: ``auto`` (the one running on this
+      machine), ``ray://HOST:PORT`` (Ray client) or ``HOST:PORT`` (the head's GCS); unset = the
+      one this process is connected to, else ``RAY_ADDRESS``, else a new local one.
+    name: the scheduler actor's name in Ray's "fanout" namespace, [a-z0-9_-]{1,32}.
+    keys: a CurveZMQ key file (JSON, written by ``fanout keys FILE``; env FANOUT_KEYS) that
+      encrypts and authenticates every socket of the cluster. Under launcher ray keys are
+      generated at start when none is given and reach workers and Ray-attached clients
+      through Ray.
+    """
+
+    launcher: str = "local"
+    address: str | None = None
+    name: str = "fanout-scheduler"
+    keys: CurveKeys | None = field(default=None, repr=False)
+
+
+@dataclass
 class Config:
     devices: list[DeviceConfig]
     models: list[ModelConfig]
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     model_cache: str | None = None  # where packaged models and compiled contexts live (env FANOUT_HOME)
     source: str = "<defaults>"  # the file this came from, for messages
 
@@ -202,6 +246,8 @@ ENV_TOKEN = "FANOUT_TOKEN"
 ENV_HOME = "FANOUT_HOME"
 ENV_ADDRESS = "FANOUT_ADDRESS"
 ENV_API_KEY = "FANOUT_API_KEY"
+ENV_KEYS = "FANOUT_KEYS"
+LAUNCHERS = ("local", "ray")
 PACKAGED_PREFIX = "packaged:"
 AUTO_DEVICES = "auto"
 
@@ -210,9 +256,10 @@ DiscoverFn = Callable[[], "list[dict[str, Any]]"]
 _NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
 _MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _TCP_RE = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.*_-]+):([0-9]{1,5})")
+_Z85_KEY_RE = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 _MISSING = object()
 
-_TOP_KEYS = ("scheduler", "http", "devices", "models", "model_cache")
+_TOP_KEYS = ("cluster", "scheduler", "http", "devices", "models", "model_cache")
 _DEVICE_KEYS = tuple(f.name for f in fields(DeviceConfig))
 _MODEL_KEYS = tuple(f.name for f in fields(ModelConfig))
 _FAULT_KEYS = tuple(f.name for f in fields(FaultConfig))
@@ -391,6 +438,7 @@ class _Parser:
         models = self.models(raw.get("models", []))
         model_cache = self.model_cache(raw.get("model_cache"))
         http = self.http(raw.get("http", {}))
+        cluster = self.cluster(raw.get("cluster", {}))
         if devices is not None and models is not None:
             self.cross_check(devices, models)
             if self.auto:
@@ -398,9 +446,9 @@ class _Parser:
         if self.errors:
             raise ConfigError("\n".join(self.errors))
         assert scheduler is not None and devices is not None and models is not None
-        assert http is not None
+        assert http is not None and cluster is not None
         return Config(devices=devices, models=models, scheduler=scheduler, http=http,
-                      model_cache=model_cache, source=self.label)
+                      cluster=cluster, model_cache=model_cache, source=self.label)
 
     # -- generic checks: each returns the accepted value, or None after recording an error --
 
@@ -569,6 +617,69 @@ class _Parser:
             return None
         return HttpConfig(address=address, api_key=key, enabled=enabled, max_body_bytes=size)
 
+    def cluster(self, raw: Any) -> ClusterConfig | None:
+        d = self.mapping("cluster", raw)
+        if d is None:
+            return None
+        self.keys("cluster", d, tuple(f.name for f in fields(ClusterConfig)))
+        before = len(self.errors)
+        launcher = d.get("launcher", "local")
+        if launcher not in LAUNCHERS:
+            self.error("cluster.launcher", f"must be one of {', '.join(LAUNCHERS)}", launcher)
+        address = d.get("address")
+        if address is not None and not (isinstance(address, str) and (
+                address in ("auto", "local") or address.startswith("ray://")
+                or re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}", address))):
+            self.error("cluster.address", "must be auto, local, ray://HOST:PORT or HOST:PORT",
+                       address)
+        name = d.get("name", ClusterConfig.name)
+        if not (isinstance(name, str) and _NAME_RE.fullmatch(name)):
+            self.error("cluster.name", "must match [a-z0-9_-]{1,32}", name)
+        keys, origin = d.get("keys"), None
+        if self.env.get(ENV_KEYS):
+            keys, origin = self.env[ENV_KEYS], ENV_KEYS
+        where = f"cluster.keys (from env {origin})" if origin else "cluster.keys"
+        parsed_keys = None
+        if isinstance(keys, Mapping) and self.from_dict:
+            parsed_keys = self.curve_keys(where, keys)
+        elif keys is not None:
+            path = self.string(where, keys, "the path of a key file")
+            if path is not None:
+                path = self.path(path)
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        text = f.read()
+                except (OSError, UnicodeDecodeError) as exc:
+                    self.error(where, f"cannot read the key file ({exc}); write one with "
+                               f"`fanout keys {path}`", path)
+                else:
+                    import json
+                    try:
+                        data = json.loads(text)
+                    except ValueError:
+                        data = None
+                    parsed_keys = self.curve_keys(f"{where} ({path})", data)
+        if len(self.errors) > before:
+            return None
+        return ClusterConfig(launcher=launcher, address=address, name=name, keys=parsed_keys)
+
+    def curve_keys(self, where: str, data: Any) -> CurveKeys | None:
+        names = tuple(f.name for f in fields(CurveKeys))
+        if not (isinstance(data, Mapping) and set(data) == set(names)
+                and all(isinstance(data[k], str) and _Z85_KEY_RE.fullmatch(data[k])
+                        for k in names)):
+            # never echo key material
+            self.error(where, f"must hold {', '.join(names)}, each 40 Z85 characters; "
+                       "write a key file with `fanout keys FILE`")
+            return None
+        return CurveKeys(**{k: data[k] for k in names})
+
+    def path(self, value: str) -> str:
+        value = os.path.expanduser(value)
+        if self.base_dir is None or os.path.isabs(value):
+            return value
+        return os.path.normpath(os.path.join(self.base_dir, value))
+
     def devices(self, raw: Any) -> list[DeviceConfig] | None:
         if raw is _MISSING:
             return None  # reported by keys()
@@ -632,11 +743,12 @@ class _Parser:
             self.string(f"{path}.options.device", options["device"], "an OpenVINO device name")
         faults = self.faults(f"{path}.faults", d["faults"]) if d.get("faults") is not None else None
         resources = self.resources(f"{path}.resources", d.get("resources", {}))
+        per_node = self.boolean(f"{path}.per_node", d.get("per_node", False))
         if len(self.errors) > before:
             return None
         return DeviceConfig(name=name, kind=kind, backend=backend, capacity=capacity,
                             fallback=fallback, options=options, faults=faults,  # type: ignore[arg-type]
-                            resources=resources)  # type: ignore[arg-type]
+                            resources=resources, per_node=per_node)  # type: ignore[arg-type]
 
     def resources(self, path: str, raw: Any) -> dict[str, float] | None:
         d = self.mapping(path, raw)
