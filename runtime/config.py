@@ -314,6 +314,45 @@ def load_config(path: str | os.PathLike[str] | None = None, *,
     return _Parser(label, base_dir, env, discover, from_dict=False).parse(raw)
 
 
+def load_cluster_section(path: str | os.PathLike[str] | None = None, *,
+                         env: Mapping[str, str] | None = None) -> ClusterConfig:
+    """Only the ``cluster`` section of a config file: what a launcher needs before it can
+    resolve the rest (under Ray, ``devices: auto`` is discovered on the cluster's nodes)."""
+    if path is None:
+        return ClusterConfig()
+    label = os.fspath(path)
+    try:
+        with open(label, encoding="utf-8") as f:
+            raw = _parse_yaml(f.read(), label)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{label}: cannot read config file: {exc}") from exc
+    parser = _Parser(label, os.path.dirname(os.path.abspath(label)),
+                     os.environ if env is None else env, None, from_dict=False)
+    section = raw.get("cluster", {}) if isinstance(raw, Mapping) else {}
+    cluster = parser.cluster(section)
+    if parser.errors or cluster is None:
+        raise ConfigError("\n".join(parser.errors))
+    return cluster
+
+
+def instantiate(cfg: Config, template: str, name: str, capacity: int | None = None) -> Config:
+    """The config as the worker of one per-node instance sees it: the ``template`` device
+    renamed ``name`` (its capacity the node's, if given), everywhere models and fallbacks
+    name it."""
+    def rename(names: list[str]) -> list[str]:
+        return [name if n == template else n for n in names]
+
+    devices = []
+    for d in cfg.devices:
+        if d.name == template:
+            d = dataclasses.replace(d, name=name, per_node=False,
+                                    capacity=capacity or d.capacity)
+        devices.append(dataclasses.replace(d, fallback=rename(d.fallback)))
+    models = [dataclasses.replace(m, devices=rename(m.devices), options={
+        (name if k == template else k): v for k, v in m.options.items()}) for m in cfg.models]
+    return dataclasses.replace(cfg, devices=devices, models=models)
+
+
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """The resolved config as plain data (str/int/float/bool/None/list/dict) for child processes.
 

@@ -8,6 +8,11 @@ reaches workers and clients through Ray, never through a file or argv.
 
 Ray restarts no actor itself (``max_restarts=0``): the scheduler already restarts a lost worker
 with a new epoch and a backoff, and Ray re-running the same incarnation would bypass both.
+
+Node membership: the supervisor watches Ray's node table. Each node that joins runs device
+discovery (a Ray task pinned to it) and gets one instance of every ``per_node`` device it can
+host; an instance whose node leaves is reported gone, not restarted. A device whose
+resources no live node has is gone too, until a node that has them joins.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any, Callable
@@ -25,8 +31,10 @@ from typing import Any, Callable
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from . import scheduler as s
 from .client import Client
-from .config import Config, DeviceConfig, config_from_dict, config_to_dict, load_config
+from .config import (Config, DeviceConfig, config_from_dict, config_to_dict, instantiate,
+                     load_cluster_section, load_config)
 from .errors import ClusterUnavailable
 from .launcher import ClusterHandle
 from .models import model_home, resolve_source
@@ -36,16 +44,80 @@ from .worker_process import WorkerProcess
 log = logging.getLogger("fanout.ray")
 NAMESPACE = "fanout"
 SCHEDULER_NAME = "fanout-scheduler"
+NODE_POLL_S = 1.0  # how often the supervisor reads Ray's node table
+DISCOVERY_TIMEOUT_S = 120.0
 
 
 def node_label() -> str:
     """This Ray node as status shows it: its IP (shared by nodes on one host) and node id."""
-    return f"{_ip()}/{ray.get_runtime_context().get_node_id()[:8]}"
+    return _label(ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id())
+
+
+def _label(ip: str, node_id: str) -> str:
+    return f"{_bracket(ip)}/{node_id[:8]}"
 
 
 def _ip() -> str:
-    ip = ray.util.get_node_ip_address()
+    return _bracket(ray.util.get_node_ip_address())
+
+
+def _bracket(ip: str) -> str:
     return f"[{ip}]" if ":" in ip else ip
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _discover_here() -> list[dict]:
+    """This node's devices, as ``devices: auto`` would find them here."""
+    from .backends.discovery import discover
+    return discover()
+
+
+def _pinned(node_id: str) -> NodeAffinitySchedulingStrategy:
+    return NodeAffinitySchedulingStrategy(node_id, soft=False)
+
+
+def _fits(resources: dict[str, float], node: dict) -> bool:
+    """Whether a node's total resources cover a device's (CPU/GPU are Ray's own names)."""
+    have = node.get("Resources") or {}
+    return all(have.get(k, 0.0) >= v for k, v in resources.items())
+
+
+def _hosted(device: DeviceConfig, found: list[dict]) -> dict | None:
+    """The discovered device of a node that can host a per-node ``device``, or None.
+
+    A device named as discovery names it (``devices: auto``) needs that device; one listed by
+    hand needs a discovered device of its kind and backend (and OpenVINO device). A CPU device
+    on onnxruntime or OpenVINO needs nothing more than a node.
+    """
+    for d in found:
+        if d.get("name") == device.name and d.get("backend") == device.backend:
+            return d
+    for d in found:
+        if d.get("kind") != device.kind or d.get("backend") != device.backend:
+            continue
+        want = device.options.get("device")
+        if want is None or (d.get("options") or {}).get("device") == want:
+            return {}
+    if device.kind == "cpu" and device.backend in ("onnxruntime", "openvino"):
+        return {}
+    return None
+
+
+def discover_cluster(timeout: float = DISCOVERY_TIMEOUT_S) -> list[dict]:
+    """``devices: auto`` under Ray: discovery on every live node (once per host); the union,
+    each device ``per_node`` so that every node gets workers for what it has."""
+    by_ip = {n["NodeManagerAddress"]: n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    refs = [_discover_here.options(scheduling_strategy=_pinned(nid)).remote()
+            for nid in by_ip.values()]
+    union: dict[str, dict] = {}
+    for found in ray.get(refs, timeout=timeout):
+        for d in found:
+            if d["name"] in union:
+                union[d["name"]]["capacity"] = max(union[d["name"]].get("capacity", 1),
+                                                   d.get("capacity", 1))
+            else:
+                union[d["name"]] = dict(d, per_node=True)
+    return list(union.values())
 
 
 def actor_options(device: DeviceConfig) -> dict[str, Any]:
@@ -72,32 +144,73 @@ def _resolve_for_device(config: Config, device: str) -> Config:
 
 @ray.remote(max_restarts=0)
 class DeviceWorker:
-    """One device's worker; ``run`` returns when the worker exits, so its ref marks the exit."""
+    """One device's worker; ``run`` returns when the worker exits, so its ref marks the exit.
 
-    def run(self, config: dict, device: str, epoch: int, scheduler: str) -> int:
+    ``template``/``capacity``: a per-node instance named ``device`` of that config device."""
+
+    def run(self, config: dict, device: str, epoch: int, scheduler: str,
+            template: str | None = None, capacity: int | None = None) -> int:
         logging.basicConfig(level=os.environ.get("FANOUT_LOG", "WARNING").upper(),
                             format=f"%(asctime)s {device} %(levelname)s %(message)s")
-        cfg = _resolve_for_device(config_from_dict(config), device)
+        cfg = config_from_dict(config)
+        if template is not None:
+            cfg = instantiate(cfg, template, device, capacity)
+        cfg = _resolve_for_device(cfg, device)
         return WorkerProcess(cfg, device, epoch, scheduler, node=node_label()).run()
 
 
 class RaySupervisor:
-    """``LocalSupervisor``'s interface over Ray actors, one per device, owned by the scheduler."""
+    """``LocalSupervisor``'s interface over Ray actors, one per device, owned by the scheduler,
+    plus node membership: workers added and gone as Ray nodes join and leave."""
+
+    tracks_nodes = True
 
     def __init__(self, worker_address: str, config_file: str, prefix: str = SCHEDULER_NAME):
         self.worker_address = worker_address
         self.config = json.loads(Path(config_file).read_text())
         self.devices = {d.name: d for d in config_from_dict(self.config).devices}
+        self.templates = {n: d for n, d in self.devices.items() if d.per_node}
         self.prefix = prefix
         self.actors: dict[str, tuple[int, Any, ray.ObjectRef]] = {}  # device -> (epoch, actor, run)
         self._exited: list[tuple[str, int, str]] = []
+        # membership
+        self.nodes: dict[str, dict] = {}  # live node id -> its row of ray.nodes()
+        self.instances: dict[str, tuple[str, str, int | None]] = {}  # name -> (template, node, cap)
+        self._found: dict[str, list[dict]] = {}  # node IP -> the devices discovery found there
+        self._probes: dict[ray.ObjectRef, str] = {}  # discovery in flight -> node IP
+        self._unprobed: dict[str, str] = {}  # node id -> IP, waiting for that IP's discovery
+        self._waiting: dict[str, str] = {}  # fixed device gone for want of a node -> why
+        self._events: list = []
+        self._last_nodes = 0.0
+        self._refresh_nodes()
+
+    # -- workers --
 
     def start(self, device: str, epoch: int) -> None:
         self._reap(device)
+        self._refresh_nodes()  # a restart often follows a node's death: act on the latest table
+        instance = self.instances.get(device)
+        options = actor_options(self.devices[instance[0] if instance else device])
+        args: tuple = ()
+        if instance is not None:
+            template, node_id, capacity = instance
+            if node_id not in self.nodes:
+                self._events.append(s.WorkerGone(device, f"node {node_id[:8]} left the Ray "
+                                                         f"cluster"))
+                return
+            options = {k: v for k, v in options.items() if k != "scheduling_strategy"}
+            options["scheduling_strategy"] = _pinned(node_id)
+            args = (template, capacity)
+        elif not any(_fits(self.devices[device].resources, n) for n in self.nodes.values()):
+            why = (f"no live Ray node has the resources {self.devices[device].resources}; "
+                   f"waiting for one to join")
+            self._waiting[device] = why
+            self._events.append(s.WorkerGone(device, why))
+            return
         actor = DeviceWorker.options(name=f"{self.prefix}-{device}-{epoch}", namespace=NAMESPACE,
-                                     **actor_options(self.devices[device])).remote()
+                                     **options).remote()
         self.actors[device] = (epoch, actor, actor.run.remote(self.config, device, epoch,
-                                                              self.worker_address))
+                                                              self.worker_address, *args))
         log.info("started worker %s (epoch %d) as a Ray actor", device, epoch)
 
     def kill(self, device: str, epoch: int) -> None:
@@ -122,6 +235,96 @@ class RaySupervisor:
         entry = self.actors.pop(device, None)
         if entry:
             ray.kill(entry[1], no_restart=True)
+
+    # -- membership --
+
+    @property
+    def settled(self) -> bool:
+        """No node's discovery is still running (until then the cluster is not ready)."""
+        return not self._probes and not self._unprobed
+
+    def membership(self) -> list:
+        """``WorkerAdded``/``WorkerGone`` events since the last call."""
+        if time.monotonic() - self._last_nodes >= NODE_POLL_S:
+            self._refresh_nodes()
+        if self._probes:
+            self._collect_probes()
+        out, self._events = self._events, []
+        return out
+
+    def _refresh_nodes(self) -> None:
+        self._last_nodes = time.monotonic()
+        alive = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
+        for node_id, node in self.nodes.items():
+            if node_id not in alive:
+                self._node_left(node_id, node)
+        joined = [nid for nid in alive if nid not in self.nodes]
+        self.nodes = alive
+        for node_id in joined:
+            self._node_joined(node_id)
+        for device, why in list(self._waiting.items()):
+            if any(_fits(self.devices[device].resources, n) for n in alive.values()):
+                del self._waiting[device]
+                log.info("a node can host %s again (%s): restarting it", device, why)
+                self._events.append(s.WorkerAdded(device, device))
+        # A fixed device whose every fitting node left: gone, not a restart loop.
+        for device, (epoch, actor, run) in list(self.actors.items()):
+            resources = self.devices[device].resources if device not in self.instances else {}
+            if resources and not any(_fits(resources, n) for n in alive.values()):
+                why = (f"its node left and no live Ray node has the resources {resources}; "
+                       f"waiting for one to join")
+                self._waiting[device] = why
+                self._events.append(s.WorkerGone(device, why))
+
+    def _node_joined(self, node_id: str) -> None:
+        if not self.templates:
+            return
+        ip = self.nodes[node_id]["NodeManagerAddress"]
+        log.info("node %s joined", _label(ip, node_id))
+        if ip in self._found:
+            self._place_templates(node_id)
+            return
+        self._unprobed[node_id] = ip
+        if ip not in self._probes.values():
+            ref = _discover_here.options(scheduling_strategy=_pinned(node_id)).remote()
+            self._probes[ref] = ip
+
+    def _collect_probes(self) -> None:
+        done, _ = ray.wait(list(self._probes), num_returns=len(self._probes), timeout=0)
+        for ref in done:
+            ip = self._probes.pop(ref)
+            try:
+                self._found[ip] = ray.get(ref)
+            except ray.exceptions.RayError as exc:  # its node died, or discovery itself failed
+                log.warning("device discovery on %s failed: %s", ip, exc)
+                self._found[ip] = []
+            for node_id in [n for n, i in self._unprobed.items() if i == ip]:
+                del self._unprobed[node_id]
+                if node_id in self.nodes:
+                    self._place_templates(node_id)
+
+    def _place_templates(self, node_id: str) -> None:
+        node = self.nodes[node_id]
+        label = _label(node["NodeManagerAddress"], node_id)
+        found = self._found.get(node["NodeManagerAddress"], [])
+        for name, template in self.templates.items():
+            instance = f"{name}@{node_id[:8]}"
+            hosted = _hosted(template, found)
+            if instance in self.instances or hosted is None \
+                    or not _fits(template.resources, node):
+                continue
+            capacity = hosted.get("capacity")
+            self.instances[instance] = (name, node_id, capacity)
+            log.info("node %s hosts %s", label, instance)
+            self._events.append(s.WorkerAdded(instance, name, label, capacity))
+
+    def _node_left(self, node_id: str, node: dict) -> None:
+        label = _label(node["NodeManagerAddress"], node_id)
+        log.warning("node %s left the Ray cluster", label)
+        self._unprobed.pop(node_id, None)
+        for instance, (_, nid, _) in self.instances.items():
+            if nid == node_id:
+                self._events.append(s.WorkerGone(instance, f"node {label} left the Ray cluster"))
 
     def stop_all(self, timeout: float = 5.0) -> None:
         """Wait for workers told to stop; then kill every actor, done or not."""
@@ -164,8 +367,13 @@ class SchedulerActor:
                             format="%(asctime)s scheduler %(levelname)s %(message)s")
         cfg = config_from_dict(config)
         ip = _ip()
+        # Both sockets on this node's IP: workers and clients on other nodes reach them there.
+        # The configured worker port is kept (a firewall may name it); 0 = a free one.
+        worker_port = cfg.scheduler.worker_address.rsplit(":", 1)[1] \
+            if cfg.scheduler.worker_address.startswith("tcp://") else "0"
         cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(
-            cfg.scheduler, address=f"tcp://{ip}:{port}", worker_address=f"tcp://{ip}:0"))
+            cfg.scheduler, address=f"tcp://{ip}:{port}",
+            worker_address=f"tcp://{ip}:{worker_port}"))
         self.proc = RaySchedulerProcess(
             cfg, node_label(), supervisor_factory=functools.partial(RaySupervisor, prefix=name))
         self.thread = threading.Thread(target=self.proc.serve, name="fanout-scheduler",
@@ -235,23 +443,34 @@ def _release(name: str, owns_ray: bool) -> None:
 
 
 def start(config: Config | str | os.PathLike | None = None, *, address: str | None = None,
-          name: str = SCHEDULER_NAME, port: int = 0, wait: bool = True, timeout: float = 600.0,
+          name: str | None = None, port: int = 0, wait: bool = True, timeout: float = 600.0,
           progress: Callable[[str], None] | None = None) -> RayCluster:
     """Start the scheduler as a detached Ray actor and return its handle.
 
-    ``address``: the Ray cluster (None: the one this process is connected to, else Ray's own
-    default: ``RAY_ADDRESS``, the latest local cluster, or a new local one; "auto" or
-    "ray://HOST:PORT" join one). ``name``: the scheduler actor's name in the "fanout" Ray
-    namespace. ``port``: where clients connect on the scheduler's node (0: a free one).
-    Packaged models are fetched by each worker on its node, not here.
+    ``address``: the Ray cluster (default: the config's ``cluster.address``; unset: the one
+    this process is connected to, else Ray's own default: ``RAY_ADDRESS``, the latest local
+    cluster, or a new local one; "auto" or "ray://HOST:PORT" join one). ``name``: the
+    scheduler actor's name in the "fanout" Ray namespace (default: ``cluster.name``).
+    ``port``: where clients connect on the scheduler's node (0: a free one).
+    ``devices: auto`` is discovered on every node, each device a per-node one. Packaged
+    models are fetched by each worker on its node, not here.
     """
-    cfg = config if isinstance(config, Config) else load_config(config)
-    if cfg.scheduler.token is None:  # the sockets bind a node IP: never without a token
-        cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(
-            cfg.scheduler, token=secrets.token_urlsafe(32)))
+    section = config.cluster if isinstance(config, Config) else load_cluster_section(config)
+    address = address if address is not None else section.address
+    name = name or section.name
     owns_ray = not ray.is_initialized()
     if owns_ray:
         ray.init(address=address, namespace=NAMESPACE)
+    try:
+        cfg = config if isinstance(config, Config) else load_config(
+            config, discover=discover_cluster)
+    except BaseException:
+        if owns_ray:
+            ray.shutdown()
+        raise
+    if cfg.scheduler.token is None:  # the sockets bind a node IP: never without a token
+        cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(
+            cfg.scheduler, token=secrets.token_urlsafe(32)))
     say = progress or (lambda line: None)
     here = ray.get_runtime_context().get_node_id()
     try:

@@ -12,7 +12,10 @@ Rules:
   failed on; an input error is answered at once and never re-run;
 - a lost worker (exit, missed heartbeats, a run that ignores its deadline) has its in-flight
   tasks re-run and is restarted with backoff;
-- every task is answered exactly once: late results of re-run or finished tasks are dropped.
+- every task is answered exactly once: late results of re-run or finished tasks are dropped;
+- under a launcher that tracks nodes, workers come and go with them: ``WorkerAdded`` starts
+  one (a ``per_node`` device's instance on a node that joined, or a device whose node is
+  back), ``WorkerGone`` re-runs its tasks elsewhere and leaves it "gone", not restarted.
 """
 from __future__ import annotations
 
@@ -65,6 +68,25 @@ class WorkerHeartbeat:
 class WorkerExited:
     device: str
     epoch: int
+    reason: str
+
+
+@dataclass
+class WorkerAdded:
+    """A place was found for a worker: a per-node instance of ``template`` on a node that
+    joined (``device`` = TEMPLATE@NODE), or ``device`` itself once a node can host it again."""
+
+    device: str
+    template: str
+    node: str = ""
+    capacity: int | None = None  # None: the template's
+
+
+@dataclass
+class WorkerGone:
+    """A worker's node left (or no node can host it): its tasks are re-run, it is not restarted."""
+
+    device: str
     reason: str
 
 
@@ -237,7 +259,8 @@ class WorkerView:
     kind: str
     capacity: int
     epoch: int = 0
-    state: str = "starting"  # starting | up | lost | stopped
+    state: str = "starting"  # starting | up | lost | stopped | gone
+    template: str = ""  # the config device this worker is (an instance of)
     pid: int | None = None
     node: str = ""
     started_at: float = 0.0
@@ -288,21 +311,39 @@ class SchedulerState:
     """The scheduler's decisions. Feed events to ``handle``; carry out what it returns."""
 
     def __init__(self, config: Config, clock: Callable[[], float],
-                 policy: placement.Policy = placement.earliest_finish):
+                 policy: placement.Policy = placement.earliest_finish,
+                 track_nodes: bool = False):
+        """``track_nodes``: the launcher adds and removes workers as nodes come and go; a
+        ``per_node`` device then has no worker of its own, only instances added later."""
         self.config = config
         self.sc = config.scheduler
         self.clock = clock
         self.policy = policy
-        self.workers: dict[str, WorkerView] = {
-            d.name: WorkerView(d.name, d.kind, d.capacity) for d in config.devices}
-        self.orders: dict[str, list[str]] = {m.name: config.device_order(m.name)
-                                             for m in config.models}
-        for name, view in self.workers.items():
-            view.models = {m: ModelSlot() for m, order in self.orders.items() if name in order}
+        # A per_node device is a template whose instances stand where its name stands in
+        # every model's order; without node tracking it runs as one worker of its name.
+        self.instances: dict[str, list[str]] = {
+            d.name: [] for d in config.devices if d.per_node and track_nodes}
+        self._base_orders = {m.name: config.device_order(m.name) for m in config.models}
+        self.orders: dict[str, list[str]] = {}
+        self.workers: dict[str, WorkerView] = {}
+        for d in config.devices:
+            if d.name not in self.instances:
+                self.workers[d.name] = self._view(d.name, d.name, d.capacity)
+        self._expand_orders()
         self.queue: collections.deque[Task] = collections.deque()
         self.tasks: dict[Any, Task] = {}  # every unanswered task
         self._attempt_ids = itertools.count(1)
         self.counters = collections.Counter()
+
+    def _view(self, device: str, template: str, capacity: int) -> WorkerView:
+        view = WorkerView(device, self.config.device(template).kind, capacity, template=template)
+        view.models = {m: ModelSlot() for m, order in self._base_orders.items()
+                       if template in order}
+        return view
+
+    def _expand_orders(self) -> None:
+        self.orders = {m: [name for t in order for name in self.instances.get(t, [t])]
+                       for m, order in self._base_orders.items()}
 
     # -- entry points --
 
@@ -335,7 +376,7 @@ class SchedulerState:
 
     def _current(self, device: str, epoch: int) -> WorkerView | None:
         view = self.workers.get(device)
-        if view is None or view.epoch != epoch or view.state in ("lost", "stopped"):
+        if view is None or view.epoch != epoch or view.state in ("lost", "stopped", "gone"):
             return None  # a message from an old incarnation of the worker
         return view
 
@@ -375,6 +416,36 @@ class SchedulerState:
         view = self._current(ev.device, ev.epoch)
         if view is not None:
             self._lose_worker(view, f"worker process exited ({ev.reason})", actions, kill=False)
+
+    def _on_WorkerAdded(self, ev: WorkerAdded, actions: list) -> None:
+        view = self.workers.get(ev.device)
+        if view is None:
+            if ev.template not in self.instances or ev.device == ev.template:
+                return  # not a per-node device of this config: nothing to add
+            capacity = ev.capacity or self.config.device(ev.template).capacity
+            view = self.workers[ev.device] = self._view(ev.device, ev.template, capacity)
+        elif view.state != "gone":
+            return  # already there
+        if view.template in self.instances and ev.device not in self.instances[view.template]:
+            self.instances[view.template] = sorted(self.instances[view.template] + [ev.device])
+            self._expand_orders()
+        view.node = ev.node or view.node
+        actions.append(self._start_worker(view, self.clock()))
+
+    def _on_WorkerGone(self, ev: WorkerGone, actions: list) -> None:
+        view = self.workers.get(ev.device)
+        if view is None or view.state == "gone":
+            return
+        if view.state in ("starting", "up"):
+            self._lose_worker(view, ev.reason, actions, kill=True)
+        view.state, view.last_exit, view.restart_at, view.pid = "gone", ev.reason, None, None
+        for slot in view.models.values():
+            slot.state, slot.detail, slot.probing = "gone", ev.reason, False
+        if ev.device in self.instances.get(view.template, ()):
+            self.instances[view.template].remove(ev.device)  # out of placement; still in status
+            self._expand_orders()
+        for model in view.models:
+            self._reject_hopeless(model, actions)
 
     def _lose_worker(self, view: WorkerView, reason: str, actions: list, kill: bool) -> None:
         now = self.clock()
@@ -578,21 +649,26 @@ class SchedulerState:
             if device in task.excluded:
                 continue
             slot = self.workers[device].models.get(task.model)
-            if slot is not None and slot.state != "unavailable":
+            if slot is not None and slot.state not in ("unavailable", "gone"):
                 return False
         return True
 
     def _with_skipped(self, task: Task, before: str | None = None) -> list[Attempt]:
         """The task's attempts plus the devices it skipped, up to ``before``, because the model
-        is unavailable there: a result says why it did not run on a preferred device."""
+        is unavailable there or the device's node is gone: a result says why it did not run
+        on a preferred device."""
         attempts = list(task.attempts)
         tried = {a.device for a in attempts}
         for device in self.orders[task.model]:
             if device == before:
                 break
             slot = self.workers[device].models.get(task.model)
-            if device not in tried and slot is not None and slot.state == "unavailable":
+            if device in tried or slot is None:
+                continue
+            if slot.state == "unavailable":
                 attempts.append(Attempt(device, "model_unavailable", slot.error or "unavailable"))
+            elif slot.state == "gone":
+                attempts.append(Attempt(device, "worker_gone", slot.detail))
         return attempts
 
     def _fail(self, task: Task, actions: list) -> None:
@@ -686,16 +762,17 @@ class SchedulerState:
                 "node": v.node, "capacity": v.capacity, "in_flight": len(v.in_flight),
                 "queued": sum(queued[m] for m in v.models),
                 "done": v.done, "failed": v.failed, "failed_over": v.failed_over,
-                "lost": v.lost, "restarts": v.restarts, "peak_running": v.peak_running, "last_exit": v.last_exit,
+                "lost": v.lost, "restarts": v.restarts, "peak_running": v.peak_running,
+                "last_exit": v.last_exit, "template": v.template,
                 "epoch": v.epoch, "models": models})
         return {"workers": workers, "queued": len(self.queue), "unanswered": len(self.tasks),
                 "counters": dict(self.counters), "max_queue": self.sc.max_queue,
                 "queued_by_model": dict(queued)}
 
     def ready(self) -> bool:
-        """Every worker is up and no model is still loading."""
-        return all(v.state == "up" and all(s.state != "loading" for s in v.models.values())
-                   for v in self.workers.values())
+        """Every worker is up (or gone with its node) and no model is still loading."""
+        return all(v.state == "gone" or v.state == "up" and all(
+            s.state != "loading" for s in v.models.values()) for v in self.workers.values())
 
     def validate(self) -> None:
         """Invariants, for tests: capacity honoured, no task both queued and running."""

@@ -16,8 +16,8 @@ from runtime.errors import (Attempt, Cancelled, DeadlineExceeded, InvalidInput,
                             NoDeviceAvailable, Overloaded)
 from runtime.scheduler import (CancelAttempt, Deliver, Dispatch, KillWorker, ModelStateChanged,
                                Reject, SchedulerState, StartWorker, TaskCancelled, TaskFailed,
-                               TaskSubmitted, TaskSucceeded, Tick, WorkerExited,
-                               WorkerHeartbeat, WorkerRegistered)
+                               TaskSubmitted, TaskSucceeded, Tick, WorkerAdded, WorkerExited,
+                               WorkerGone, WorkerHeartbeat, WorkerRegistered)
 
 
 # ---- the driver --------------------------------------------------------------------------
@@ -53,9 +53,9 @@ class Harness:
     A task's payload is its key, so a Dispatch names the task it carries.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, track_nodes: bool = False) -> None:
         self.clock = FakeClock()
-        self.state = SchedulerState(config, self.clock)
+        self.state = SchedulerState(config, self.clock, track_nodes=track_nodes)
         self.epochs: dict[str, int] = {}
         self.log: list = []
         self.pending: set[Any] = set()  # accepted, not yet answered
@@ -161,8 +161,8 @@ def make():
     """Builds harnesses; at teardown checks the invariants and that state and test agree."""
     made: list[Harness] = []
 
-    def factory(config: Config | None = None, **kw: Any) -> Harness:
-        h = Harness(config if config is not None else cluster(**kw))
+    def factory(config: Config | None = None, track_nodes: bool = False, **kw: Any) -> Harness:
+        h = Harness(config if config is not None else cluster(**kw), track_nodes)
         made.append(h)
         return h
 
@@ -941,3 +941,113 @@ def test_silence_while_the_scheduler_had_messages_unread_does_not_count_against_
     h.clock.advance(5.1)
     kills = of(KillWorker, h.handle(Tick(heard_all_until=h.clock.now)))
     assert {k.device for k in kills} == {"npu0", "cpu0"}  # real silence still counts
+
+
+# ---- node membership (a launcher that tracks nodes) ---------------------------------------
+
+def per_node_cluster() -> Config:
+    """npu0 (fixed) then ``cpu``, one worker per node; model ``m`` prefers npu0."""
+    return Config(devices=[DeviceConfig("npu0", "npu", "qnn", capacity=1),
+                           DeviceConfig("cpu", "cpu", "onnxruntime", capacity=2, per_node=True)],
+                  models=[model("m", "npu0", "cpu")])
+
+
+def test_without_node_tracking_a_per_node_device_is_one_worker_of_its_name(make):
+    h = make(per_node_cluster())
+    assert h.log == [StartWorker("npu0", 1), StartWorker("cpu", 1)]
+    assert h.state.orders["m"] == ["npu0", "cpu"]
+
+
+def test_per_node_instances_join_the_models_order_where_their_device_stands(make):
+    h = make(per_node_cluster(), track_nodes=True)
+    assert h.log == [StartWorker("npu0", 1)] and h.state.orders["m"] == ["npu0"]
+    actions = h.handle(WorkerAdded("cpu@bbbb", "cpu", "10.0.0.2/bbbb"),
+                       WorkerAdded("cpu@aaaa", "cpu", "10.0.0.1/aaaa", capacity=4))
+    h._record([])
+    assert of(StartWorker, actions) == [StartWorker("cpu@bbbb", 1), StartWorker("cpu@aaaa", 1)]
+    assert h.state.orders["m"] == ["npu0", "cpu@aaaa", "cpu@bbbb"]
+    assert h.state.workers["cpu@aaaa"].capacity == 4  # the node's, when the launcher says so
+    assert h.state.workers["cpu@bbbb"].capacity == 2  # else the device's
+    assert h.state.workers["cpu@aaaa"].template == "cpu"
+    h.up()
+    assert h.state.ready()
+    # npu0 takes one, then the instances share the rest by capacity
+    placed = [h.where(k) for k in range(7) if dispatches(h.submit(k))]
+    assert placed.count("npu0") == 1 and placed.count("cpu@aaaa") == 4
+    assert placed.count("cpu@bbbb") == 2
+    for k in range(7):
+        h.succeed(k)
+
+
+def test_adding_an_instance_twice_or_one_of_an_unknown_device_does_nothing(make):
+    h = make(per_node_cluster(), track_nodes=True)
+    h.handle(WorkerAdded("cpu@aaaa", "cpu", "n1"))
+    assert of(StartWorker, h.handle(WorkerAdded("cpu@aaaa", "cpu", "n1"))) == []
+    assert of(StartWorker, h.handle(WorkerAdded("gpu@aaaa", "gpu", "n1"))) == []
+    assert of(StartWorker, h.handle(WorkerAdded("npu0", "npu0"))) == []  # up, not gone
+    assert set(h.state.workers) == {"npu0", "cpu@aaaa"}
+
+
+def test_a_gone_instance_has_its_tasks_re_run_elsewhere_and_is_never_restarted(make):
+    h = make(per_node_cluster(), track_nodes=True)
+    h.handle(WorkerAdded("cpu@aaaa", "cpu", "n1"), WorkerAdded("cpu@bbbb", "cpu", "n2"))
+    h.up("cpu@aaaa", "cpu@bbbb")  # npu0 still starting
+    for k in range(4):
+        h.submit(k)
+    on_a = [k for k in range(4) if h.where(k) == "cpu@aaaa"]
+    assert len(on_a) == 2
+    actions = h.handle(WorkerGone("cpu@aaaa", "node n1 left the Ray cluster"))
+    assert of(KillWorker, actions) == [KillWorker("cpu@aaaa", 1, "node n1 left the Ray cluster")]
+    assert h.state.orders["m"] == ["npu0", "cpu@bbbb"]
+    view = h.state.workers["cpu@aaaa"]
+    assert view.state == "gone" and view.in_flight == {}
+    for k in range(4):  # the two re-runs wait for cpu@bbbb's slots
+        if k not in on_a:
+            h.succeed(k)
+    for k in on_a:
+        assert h.where(k) == "cpu@bbbb"
+        h.succeed(k)
+        (attempt,) = h.answers[k].attempts
+        assert attempt == Attempt("cpu@aaaa", "worker_lost", "node n1 left the Ray cluster")
+    assert of(StartWorker, h.tick(3600)) == []  # gone is not lost: no restart
+    status = {w["device"]: w for w in h.state.snapshot()["workers"]}
+    assert status["cpu@aaaa"]["state"] == "gone"
+    assert status["cpu@aaaa"]["last_exit"] == "node n1 left the Ray cluster"
+    # a late answer from the gone worker is dropped
+    assert h.handle(TaskSucceeded("cpu@aaaa", 1, 999, "late", 0.1)) == []
+
+
+def test_a_gone_device_does_not_hold_readiness_and_comes_back_when_a_node_can_host_it(make):
+    h = make(per_node_cluster(), track_nodes=True)
+    h.handle(WorkerAdded("cpu@aaaa", "cpu", "n1"))
+    h.up("cpu@aaaa")
+    assert not h.state.ready()  # npu0 is still starting
+    h.handle(WorkerGone("npu0", "no live Ray node has the resources {'NPU': 1.0}"))
+    assert h.state.ready() and h.state.workers["npu0"].state == "gone"
+    assert [d.device for d in dispatches(h.submit("t1"))] == ["cpu@aaaa"]
+    h.succeed("t1")
+    assert h.answers["t1"].attempts == [Attempt(
+        "npu0", "worker_gone", "no live Ray node has the resources {'NPU': 1.0}")]
+    actions = h.handle(WorkerAdded("npu0", "npu0"))
+    assert of(StartWorker, actions) == [StartWorker("npu0", 2)]
+    h.up("npu0")
+    assert [d.device for d in dispatches(h.submit("t2"))] == ["npu0"]
+    h.succeed("t2")
+
+
+def test_queued_tasks_that_only_a_gone_device_could_run_are_answered_with_why(make):
+    h = make(per_node_cluster(), track_nodes=True)
+    h.handle(WorkerAdded("cpu@aaaa", "cpu", "n1"))
+    h.up("npu0", "cpu@aaaa")
+    h.handle(WorkerGone("cpu@aaaa", "node n1 left"))
+    h.submit("a")  # runs on npu0
+    h.submit("b")  # waits for npu0
+    assert h.where("a") == "npu0"
+    h.handle(WorkerGone("npu0", "node n0 left"))
+    for key in ("a", "b"):
+        answer = h.answers[key]
+        assert isinstance(answer, Reject) and isinstance(answer.error, NoDeviceAvailable)
+    # "a" was running on npu0 when it went; "b" never ran: it says why npu0 was skipped
+    assert h.answers["a"].error.attempts == [Attempt("npu0", "worker_lost", "node n0 left")]
+    assert h.answers["b"].error.attempts == [Attempt("npu0", "worker_gone", "node n0 left")]
+    assert h.state.tasks == {} and not h.state.queue
