@@ -168,8 +168,11 @@ class RaySupervisor:
     def __init__(self, worker_address: str, config_file: str, prefix: str = SCHEDULER_NAME):
         self.worker_address = worker_address
         self.config = json.loads(Path(config_file).read_text())
-        self.devices = {d.name: d for d in config_from_dict(self.config).devices}
-        self.templates = {n: d for n, d in self.devices.items() if d.per_node}
+        cfg = config_from_dict(self.config)
+        self.devices = {d.name: d for d in cfg.devices}
+        # Per-node devices no model names would be idle workers on every node: left out.
+        used = {d for m in cfg.models for d in cfg.device_order(m.name)}
+        self.templates = {n: d for n, d in self.devices.items() if d.per_node and n in used}
         self.prefix = prefix
         self.actors: dict[str, tuple[int, Any, ray.ObjectRef]] = {}  # device -> (epoch, actor, run)
         self._exited: list[tuple[str, int, str]] = []
@@ -404,6 +407,7 @@ class RayCluster(ClusterHandle):
         self.actor = actor
         self.name = name
         self.node: str = info["node"]
+        self.config: Config | None = None  # as the scheduler runs it (token, keys included)
         self.pid: int = info["pid"]  # of the scheduler actor's process
         self._finalizer = weakref.finalize(self, _release, name, owns_ray)
 
@@ -443,7 +447,8 @@ def _release(name: str, owns_ray: bool) -> None:
 
 
 def start(config: Config | str | os.PathLike | None = None, *, address: str | None = None,
-          name: str | None = None, port: int = 0, wait: bool = True, timeout: float = 600.0,
+          name: str | None = None, port: int | None = 0, wait: bool = True,
+          timeout: float = 600.0,
           progress: Callable[[str], None] | None = None) -> RayCluster:
     """Start the scheduler as a detached Ray actor and return its handle.
 
@@ -451,7 +456,8 @@ def start(config: Config | str | os.PathLike | None = None, *, address: str | No
     this process is connected to, else Ray's own default: ``RAY_ADDRESS``, the latest local
     cluster, or a new local one; "auto" or "ray://HOST:PORT" join one). ``name``: the
     scheduler actor's name in the "fanout" Ray namespace (default: ``cluster.name``).
-    ``port``: where clients connect on the scheduler's node (0: a free one).
+    ``port``: where clients connect on the scheduler's node (0: a free one; None: the port of
+    the config's ``scheduler.address``).
     ``devices: auto`` is discovered on every node, each device a per-node one. Packaged
     models are fetched by each worker on its node, not here.
     """
@@ -471,6 +477,9 @@ def start(config: Config | str | os.PathLike | None = None, *, address: str | No
     if cfg.scheduler.token is None:  # the sockets bind a node IP: never without a token
         cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(
             cfg.scheduler, token=secrets.token_urlsafe(32)))
+    if port is None:
+        port = int(cfg.scheduler.address.rsplit(":", 1)[1]) \
+            if cfg.scheduler.address.startswith("tcp://") else 0
     say = progress or (lambda line: None)
     here = ray.get_runtime_context().get_node_id()
     try:
@@ -492,6 +501,7 @@ def start(config: Config | str | os.PathLike | None = None, *, address: str | No
         raise
     say(f"scheduler actor {name!r} on node {info['node']}, clients connect to {info['address']}")
     cluster = RayCluster(actor, info, name, owns_ray)
+    cluster.config = cfg
     if wait:
         cluster.wait_ready_or_shutdown(timeout)
     return cluster
