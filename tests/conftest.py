@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import textwrap
 import time
@@ -53,12 +54,63 @@ def worker(status: dict, device: str) -> dict:
     return next(w for w in status["workers"] if w["device"] == device)
 
 
-class ClusterFactory:
-    """Starts clusters from YAML text; at teardown stops them and asserts no process is left."""
+RAY_NEEDED = "the Ray launcher's tests need Ray: pip install 'ray[default]'"
 
-    def __init__(self, tmp_path: Path):
+
+class RayNodes:
+    """A head and two more Ray nodes, one with the custom resource {"NPU": 1}."""
+
+    def __init__(self):
+        from ray.cluster_utils import Cluster
+        started = time.monotonic()
+        self.cluster = Cluster(initialize_head=True, connect=True,
+                               head_node_args={"num_cpus": 1, "include_dashboard": False})
+        self.npu = self.cluster.add_node(num_cpus=1, resources={"NPU": 1})
+        self.plain = self.cluster.add_node(num_cpus=1)
+        self.cluster.wait_for_nodes()
+        self.start_s = time.monotonic() - started
+
+    def label(self, node) -> str:
+        return f"{node.node_ip_address}/{node.node_id[:8]}"
+
+    def labels(self) -> set[str]:
+        return {self.label(n) for n in [self.cluster.head_node, self.npu, self.plain]}
+
+    def close(self) -> None:
+        import ray
+        ray.shutdown()
+        self.cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_nodes():
+    """The session's one Ray cluster (``ray.init`` is process-global), made on first use."""
+    pytest.importorskip("ray", reason=RAY_NEEDED)
+    nodes = RayNodes()
+    print(f"\nRay cluster of 3 nodes up in {nodes.start_s:.1f} s")
+    yield nodes
+    nodes.close()
+
+
+def our_actors(name: str) -> list[str]:
+    """The live Ray actors of the Fanout cluster ``name``: its scheduler and its workers."""
+    import ray
+
+    from runtime import ray_launcher
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == ray_launcher.NAMESPACE
+            and (a["name"] == name or a["name"].startswith(name + "-"))]
+
+
+class ClusterFactory:
+    """Starts clusters from YAML text under one launcher ("local" or "ray"); at teardown stops
+    them and asserts no process (and, under Ray, no actor) is left."""
+
+    def __init__(self, tmp_path: Path, launcher: str = "local", prefix: str = "fanout"):
         self.tmp_path = tmp_path
-        self.clusters: list[runtime.Cluster] = []
+        self.launcher = launcher
+        self.prefix = prefix
+        self.clusters: list = []
         self.pids: set[int] = set()
 
     def write(self, text: str, name: str = "cluster.yaml") -> Path:
@@ -66,14 +118,21 @@ class ClusterFactory:
         path.write_text(textwrap.dedent(text))
         return path
 
-    def start(self, text: str, **kw) -> runtime.Cluster:
-        cluster = runtime.start(self.write(text), **kw)
+    def start(self, text: str, name: str | None = None, **kw):
+        """``name``: the Ray scheduler actor's (default: unique per factory and start)."""
+        if self.launcher == "ray":
+            from runtime import ray_launcher
+            if name is None:
+                name = f"{self.prefix}-{len(self.clusters) + 1}" if self.clusters else self.prefix
+            cluster = ray_launcher.start(self.write(text, f"{name}.yaml"), name=name, **kw)
+        else:
+            cluster = runtime.start(self.write(text, f"{name or 'cluster'}.yaml"), **kw)
         self.clusters.append(cluster)
         self.pids.add(cluster.pid)
         self.track(cluster)
         return cluster
 
-    def track(self, cluster: runtime.Cluster) -> dict:
+    def track(self, cluster) -> dict:
         """Remember every worker pid seen, so teardown can check each one is gone."""
         status = cluster.status()
         self.pids.update(w["pid"] for w in status["workers"] if w["pid"])
@@ -81,31 +140,51 @@ class ClusterFactory:
 
     def close(self) -> None:
         for cluster in self.clusters:
-            if cluster.process.poll() is None:
+            if not isinstance(cluster, runtime.Cluster) or cluster.process.poll() is None:
                 try:
                     self.track(cluster)
                 except Exception:
                     pass
             cluster.shutdown()
+        names = [c.name for c in self.clusters] if self.launcher == "ray" else []
         deadline = time.monotonic() + 15
+        actors = [a for n in names for a in our_actors(n)]
+        while actors and time.monotonic() < deadline:
+            time.sleep(0.1)
+            actors = [a for n in names for a in our_actors(n)]
         alive = [p for p in self.pids if process_alive(p)]
         while alive and time.monotonic() < deadline:
             time.sleep(0.1)
             alive = [p for p in alive if process_alive(p)]
         for pid in alive:  # do not leak into later tests even when this one fails
             os.kill(pid, signal.SIGKILL)
-        assert not alive, f"processes left running after shutdown: {alive}"
+        assert not actors, f"Ray actors left after shutdown: {actors}"
+        assert not alive, f"scheduler or worker processes left running after shutdown: {alive}"
+
+
+def factory_for(request, launcher: str, tmp_path: Path) -> ClusterFactory:
+    """A factory named after the test (or module) asking; "ray" brings up the shared Ray nodes."""
+    if launcher == "ray":
+        request.getfixturevalue("ray_nodes")
+    prefix = re.sub(r"[^\w.]+", "-", request.node.name).strip("-")  # test_x[ray] -> test_x-ray
+    return ClusterFactory(tmp_path, launcher, prefix)
+
+
+@pytest.fixture(scope="session")
+def launcher() -> str:
+    """The launcher of ``clusters``; a module that runs under both overrides this with params."""
+    return "local"
 
 
 @pytest.fixture
-def clusters(tmp_path):
-    factory = ClusterFactory(tmp_path)
+def clusters(request, launcher, tmp_path):
+    factory = factory_for(request, launcher, tmp_path)
     yield factory
     factory.close()
 
 
 @pytest.fixture(scope="module")
-def module_clusters(tmp_path_factory):
-    factory = ClusterFactory(tmp_path_factory.mktemp("cluster"))
+def module_clusters(request, launcher, tmp_path_factory):
+    factory = factory_for(request, launcher, tmp_path_factory.mktemp("cluster"))
     yield factory
     factory.close()

@@ -10,6 +10,12 @@ EMBEDDING = "onnx::Shape_422"  # MiniLM's last hidden state [batch, seq, 384]
 NPU_OPTIONS = '{shapes: {input_ids: [1, 32], attention_mask: [1, 32]}, soc_model: "69"}'
 
 
+@pytest.fixture(scope="module", params=["local", "ray"])
+def launcher(request) -> str:
+    """Every test here runs under both launchers."""
+    return request.param
+
+
 def assert_matches(result, expected, rtol=1e-5, atol=1e-5):
     assert set(result.outputs) == set(expected)
     for name, want in expected.items():

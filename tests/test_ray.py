@@ -1,21 +1,22 @@
 """The Ray launcher on a real Ray cluster of several nodes on this machine (ray.cluster_utils)."""
 from __future__ import annotations
 
+import functools
 import textwrap
-import time
 
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray", reason="the Ray launcher's tests need Ray: "
-                          "pip install 'ray[default]'")
+from .conftest import RAY_NEEDED
+
+ray = pytest.importorskip("ray", reason=RAY_NEEDED)
 
 import runtime  # noqa: E402
 from runtime import ray_launcher  # noqa: E402
 from runtime.errors import Unauthorized  # noqa: E402
 from runtime.supervisor import process_alive  # noqa: E402
 
-from .conftest import sentences, wait_for, worker  # noqa: E402
+from .conftest import ClusterFactory, our_actors, sentences, wait_for, worker  # noqa: E402
 from .test_cluster import EMBEDDING, NPU_OPTIONS, assert_matches  # noqa: E402
 from .test_resilience import check_results  # noqa: E402
 
@@ -41,78 +42,17 @@ FANOUT = f"""
 """
 
 
-class RayNodes:
-    """A head and two more Ray nodes, one with the custom resource {"NPU": 1}."""
-
-    def __init__(self):
-        from ray.cluster_utils import Cluster
-        started = time.monotonic()
-        self.cluster = Cluster(initialize_head=True, connect=True,
-                               head_node_args={"num_cpus": 1, "include_dashboard": False})
-        self.npu = self.cluster.add_node(num_cpus=1, resources={"NPU": 1})
-        self.plain = self.cluster.add_node(num_cpus=1)
-        self.cluster.wait_for_nodes()
-        self.start_s = time.monotonic() - started
-
-    def label(self, node) -> str:
-        return f"{node.node_ip_address}/{node.node_id[:8]}"
-
-    def labels(self) -> set[str]:
-        return {self.label(n) for n in [self.cluster.head_node, self.npu, self.plain]}
-
-    def close(self) -> None:
-        ray.shutdown()
-        self.cluster.shutdown()
+RayClusters = functools.partial(ClusterFactory, launcher="ray")
 
 
-@pytest.fixture(scope="module")
-def nodes():
-    nodes = RayNodes()
-    print(f"\nRay cluster of 3 nodes up in {nodes.start_s:.1f} s")
-    yield nodes
-    nodes.close()
-
-
-def our_actors(name: str) -> list[str]:
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == ray_launcher.NAMESPACE
-            and (a["name"] == name or a["name"].startswith(name + "-"))]
-
-
-class RayClusters:
-    """Starts Fanout clusters under the Ray launcher; at teardown asserts nothing is left."""
-
-    def __init__(self, tmp_path):
-        self.tmp_path = tmp_path
-        self.clusters: list = []
-        self.pids: set[int] = set()
-
-    def start(self, text: str, name: str):
-        path = self.tmp_path / f"{name}.yaml"
-        path.write_text(textwrap.dedent(text))
-        cluster = ray_launcher.start(path, name=name)
-        self.clusters.append(cluster)
-        self.pids.add(cluster.pid)
-        self.track(cluster)
-        return cluster
-
-    def track(self, cluster) -> dict:
-        status = cluster.status()
-        self.pids.update(w["pid"] for w in status["workers"] if w["pid"])
-        return status
-
-    def close(self) -> None:
-        for cluster in self.clusters:
-            try:
-                self.track(cluster)
-            except Exception:
-                pass
-            cluster.shutdown()
-        for cluster in self.clusters:
-            wait_for(lambda: not our_actors(cluster.name), timeout=15,
-                     what=f"the actors of {cluster.name} to be gone")
-        wait_for(lambda: not any(process_alive(p) for p in self.pids), timeout=15,
-                 what="every scheduler and worker actor process to exit")
+@pytest.fixture
+def nodes(ray_nodes):
+    """The shared Ray nodes; any node a test adds is removed after it, for the tests that follow."""
+    before = ray_nodes.cluster.list_all_nodes()
+    yield ray_nodes
+    for node in ray_nodes.cluster.list_all_nodes():
+        if node not in before:
+            ray_nodes.cluster.remove_node(node)
 
 
 @pytest.fixture
@@ -123,7 +63,7 @@ def ray_clusters(nodes, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def fanout(nodes, tmp_path_factory):
+def fanout(ray_nodes, tmp_path_factory):
     factory = RayClusters(tmp_path_factory.mktemp("ray"))
     yield factory.start(FANOUT, name="fanout-test")
     factory.close()

@@ -22,6 +22,12 @@ TWO_CPU_WORKERS = """
 """
 
 
+@pytest.fixture(scope="module", params=["local", "ray"])
+def launcher(request) -> str:
+    """The tests here run under both launchers, but for the one marked local only."""
+    return request.param
+
+
 def check_results(results, batch, reference):
     for result, inputs in zip(results, batch):
         np.testing.assert_allclose(result["onnx::Shape_422"],
@@ -118,6 +124,9 @@ def test_a_task_past_its_deadline_gets_deadline_exceeded_and_frees_its_slot(
     assert worker(cluster.status(), "cpu0")["state"] == "up"
 
 
+# Local only: it tests the local scheduler's watch of its parent; the Ray scheduler is a
+# detached actor, made to outlive the program that started it.
+@pytest.mark.parametrize("launcher", ["local"])
 def test_killing_the_program_that_started_a_cluster_leaves_no_process_behind(clusters):
     import json
     import subprocess
