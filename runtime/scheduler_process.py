@@ -26,6 +26,7 @@ from . import protocol as p
 from . import scheduler as s
 from .config import Config, config_from_dict, config_to_dict
 from .errors import ClusterUnavailable, ProtocolError, Unauthorized
+from .security import Gate
 from .supervisor import LocalSupervisor
 
 log = logging.getLogger("fanout.scheduler")
@@ -49,10 +50,16 @@ class SchedulerProcess:
         sc = config.scheduler
         self.clock = clock
         self.on_change = on_change
-        self.state = s.SchedulerState(config, clock)
         self.ctx = zmq.Context()
-        self.front = self._router(sc.address)
-        self.back = self._router(sc.worker_address)
+        # With keys, both sockets are CURVE servers that admit only the cluster's client key.
+        self._gate = Gate(self.ctx, config.cluster.keys) if config.cluster.keys else None
+        try:
+            self.front = self._router(sc.address)
+            self.back = self._router(sc.worker_address)
+        except BaseException:
+            if self._gate is not None:
+                self._gate.close()
+            raise
         self.address = self.front.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.worker_address = self.back.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.front_decoder = p.Decoder(p.CLIENT_TO_SCHEDULER, sc.max_message_bytes,
@@ -67,6 +74,9 @@ class SchedulerProcess:
         config_file = Path(self._tmp.name) / "config.json"
         config_file.write_text(json.dumps(config_to_dict(config)))
         self.supervisor = supervisor_factory(self.worker_address, str(config_file))
+        # A supervisor that tracks nodes (Ray) adds and removes workers as nodes come and go.
+        self.state = s.SchedulerState(config, clock,
+                                      track_nodes=getattr(self.supervisor, "tracks_nodes", False))
         self._stopping = False
         self._last_ping = 0.0
         self.started = time.time()
@@ -78,6 +88,8 @@ class SchedulerProcess:
         # libzmq drops the frame and the connection, so no peer can make us buffer more.
         sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.scheduler.max_message_bytes)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker reuses its identity
+        if self._gate is not None:
+            self._gate.serve(sock)
         if address.startswith("tcp://") and address.rsplit(":", 1)[1] in ("0", "*"):
             host = address[len("tcp://"):].rsplit(":", 1)[0]
             port = sock.bind_to_random_port(f"tcp://{host}")
@@ -93,6 +105,7 @@ class SchedulerProcess:
 
     def serve(self, watch_parent: int | None = None) -> None:
         self._execute(self.state.start())
+        self._feed(*self._membership())
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
@@ -109,6 +122,7 @@ class SchedulerProcess:
                 if now - last_tick >= TICK_S:
                     last_tick = now
                     events: list = [s.WorkerExited(d, e, r) for d, e, r in self.supervisor.poll()]
+                    events += self._membership()
                     self._feed(*events, *self._vanished_clients(now), s.Tick(heard_all_until))
                     self._ping_workers(now)
                     if watch_parent is not None and os.getppid() != watch_parent:
@@ -138,6 +152,11 @@ class SchedulerProcess:
             for ev in events:
                 if not isinstance(ev, s.Tick):
                     self.on_change(self, ev)
+
+    def _membership(self) -> list:
+        """Workers added and gone as nodes join and leave (only a node-tracking supervisor)."""
+        membership = getattr(self.supervisor, "membership", None)
+        return membership() if membership is not None else []
 
     def _vanished_clients(self, now: float) -> list:
         """Cancels for the tasks of clients that stopped pinging: their slots are freed."""
@@ -215,7 +234,8 @@ class SchedulerProcess:
     def info(self) -> dict:
         return {"address": self.address, "worker_address": self.worker_address,
                 "pid": os.getpid(), "node": socket.gethostname(), "launcher": "local",
-                "started": self.started, "ready": self.state.ready(),
+                "started": self.started,
+                "ready": self.state.ready() and getattr(self.supervisor, "settled", True),
                 "max_message_bytes": self.config.scheduler.max_message_bytes,
                 "models": sorted(self.state.orders)}
 
@@ -333,6 +353,8 @@ class SchedulerProcess:
         self.supervisor.stop_all(timeout=5.0)
         self.front.close(linger=200)
         self.back.close(linger=200)
+        if self._gate is not None:
+            self._gate.close()
         self.ctx.term()
         self._tmp.cleanup()
 

@@ -27,6 +27,7 @@ from .backends.base import ModelSpec
 from .config import Config, config_from_dict
 from .errors import InvalidInput
 from .generation import read_request
+from .security import apply_client
 from .worker import LoadState, Outcome, TokensOut, WorkerCore
 
 log = logging.getLogger("fanout.worker")
@@ -71,6 +72,8 @@ class WorkerProcess:
         self.sock.setsockopt(zmq.IDENTITY, f"{device}:{epoch}".encode())
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.MAXMSGSIZE, sc.max_message_bytes)
+        if config.cluster.keys is not None:
+            apply_client(self.sock, config.cluster.keys)
         self.sock.connect(scheduler)
         self.decoder = p.Decoder(p.SCHEDULER_TO_WORKER, sc.max_message_bytes)
         self.events: queue.SimpleQueue = queue.SimpleQueue()

@@ -36,6 +36,11 @@ def test_cluster_config_loads_and_npu_needs_an_npu():
     assert any(d.kind == "cpu" for d in cfg.devices)
     assert {m.name for m in cfg.models} == {"minilm", "smollm2"}
     assert cfg.scheduler.address.endswith(":8471")
+    assert cfg.scheduler.worker_address.endswith(":8472")  # a fixed port the README names
+    assert cfg.cluster.launcher == "ray" and cfg.cluster.address == "auto"
+    # an NPU worker on every NPU PC and a CPU worker on every PC, as the README says
+    assert all(d.per_node for d in npus)
+    assert any(d.kind == "cpu" and d.per_node for d in cfg.devices)
 
 
 def test_kuberay_manifest():
