@@ -338,4 +338,9 @@ def bench_http(tokens: int = 64, n: int = 16, rounds: int = 3) -> int:
     return 0
 
 
-BENCHES = {"llm": bench_llm, "minilm": bench_minilm, "http": bench_http}
+def bench_scale(**options) -> int:
+    from .bench_scale import bench_scale as run  # imports Ray, which only this kind needs
+    return run(**options)
+
+
+BENCHES = {"llm": bench_llm, "minilm": bench_minilm, "http": bench_http, "scale": bench_scale}
