@@ -331,6 +331,7 @@ class SchedulerState:
                 self.workers[d.name] = self._view(d.name, d.name, d.capacity)
         self._expand_orders()
         self.queue: collections.deque[Task] = collections.deque()
+        self.queued_models: collections.Counter[str] = collections.Counter()  # of self.queue
         self.tasks: dict[Any, Task] = {}  # every unanswered task
         self._attempt_ids = itertools.count(1)
         self.counters = collections.Counter()
@@ -495,6 +496,7 @@ class SchedulerState:
         self.tasks[ev.key] = task
         self.counters["submitted"] += 1
         self.queue.append(task)
+        self.queued_models[task.model] += 1
 
     def _on_TaskSucceeded(self, ev: TaskSucceeded, actions: list) -> None:
         view, task = self._finish_attempt(ev.device, ev.epoch, ev.attempt)
@@ -628,10 +630,7 @@ class SchedulerState:
             actions.append(CancelAttempt(device, view.epoch, attempt))
             # The slot stays held until the worker confirms: capacity is never exceeded.
         else:
-            try:
-                self.queue.remove(task)
-            except ValueError:
-                pass
+            self._unqueue(task)
         self._finish(task)
         self.counters[error.kind] += 1
         actions.append(Reject(task.key, error))
@@ -642,6 +641,14 @@ class SchedulerState:
             return
         self.counters["retried"] += 1
         self.queue.appendleft(task)  # a re-run goes before new work: it has waited already
+        self.queued_models[task.model] += 1
+
+    def _unqueue(self, task: Task) -> None:
+        try:
+            self.queue.remove(task)
+        except ValueError:
+            return  # not queued (running, or already taken off in _place)
+        self.queued_models[task.model] -= 1
 
     def _hopeless(self, task: Task) -> bool:
         """True when no device left in the task's order can ever serve it."""
@@ -673,8 +680,7 @@ class SchedulerState:
 
     def _fail(self, task: Task, actions: list) -> None:
         attempts = self._with_skipped(task)
-        if task in self.queue:
-            self.queue.remove(task)
+        self._unqueue(task)
         self._finish(task)
         self.counters["failed"] += 1
         if attempts and all(a.kind in ("unsupported", "invalid_input") for a in attempts):
@@ -705,17 +711,32 @@ class SchedulerState:
             out.append(placement.Candidate(device, rank, slot.expected_s))
         return out
 
+    def _any_queued(self, models: set[str]) -> bool:
+        return any(self.queued_models[m] > 0 for m in models)
+
+    def _servable(self) -> set[str]:
+        return {m for v in self.workers.values() if v.free > 0
+                for m, slot in v.models.items() if slot.state == "ready"}
+
     def _place(self, actions: list) -> None:
         if not self.queue:
             return
         now = self.clock()
+        # Models some free slot has ready: a task of any other model is passed over at the
+        # cost of a set lookup (an idle NPU must not make a CPU model's backlog expensive).
+        free = sum(v.free for v in self.workers.values())
+        servable = self._servable()
+        if not self._any_queued(servable):
+            return
         blocked: set[tuple[str, frozenset]] = set()  # (model, excluded) that found no slot
         kept: collections.deque[Task] = collections.deque()
-        while self.queue:
-            if not any(v.free > 0 for v in self.workers.values()):
-                break
+        while self.queue and free > 0:
             task = self.queue.popleft()
+            if task.model not in servable and now < task.deadline:
+                kept.append(task)
+                continue
             if now >= task.deadline:  # expired while queued: answer it, do not dispatch it
+                self.queued_models[task.model] -= 1
                 self._abandon(task, actions, DeadlineExceeded(
                     f"no result within {task.timeout_s:g} s", task.attempts))
                 continue
@@ -732,12 +753,17 @@ class SchedulerState:
             if slot.open_until is not None:
                 slot.probing = True  # half-open: this task is the probe
             attempt = next(self._attempt_ids)
+            free -= 1
+            self.queued_models[task.model] -= 1
             view.in_flight[attempt] = task
+            if view.free == 0:
+                servable = self._servable()
+                if not self._any_queued(servable):
+                    free = 0  # nothing left in the queue that a free slot could take
             task.running = (view.device, attempt)
             actions.append(Dispatch(view.device, view.epoch, attempt, task.model, task.payload,
                                     max(0.0, task.deadline - now), task.generation))
-        kept.extend(self.queue)
-        self.queue = kept
+        self.queue.extendleft(reversed(kept))  # the passed-over tasks, back in their order
 
     # -- views --
 
@@ -780,5 +806,8 @@ class SchedulerState:
             assert len(v.in_flight) <= v.capacity, (v.device, len(v.in_flight), v.capacity)
         for t in self.queue:
             assert t.running is None and not t.finished, t
+        counted = collections.Counter(t.model for t in self.queue)
+        nonzero = {m: n for m, n in self.queued_models.items() if n}
+        assert nonzero == dict(counted), (self.queued_models, counted)
         for t in self.tasks.values():
             assert not t.finished

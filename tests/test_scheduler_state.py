@@ -1051,3 +1051,19 @@ def test_queued_tasks_that_only_a_gone_device_could_run_are_answered_with_why(ma
     assert h.answers["a"].error.attempts == [Attempt("npu0", "worker_lost", "node n0 left")]
     assert h.answers["b"].error.attempts == [Attempt("npu0", "worker_gone", "node n0 left")]
     assert h.state.tasks == {} and not h.state.queue
+
+
+def test_a_task_behind_a_backlog_another_device_cannot_serve_runs_at_once_and_order_is_kept(make):
+    h = make(cluster(npu=1, cpu=1, models=[model("a", "cpu0"), model("b", "npu0", "cpu0")]))
+    h.up()
+    for i in range(5):
+        h.submit(("a", i), "a")  # the first runs on cpu0, four wait: only cpu0 serves "a"
+    assert [d.device for d in dispatches(h.submit("b", "b"))] == ["npu0"]
+    assert h.state.queued_models == {"a": 4, "b": 0}
+    order = []
+    for i in range(5):
+        order.append(h.dispatch_of(("a", i)).payload)
+        follow = dispatches(h.succeed(("a", i)))
+        assert [d.device for d in follow] == (["cpu0"] if i < 4 else [])
+    assert order == [("a", i) for i in range(5)]  # FIFO among the passed-over tasks
+    h.succeed("b")
