@@ -36,6 +36,10 @@ def render_status(status: dict) -> str:
             notes.append(f"  {w['device']:<8} {name:<12} {m['state']:<12} {extra}")
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() for r in rows]
+    down = [w for w in status["workers"] if w["state"] in ("gone", "lost") and w["last_exit"]]
+    if down:
+        lines.append("")
+        lines.extend(f"{w['device']} is {w['state']}: {w['last_exit']}" for w in down)
     lines.append("")
     lines.append("MODELS")
     lines.extend(notes)
@@ -163,7 +167,7 @@ def cmd_up(args) -> int:
 def _client(args):
     if args.ray:
         from .ray_launcher import connect as ray_connect
-        return ray_connect(address=args.address or "auto", timeout=args.timeout)
+        return ray_connect(args.name, address=args.address or "auto", timeout=args.timeout)
     from .client import connect
     return connect(args.address, timeout=args.timeout)
 
@@ -226,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--timeout", type=float, default=5.0)
         p.add_argument("--ray", action="store_true", help="find the scheduler through Ray "
                                                           "(--address: the Ray cluster)")
+        p.add_argument("--name", default="fanout-scheduler",
+                       help="with --ray: the scheduler actor's name (cluster.name)")
         if name == "status":
             p.add_argument("--json", action="store_true", help="print the raw status as JSON")
     kp = sub.add_parser("keys", help="write a new CurveZMQ key file that encrypts and "
