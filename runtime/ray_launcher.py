@@ -275,7 +275,8 @@ class RaySupervisor:
         # A fixed device whose every fitting node left: gone, not a restart loop.
         for device, (epoch, actor, run) in list(self.actors.items()):
             resources = self.devices[device].resources if device not in self.instances else {}
-            if resources and not any(_fits(resources, n) for n in alive.values()):
+            if resources and device not in self._waiting \
+                    and not any(_fits(resources, n) for n in alive.values()):
                 why = (f"its node left and no live Ray node has the resources {resources}; "
                        f"waiting for one to join")
                 self._waiting[device] = why

@@ -194,7 +194,9 @@ def test_a_node_removed_mid_fanout_loses_nothing_and_the_scheduler_stays_up(
     assert client.unmatched == 0
     status = cluster.status()  # the scheduler's node is the caller's, not the removed one
     assert status["counters"]["completed"] == 200 and status["unanswered"] == 0
-    assert worker(status, "cpu9")["state"] != "up"  # waits for a node with {spare: 1}
+    cpu9 = wait_for(lambda: (w := worker(cluster.status(), "cpu9"))["state"] == "gone" and w,
+                    what="cpu9 to show as gone")  # until a node with {spare: 1} joins
+    assert "resources {'spare': 1.0}" in cpu9["last_exit"]
 
 
 def test_shutting_down_leaves_no_ray_actor_and_no_process_behind(nodes, tmp_path):
