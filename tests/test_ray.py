@@ -81,6 +81,24 @@ def test_the_launcher_keyword_of_runtime_start_reaches_the_ray_launcher(nodes, t
     assert not our_actors(ray_launcher.SCHEDULER_NAME)
 
 
+def test_the_cluster_section_of_the_config_chooses_ray_and_names_the_scheduler(nodes, tmp_path):
+    path = tmp_path / "ray.yaml"
+    path.write_text(textwrap.dedent("""
+        cluster: {launcher: ray, name: fanout-from-config}
+        devices: [{name: cpu0, kind: cpu, backend: onnxruntime}]
+        models: [{name: minilm, source: "packaged:minilm"}]
+    """))
+    with runtime.start(path) as cluster:
+        assert cluster.status()["cluster"]["launcher"] == "ray"
+        assert "fanout-from-config" in our_actors("fanout-from-config")
+        client = runtime.connect("auto", name="fanout-from-config")
+        try:
+            assert client.infer("minilm", sentences(1)[0]).device == "cpu0"
+        finally:
+            client.close()
+    assert not our_actors("fanout-from-config")
+
+
 def test_minilm_fans_out_over_ray_actors_with_correct_outputs_and_devices(fanout, reference):
     batch = sentences(24)
     results = fanout.client().map("minilm", batch)
