@@ -157,6 +157,7 @@ class DeviceWorker:
         if template is not None:
             cfg = instantiate(cfg, template, device, capacity)
         cfg = _resolve_for_device(cfg, device)
+        _watch_raylet(lambda: None)  # nothing to hand back: its tasks are re-run elsewhere
         return WorkerProcess(cfg, device, epoch, scheduler, node=node_label()).run()
 
 
@@ -406,6 +407,11 @@ class SchedulerActor:
         self.thread = threading.Thread(target=self.proc.serve, name="fanout-scheduler",
                                        daemon=True)
         self.thread.start()
+        _watch_raylet(self._orphaned)
+
+    def _orphaned(self) -> None:
+        self.proc.stop()  # answers what it still owes, while clients can still hear it
+        self.thread.join(5)
 
     def info(self) -> dict:
         """Where clients connect, with the token and keys they need; sent only over Ray's
@@ -435,7 +441,7 @@ class RayCluster(ClusterHandle):
         self.node: str = info["node"]
         self.config: Config | None = None  # as the scheduler runs it (token, keys included)
         self.pid: int = info["pid"]  # of the scheduler actor's process
-        self._finalizer = weakref.finalize(self, _release, name, owns_ray)
+        self._finalizer = weakref.finalize(self, _release, actor, owns_ray)
 
     def _check_alive(self) -> None:
         try:
@@ -453,23 +459,62 @@ class RayCluster(ClusterHandle):
         if client is not None:
             client.close()
         if self._finalizer.alive and ray.is_initialized():
-            try:
-                ray.get(self.actor.stop.remote(timeout), timeout=timeout + 5)
-            except (ray.exceptions.RayError, TimeoutError):
-                pass  # already dead or stuck: the kill below ends it and its workers
+            # Already dead or stuck: the kill below ends it and its workers.
+            _bounded(lambda: ray.get(self.actor.stop.remote(timeout), timeout=timeout + 5),
+                     "stop the scheduler actor", timeout + 5)
         self._finalizer()
 
 
-def _release(name: str, owns_ray: bool) -> None:
-    """Kill the detached scheduler actor (its worker actors share its fate); end our Ray."""
+RELEASE_TIMEOUT_S = 10.0
+
+
+def _release(actor, owns_ray: bool) -> None:
+    """Kill the detached scheduler actor (its worker actors share its fate); end our Ray.
+
+    Each Ray call gets a bounded wait: after a SIGTERM to the whole process group (``kill --
+    -PGID``, ``timeout``, a service manager) the local raylet is already dead and Ray's calls
+    would wait for it forever. The actors' processes then end on their own (``_watch_raylet``).
+    """
     if not ray.is_initialized():
         return
-    try:
-        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-    except ValueError:
-        pass  # already gone
+    _bounded(lambda: ray.kill(actor, no_restart=True), "kill the scheduler actor")
     if owns_ray:
-        ray.shutdown()
+        _bounded(ray.shutdown, "shut down the local Ray cluster")
+
+
+def _bounded(call: Callable[[], Any], what: str, wait: float = RELEASE_TIMEOUT_S) -> None:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except Exception as exc:  # already gone, or Ray is: nothing more to do here
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="fanout-release", daemon=True)
+    thread.start()
+    thread.join(wait)
+    if thread.is_alive():
+        log.warning("could not %s within %g s (is the local raylet gone?)", what, wait)
+    elif errors:
+        log.debug("%s: %s", what, errors[0])
+
+
+def _watch_raylet(on_orphaned: Callable[[], None]) -> None:
+    """In an actor's process: once its raylet (the parent) is gone, Ray can no longer stop
+    this process, so it stops itself: ``on_orphaned`` cleans up, then the process exits."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        log.error("the Ray node's raylet is gone; this actor's process exits")
+        try:
+            on_orphaned()
+        finally:
+            os._exit(1)
+
+    threading.Thread(target=watch, name="fanout-raylet-watch", daemon=True).start()
 
 
 def start(config: Config | str | os.PathLike | None = None, *, address: str | None = None,
@@ -526,9 +571,11 @@ def start(config: Config | str | os.PathLike | None = None, *, address: str | No
     try:
         info = ray.get(actor.info.remote(), timeout=120)
     except BaseException:
-        _release(name, owns_ray)
+        _release(actor, owns_ray)
         raise
-    say(f"scheduler actor {name!r} on node {info['node']}, clients connect to {info['address']}")
+    say(f"Ray cluster at {ray.get_runtime_context().gcs_address} (`fanout status --ray "
+        f"--address` it from another shell); scheduler actor {name!r} on node {info['node']}, "
+        f"clients connect to {info['address']}")
     cluster = RayCluster(actor, info, name, owns_ray)
     cluster.config = cfg
     if wait:
@@ -540,7 +587,16 @@ def connect(name: str = SCHEDULER_NAME, address: str | None = "auto",
             timeout: float = 10.0) -> Client:
     """A client of a scheduler found through Ray by its actor name (address and token included)."""
     if not ray.is_initialized():
-        ray.init(address=address, namespace=NAMESPACE)
+        try:
+            ray.init(address=address, namespace=NAMESPACE)
+        except ConnectionError as exc:
+            # Ray's cause embeds a whole traceback: keep only its first words.
+            cause = str(exc.__cause__ or "").split("Traceback")[0].strip(" :\n").splitlines()
+            raise ClusterUnavailable(
+                f"cannot reach the Ray cluster at {address} ({exc}"
+                f"{': ' + cause[0][:200] if cause else ''}); if it "
+                f"uses Ray's token authentication, set RAY_AUTH_MODE=token and its token "
+                f"(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)") from exc
     try:
         actor = ray.get_actor(name, namespace=NAMESPACE)
     except ValueError as exc:

@@ -46,3 +46,63 @@ def test_up_on_ray_serves_status_through_ray_and_stops_on_ctrl_c(tmp_path):
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def session_processes(sid: int) -> list[str]:
+    """The processes of one session (``start_new_session``): Ray's daemons and workers too."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line.split()[1] == str(sid)
+            and "ps -eo" not in line]
+
+
+def test_up_from_the_cluster_section_with_ray_token_auth_on_stops_whole_on_a_group_sigterm(
+        tmp_path):
+    import os
+    import re
+    import secrets
+
+    config = tmp_path / "ray.yaml"
+    config.write_text(textwrap.dedent("""
+        cluster: {launcher: ray, address: local}   # its own Ray cluster, not the tests' one
+        scheduler: {address: "tcp://127.0.0.1:0"}
+        devices:
+          - {name: cpu, kind: cpu, backend: onnxruntime, capacity: 1, per_node: true}
+        models:
+          - {name: minilm, source: "packaged:minilm"}
+    """))
+    auth = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    up = subprocess.Popen([sys.executable, "-m", "runtime.cli", "up", "--config", str(config),
+                           "--no-http"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=auth, start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(line.rstrip() for line in up.stdout),
+                     daemon=True).start()
+    try:
+        wait_for(lambda: any("ready: clients connect to" in line for line in lines),
+                 timeout=120, what="fanout up to be ready")
+        gcs = next(m.group(1) for line in lines
+                   if (m := re.search(r"Ray cluster at (\S+) ", line)))
+        status = [sys.executable, "-m", "runtime.cli", "status", "--ray", "--address", gcs,
+                  "--timeout", "30"]
+        # Ray's token authentication is on: with the token, status works through Ray...
+        outsider = subprocess.Popen(status, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=dict(auth, RAY_AUTH_TOKEN=secrets.token_hex(32)))
+        ok = subprocess.run(status, capture_output=True, text=True, timeout=120, env=auth)
+        assert ok.returncode == 0, ok.stderr[-2000:]
+        assert any(line.startswith("cpu@") and " up " in line for line in ok.stdout.splitlines())
+        # ...and with another token it is refused, with advice instead of a traceback.
+        out, err = outsider.communicate(timeout=120)
+        assert outsider.returncode != 0
+        assert "ClusterUnavailable" in err and "RAY_AUTH_MODE=token" in err
+        assert "Traceback" not in err.split("fanout status:")[-1]
+
+        assert session_processes(up.pid)  # Ray's daemons and actors run in up's session
+        os.killpg(up.pid, signal.SIGTERM)  # as `kill -- -PGID`, timeout(1) or a service stop
+        up.wait(timeout=60)
+        wait_for(lambda: not session_processes(up.pid), timeout=30,
+                 what="every process of fanout up's session (Ray's included) to exit")
+        assert any("stopped" in line for line in lines)
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
