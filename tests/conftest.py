@@ -57,14 +57,24 @@ def worker(status: dict, device: str) -> dict:
 RAY_NEEDED = "the Ray launcher's tests need Ray: pip install 'ray[default]'"
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class RayNodes:
     """A head and two more Ray nodes, one with the custom resource {"NPU": 1}."""
 
     def __init__(self):
         from ray.cluster_utils import Cluster
         started = time.monotonic()
+        self.client_port = _free_port()
         self.cluster = Cluster(initialize_head=True, connect=True,
-                               head_node_args={"num_cpus": 1, "include_dashboard": False})
+                               head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                               # clients may join with ray://127.0.0.1:PORT
+                                               "ray_client_server_port": self.client_port})
         self.npu = self.cluster.add_node(num_cpus=1, resources={"NPU": 1})
         self.plain = self.cluster.add_node(num_cpus=1)
         self.cluster.wait_for_nodes()

@@ -234,3 +234,23 @@ def test_shutting_down_leaves_no_ray_actor_and_no_process_behind(nodes, tmp_path
     wait_for(lambda: not any(process_alive(p) for p in pids), timeout=15,
              what="the scheduler and worker actor processes to exit")
     cluster.shutdown()  # idempotent
+
+
+def test_a_ray_client_finds_the_scheduler_with_runtime_connect_ray_url(fanout, nodes):
+    import subprocess
+    import sys
+
+    script = textwrap.dedent(f"""
+        import numpy as np, runtime
+        client = runtime.connect("ray://127.0.0.1:{nodes.client_port}", name="fanout-test")
+        ids = np.arange(1, 9, dtype=np.int64).reshape(1, 8)
+        result = client.infer("minilm", {{"input_ids": ids, "attention_mask": np.ones_like(ids)}})
+        print("served by", result.device, "at", client.address)
+        client.close()
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = next(line for line in run.stdout.splitlines() if line.startswith("served by"))
+    assert line.split()[2] in ("npu0", "cpu0", "cpu1")
+    assert line.endswith(fanout.address)  # the address, token and keys came through Ray
