@@ -12,7 +12,7 @@ import threading
 import time
 
 from . import scheduler as s
-from .errors import FanoutError
+from .errors import ConfigError, FanoutError
 
 
 def render_status(status: dict) -> str:
@@ -80,7 +80,11 @@ class _Progress:
 
 def cmd_up_ray(args) -> int:
     """``fanout up --ray``: the scheduler and workers as Ray actors; this process waits."""
-    from . import ray_launcher
+    try:
+        from . import ray_launcher
+    except ImportError as exc:
+        raise ConfigError(f"the Ray launcher needs Ray ({exc}): pip install "
+                          f"'fanout-runtime[ray]'") from exc
     from .config import load_cluster_section
 
     progress = _Progress()
@@ -166,7 +170,11 @@ def cmd_up(args) -> int:
 
 def _client(args):
     if args.ray:
-        from .ray_launcher import connect as ray_connect
+        try:
+            from .ray_launcher import connect as ray_connect
+        except ImportError as exc:
+            raise ConfigError(f"--ray needs Ray ({exc}): pip install 'fanout-runtime[ray]'") \
+                from exc
         return ray_connect(args.name, address=args.address or "auto", timeout=args.timeout)
     from .client import connect
     return connect(args.address, timeout=args.timeout)

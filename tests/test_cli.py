@@ -138,3 +138,14 @@ def test_a_bad_config_names_the_file_field_and_value(tmp_path):
     assert result.returncode == 2
     assert str(path) in result.stderr and "devices[0].capacity" in result.stderr
     assert "got 0" in result.stderr
+
+
+@pytest.mark.parametrize("argv", [["up", "--ray", "--no-http"], ["status", "--ray"]])
+def test_the_ray_options_without_ray_installed_say_what_to_install(argv, tmp_path):
+    # Ray blocked from import, as on a machine without the extra (e.g. Windows on Arm).
+    script = ("import sys; sys.modules['ray'] = None; from runtime.cli import main; "
+              f"sys.exit(main({argv!r}))")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "pip install 'fanout-runtime[ray]'" in run.stderr and "Traceback" not in run.stderr
