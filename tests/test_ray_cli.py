@@ -85,8 +85,9 @@ def test_up_from_the_cluster_section_with_ray_token_auth_on_stops_whole_on_a_gro
         status = [sys.executable, "-m", "runtime.cli", "status", "--ray", "--address", gcs,
                   "--timeout", "30"]
         # Ray's token authentication is on: with the token, status works through Ray...
+        other = dict(auth, RAY_AUTH_TOKEN=secrets.token_hex(32))
         outsider = subprocess.Popen(status, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, env=dict(auth, RAY_AUTH_TOKEN=secrets.token_hex(32)))
+                                    text=True, env=other)
         ok = subprocess.run(status, capture_output=True, text=True, timeout=120, env=auth)
         assert ok.returncode == 0, ok.stderr[-2000:]
         assert any(line.startswith("cpu@") and " up " in line for line in ok.stdout.splitlines())

@@ -12,7 +12,8 @@ import collections
 import numpy as np
 import pytest
 
-pytest.importorskip("ray", reason="the Ray launcher's tests need Ray: pip install 'ray[default]'")
+pytest.importorskip("ray", reason="the Ray launcher's tests need Ray: "
+                    "pip install 'ray[default]'")
 
 from .conftest import ClusterFactory, sentences, wait_for, worker  # noqa: E402
 from .test_cluster import EMBEDDING, NPU_OPTIONS  # noqa: E402
@@ -202,8 +203,8 @@ def test_traffic_is_encrypted_with_keys_made_at_start_and_a_peer_without_them_is
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IDENTITY, b"cpu:99")
     sock.connect(cluster.status()["cluster"]["worker_address"])
-    sock.send_multipart(p.encode(p.Register(version=p.PROTOCOL_VERSION, device="cpu", epoch=99, pid=1, node="x",
-                                            token=cluster.token, models={})))
+    sock.send_multipart(p.encode(p.Register(version=p.PROTOCOL_VERSION, device="cpu", epoch=99,
+                                            pid=1, node="x", token=cluster.token, models={})))
     assert sock.poll(2000) == 0
     sock.close()
     ctx.term()
