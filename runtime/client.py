@@ -441,10 +441,24 @@ class Client:
 
     # Every method below hands a coroutine of the AsyncClient to the private loop.
     def _submit(self, coro) -> concurrent.futures.Future:
+        if self._loop.is_closed():
+            coro.close()
+            raise ClusterUnavailable("this client is closed; connect again")
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
+    @property
+    def closed(self) -> bool:
+        return self._loop.is_closed()
+
     def _call(self, coro):
-        return self._submit(coro).result()
+        future = self._submit(coro)
+        try:
+            return future.result()
+        except BaseException:
+            # The caller gave up (Ctrl-C): cancel the work on the loop too, which tells the
+            # scheduler to stop its tasks and free their slots.
+            future.cancel()
+            raise
 
     async def _await(self, coro):
         return await asyncio.wrap_future(self._submit(coro))

@@ -67,7 +67,7 @@ class ClusterHandle:
     def client(self) -> Client:
         """A client of this cluster (one per handle, shared; it is thread-safe)."""
         with self._lock:
-            if self._client is None:
+            if self._client is None or self._client.closed:  # a caller may have closed it
                 self._client = Client(self.address, self.token, keys=self.keys)
             return self._client
 

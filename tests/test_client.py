@@ -10,7 +10,7 @@ import pytest
 import runtime
 from runtime.errors import ClusterUnavailable, FanoutError, InvalidInput
 
-from .conftest import sentences
+from .conftest import sentences, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +113,30 @@ def test_errors_share_one_base_class():
     for name in ("InvalidInput", "DeviceError", "WorkerLost", "Overloaded", "DeadlineExceeded",
                  "NoDeviceAvailable", "ProtocolError", "Unauthorized", "ClusterUnavailable"):
         assert issubclass(getattr(runtime.errors, name), FanoutError)
+
+
+def test_ctrl_c_during_a_sync_map_cancels_its_tasks_and_the_client_goes_on(module_clusters,
+                                                                           caplog):
+    import os
+    import signal
+    import threading
+
+    cluster = module_clusters.start("""
+        devices:
+          - {name: cpu0, kind: cpu, backend: onnxruntime, capacity: 2, faults: {hang_s: 0.2}}
+        models:
+          - {name: minilm, source: "packaged:minilm"}
+    """, name="ctrl-c.yaml")
+    client = cluster.client()
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # a Ctrl-C
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        client.map("minilm", sentences(40))  # 40 x 0.2 s on 2 slots: about 4 s
+    timer.join()
+    # Its tasks are cancelled, not left to run: the worker is soon idle, the queue empty.
+    status = wait_for(lambda: (s := cluster.status())["unanswered"] == 0 and s, timeout=10,
+                      what="the interrupted tasks to be cancelled")
+    assert status["counters"].get("completed", 0) < 40 and status["counters"]["cancelled"] > 0
+    assert client.infer("minilm", sentences(1)[0]).device == "cpu0"
+    client.close()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
