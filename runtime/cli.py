@@ -78,6 +78,35 @@ class _Progress:
                   file=self.out, flush=True)
 
 
+class StatusChanges:
+    """Prints what changed between two statuses: workers that start, come up, are lost or
+    gone (nodes joining and leaving, under Ray) and their models' load steps."""
+
+    def __init__(self, say):
+        self.say = say
+        self.seen: dict[str, dict] = {}
+
+    def __call__(self, status: dict) -> None:
+        for w in status["workers"]:
+            before = self.seen.get(w["device"])
+            where = f" on {w['node']}" if w["node"] else ""
+            if before is None or before["state"] != w["state"]:
+                why = f": {w['last_exit']}" if w["state"] in ("lost", "gone") and \
+                    w["last_exit"] else ""
+                self.say(f"{w['device']}: worker {w['state']}{where}{why}")
+            for name, m in w["models"].items():
+                old = (before or {}).get("models", {}).get(name, {})
+                if (old.get("state"), old.get("detail")) != (m["state"], m["detail"]) \
+                        and m["state"] != "gone":
+                    if m["state"] == "ready":
+                        text = f"loaded in {m['load_s']:.1f} s"
+                    else:
+                        text = (m["error"] if m["state"] == "unavailable" else m["detail"]) \
+                            or "-"
+                    self.say(f"{w['device']}: {name}: {m['state']}: {text}")
+            self.seen[w["device"]] = w
+
+
 def cmd_up_ray(args) -> int:
     """``fanout up --ray``: the scheduler and workers as Ray actors; this process waits."""
     try:
@@ -92,8 +121,9 @@ def cmd_up_ray(args) -> int:
     progress.line(f"starting on Ray ({where or 'a local Ray cluster'}); `devices: auto` is "
                   f"discovered on every node")
     # The config is read inside: `devices: auto` needs the Ray cluster's nodes to discover on.
+    changes = StatusChanges(progress.line)  # load progress now, node membership later
     cluster = ray_launcher.start(args.config, address=args.address, port=None,
-                                 progress=progress.line)
+                                 progress=progress.line, on_status=changes)
     config = cluster.config
     if args.http:
         config = dataclasses.replace(config, http=dataclasses.replace(config.http,
@@ -111,8 +141,11 @@ def cmd_up_ray(args) -> int:
             http = HttpServer.from_config(config, cluster.address, cluster.token) \
                 .serve_in_thread()
             progress.line(f"HTTP API on {http.url}")
-        while not stopped.wait(0.5):
-            pass
+        while not stopped.wait(1.0):
+            try:
+                changes(cluster.status())
+            except FanoutError as exc:
+                progress.line(f"status: {exc}")
         progress.line("stopping: the worker actors and the scheduler actor")
     finally:
         if http is not None:

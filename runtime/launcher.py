@@ -77,12 +77,16 @@ class ClusterHandle:
     def _check_alive(self) -> None:
         """Raise ``ClusterUnavailable`` if the scheduler is gone."""
 
-    def wait_ready(self, timeout: float = 600.0) -> dict:
-        """Block until every worker is up and every model loaded or unavailable."""
+    def wait_ready(self, timeout: float = 600.0,
+                   on_status: Callable[[dict], None] | None = None) -> dict:
+        """Block until every worker is up and every model loaded or unavailable;
+        ``on_status`` sees each status polled meanwhile (e.g. to print load progress)."""
         deadline = time.monotonic() + timeout
         while True:
             self._check_alive()
             status = self.status()
+            if on_status is not None:
+                on_status(status)
             if status["cluster"]["ready"]:
                 return status
             if time.monotonic() > deadline:
@@ -90,10 +94,11 @@ class ClusterHandle:
                                          f"{_loading(status)}")
             time.sleep(0.1)
 
-    def wait_ready_or_shutdown(self, timeout: float) -> None:
+    def wait_ready_or_shutdown(self, timeout: float,
+                               on_status: Callable[[dict], None] | None = None) -> None:
         """``wait_ready``; a cluster that never gets ready (or a Ctrl-C) is shut down whole."""
         try:
-            self.wait_ready(timeout)
+            self.wait_ready(timeout, on_status)
         except BaseException:
             self.shutdown()
             raise

@@ -519,8 +519,8 @@ def _watch_raylet(on_orphaned: Callable[[], None]) -> None:
 
 def start(config: Config | str | os.PathLike | None = None, *, address: str | None = None,
           name: str | None = None, port: int | None = 0, wait: bool = True,
-          timeout: float = 600.0,
-          progress: Callable[[str], None] | None = None) -> RayCluster:
+          timeout: float = 600.0, progress: Callable[[str], None] | None = None,
+          on_status: Callable[[dict], None] | None = None) -> RayCluster:
     """Start the scheduler as a detached Ray actor and return its handle.
 
     ``address``: the Ray cluster (default: the config's ``cluster.address``; unset: the one
@@ -579,7 +579,7 @@ def start(config: Config | str | os.PathLike | None = None, *, address: str | No
     cluster = RayCluster(actor, info, name, owns_ray)
     cluster.config = cfg
     if wait:
-        cluster.wait_ready_or_shutdown(timeout)
+        cluster.wait_ready_or_shutdown(timeout, on_status)
     return cluster
 
 

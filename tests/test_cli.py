@@ -149,3 +149,31 @@ def test_the_ray_options_without_ray_installed_say_what_to_install(argv, tmp_pat
                          timeout=60, cwd=tmp_path)
     assert run.returncode == 2, run.stderr[-2000:]
     assert "pip install 'fanout-runtime[ray]'" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_up_on_ray_prints_workers_and_models_as_they_change():
+    from runtime.cli import StatusChanges
+
+    def status(state, model_state, detail="", last_exit=""):
+        return {"workers": [{"device": "cpu@ab12cd34", "state": state,
+                             "node": "10.0.0.2/ab12cd34", "last_exit": last_exit,
+                             "models": {"minilm": {
+                                 "state": model_state, "detail": detail, "error": None,
+                                 "load_s": 1.25}}}]}
+
+    lines: list[str] = []
+    changes = StatusChanges(lines.append)
+    changes(status("starting", "loading", "starting worker"))
+    changes(status("up", "loading", "compiling for the NPU"))
+    changes(status("up", "ready"))
+    changes(status("up", "ready"))  # nothing changed: nothing printed
+    changes(status("gone", "gone", "node left", "node 10.0.0.2/ab12cd34 left the Ray cluster"))
+    assert lines == [
+        "cpu@ab12cd34: worker starting on 10.0.0.2/ab12cd34",
+        "cpu@ab12cd34: minilm: loading: starting worker",
+        "cpu@ab12cd34: worker up on 10.0.0.2/ab12cd34",
+        "cpu@ab12cd34: minilm: loading: compiling for the NPU",
+        "cpu@ab12cd34: minilm: ready: loaded in 1.2 s",
+        "cpu@ab12cd34: worker gone on 10.0.0.2/ab12cd34: node 10.0.0.2/ab12cd34 left the Ray "
+        "cluster",
+    ]

@@ -80,6 +80,8 @@ def test_up_from_the_cluster_section_with_ray_token_auth_on_stops_whole_on_a_gro
     try:
         wait_for(lambda: any("ready: clients connect to" in line for line in lines),
                  timeout=120, what="fanout up to be ready")
+        # the workers' progress as they start, then the ready table
+        assert any(re.match(r"\[.*\] cpu@[0-9a-f]{8}: worker up on ", line) for line in lines)
         gcs = next(m.group(1) for line in lines
                    if (m := re.search(r"Ray cluster at (\S+) ", line)))
         status = [sys.executable, "-m", "runtime.cli", "status", "--ray", "--address", gcs,
