@@ -587,16 +587,7 @@ def connect(name: str = SCHEDULER_NAME, address: str | None = "auto",
             timeout: float = 10.0) -> Client:
     """A client of a scheduler found through Ray by its actor name (address and token included)."""
     if not ray.is_initialized():
-        try:
-            ray.init(address=address, namespace=NAMESPACE)
-        except ConnectionError as exc:
-            # Ray's cause embeds a whole traceback: keep only its first words.
-            cause = str(exc.__cause__ or "").split("Traceback")[0].strip(" :\n").splitlines()
-            raise ClusterUnavailable(
-                f"cannot reach the Ray cluster at {address} ({exc}"
-                f"{': ' + cause[0][:200] if cause else ''}); if it "
-                f"uses Ray's token authentication, set RAY_AUTH_MODE=token and its token "
-                f"(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)") from exc
+        _join_ray(address)
     try:
         actor = ray.get_actor(name, namespace=NAMESPACE)
     except ValueError as exc:
@@ -604,6 +595,43 @@ def connect(name: str = SCHEDULER_NAME, address: str | None = "auto",
                                  f"start one with runtime.start(launcher='ray')") from exc
     info = ray.get(actor.info.remote(), timeout=timeout)
     return Client(info["address"], info["token"], timeout, keys=_keys(info))
+
+
+CLIENT_SERVER_TRIES = 3
+
+
+def _join_ray(address: str | None) -> None:
+    """``ray.init`` for a client, with errors that say what to check.
+
+    Through ``ray://`` the head's Ray Client proxy forks a server per client; on a busy head
+    that fork sometimes dies at once ("Starting Ray client server failed", seen 1 in ~4 full
+    test runs here), and a new connection gets a new one: that is tried again."""
+    for attempt in range(1, CLIENT_SERVER_TRIES + 1):
+        try:
+            ray.init(address=address, namespace=NAMESPACE)
+            return
+        except ConnectionError as exc:
+            if "Starting Ray client server failed" in str(exc) \
+                    and attempt < CLIENT_SERVER_TRIES:
+                log.warning("the Ray client server at %s could not start a server for this "
+                            "client (try %d of %d); trying again", address, attempt,
+                            CLIENT_SERVER_TRIES)
+                time.sleep(1.0)
+                continue
+            raise ClusterUnavailable(
+                f"cannot reach the Ray cluster at {address} ({_first_words(exc)}); if it "
+                f"uses Ray's token authentication, set RAY_AUTH_MODE=token and its token "
+                f"(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)") from exc
+
+
+def _first_words(exc: BaseException) -> str:
+    """Ray's connection errors embed whole tracebacks: the first line of it and its cause."""
+    parts = []
+    for e in (exc, exc.__cause__):
+        lines = str(e or "").split("Traceback")[0].strip(" :\n").splitlines()
+        if lines:
+            parts.append(lines[0][:200])
+    return ": ".join(parts) or type(exc).__name__
 
 
 def _keys(info: dict) -> CurveKeys | None:
