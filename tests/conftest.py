@@ -50,6 +50,20 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1, what: str 
         time.sleep(interval)
 
 
+def in_session(sid: int) -> list[str]:
+    """Processes of a session: every descendant of its leader that did not call setsid."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # exited meanwhile
+        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            found.append(text[:text.rindex(")") + 1])
+    return found
+
+
 def worker(status: dict, device: str) -> dict:
     return next(w for w in status["workers"] if w["device"] == device)
 

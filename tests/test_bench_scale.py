@@ -4,27 +4,12 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("ray", reason="fanout bench scale starts Ray nodes: pip install 'ray[default]'")
 
-from .conftest import wait_for  # noqa: E402
-
-
-def in_session(sid: int) -> list[str]:
-    """Processes of a session: every descendant of its leader that did not call setsid."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue  # exited meanwhile
-        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            found.append(text[:text.rindex(")") + 1])
-    return found
+from .conftest import in_session, wait_for  # noqa: E402
 
 
 @pytest.fixture(scope="module")

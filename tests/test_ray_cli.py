@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from .conftest import wait_for
+from .conftest import in_session, wait_for
 
 pytest.importorskip("ray", reason="needs Ray: pip install 'fanout-runtime[ray]'")
 
@@ -46,13 +46,6 @@ def test_up_on_ray_serves_status_through_ray_and_stops_on_ctrl_c(tmp_path):
         if up.poll() is None:
             up.kill()
             up.wait()
-
-
-def session_processes(sid: int) -> list[str]:
-    """The processes of one session (``start_new_session``): Ray's daemons and workers too."""
-    out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if line.split()[1] == str(sid)
-            and "ps -eo" not in line]
 
 
 def test_up_from_the_cluster_section_with_ray_token_auth_on_stops_whole_on_a_group_sigterm(
@@ -99,10 +92,10 @@ def test_up_from_the_cluster_section_with_ray_token_auth_on_stops_whole_on_a_gro
         assert "ClusterUnavailable" in err and "RAY_AUTH_MODE=token" in err
         assert "Traceback" not in err.split("fanout status:")[-1]
 
-        assert session_processes(up.pid)  # Ray's daemons and actors run in up's session
+        assert in_session(up.pid)  # Ray's daemons and actors run in up's session
         os.killpg(up.pid, signal.SIGTERM)  # as `kill -- -PGID`, timeout(1) or a service stop
         up.wait(timeout=60)
-        wait_for(lambda: not session_processes(up.pid), timeout=30,
+        wait_for(lambda: not in_session(up.pid), timeout=30,
                  what="every process of fanout up's session (Ray's included) to exit")
         assert any("stopped" in line for line in lines)
     finally:
