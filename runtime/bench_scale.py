@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends.onnx_proto import one_node_model
 from .bench import hardware
 from .client import Client
 from .errors import ConfigError
@@ -30,37 +31,6 @@ NODE_CAPACITY = 2  # a node's worker runs this many tasks at once, one onnxrunti
 NOOP_SHAPE = (1, 4)
 SEQ = 16
 SCHEDULER_NAME = "fanout-bench-scale"
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | 0x80 if n else b)
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, value: int | str | bytes) -> bytes:
-    """One protobuf field: an int as a varint, text or bytes length-delimited."""
-    if isinstance(value, int):
-        return _varint(number << 3) + _varint(value)
-    data = value.encode() if isinstance(value, str) else value
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
-def identity_onnx(shape: tuple[int, ...] = NOOP_SHAPE) -> bytes:
-    """A float32 ``y = Identity(x)`` ONNX model (IR 7, opset 13), hand-encoded: no onnx package."""
-    dims = b"".join(_field(1, _field(1, d)) for d in shape)  # TensorShapeProto.dim.dim_value
-    tensor_type = _field(1, _field(1, 1) + _field(2, dims))  # TypeProto.tensor_type: FLOAT, shape
-
-    def value_info(name: str) -> bytes:
-        return _field(1, name) + _field(2, tensor_type)
-
-    node = _field(1, "x") + _field(2, "y") + _field(4, "Identity")
-    graph = (_field(1, node) + _field(2, "noop") + _field(11, value_info("x"))
-             + _field(12, value_info("y")))
-    return _field(1, 7) + _field(8, _field(2, 13)) + _field(7, graph)
 
 
 def _cpu_model() -> str:
@@ -120,7 +90,7 @@ def _run(cleanup: contextlib.ExitStack, tasks: int, minilm_tasks: int, rounds: i
           f"onnxruntime {ort.__version__}", flush=True)
     tmp = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="fanout-bench-scale-")))
     noop = tmp / "noop.onnx"
-    noop.write_bytes(identity_onnx())
+    noop.write_bytes(one_node_model("Identity", ["x"], NOOP_SHAPE, "noop"))
     fetch("minilm", model_home(), print)
     paths = {}
     for n in range(1, max_nodes + 1):

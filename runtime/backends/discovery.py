@@ -15,26 +15,13 @@ import subprocess
 import sys
 import time
 
+from .onnx_proto import one_node_model
+
 PROBE_TIMEOUT_S = 15.0  # a healthy probe takes well under 1 s; this only bounds a hung driver
 
 _QNN_PROBE = r'''
-import json
-def v(n):
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | 0x80 if n else b)
-        if not n:
-            return bytes(out)
-def f(no, p):
-    if isinstance(p, int):
-        return v(no << 3) + v(p)
-    p = p.encode() if isinstance(p, str) else p
-    return v(no << 3 | 2) + v(len(p)) + p
-def vi(name):  # ValueInfoProto: float32 [1, 4]
-    return f(1, name) + f(2, f(1, f(1, 1) + f(2, f(1, f(1, 1)) + f(1, f(1, 4)))))
-graph = f(1, f(1, "x") + f(1, "x") + f(2, "y") + f(4, "Add")) + f(2, "probe") + f(11, vi("x")) + f(12, vi("y"))
-model = f(1, 7) + f(8, f(2, 13)) + f(7, graph)  # ir_version 7, opset 13
+import json, sys
+model = bytes.fromhex(sys.argv[1])  # y = Add(x, x), float32 [1, 4]
 result = {}
 try:
     import numpy as np, onnxruntime as ort, onnxruntime_qnn as q
@@ -81,7 +68,9 @@ LLM_CPU_CAPACITY = 8
 
 def discover(timeout_s: float = PROBE_TIMEOUT_S) -> list[dict]:
     """Device dicts for this machine; ``cpu0`` (onnxruntime CPU EP) is always there."""
-    qnn, ov = _run_probes({"qnn": _QNN_PROBE, "openvino": _OPENVINO_PROBE}, timeout_s)
+    probe_model = one_node_model("Add", ["x", "x"], (1, 4), "probe").hex()
+    qnn, ov = _run_probes({"qnn": (_QNN_PROBE, probe_model), "openvino": (_OPENVINO_PROBE,)},
+                          timeout_s)
     devices: list[dict] = []
     if qnn.get("npu") == "ok":
         devices.append({"name": "npu0", "kind": "npu", "backend": "qnn", "capacity": 1})
@@ -106,11 +95,13 @@ def discover(timeout_s: float = PROBE_TIMEOUT_S) -> list[dict]:
     return devices + llm
 
 
-def _run_probes(scripts: dict[str, str], timeout_s: float) -> list[dict]:
+def _run_probes(scripts: dict[str, tuple[str, ...]], timeout_s: float) -> list[dict]:
+    """Each script, as ``python -c CODE ARGS...``, in parallel; each one's last JSON line."""
     procs = {}
-    for name, code in scripts.items():
+    for name, (code, *args) in scripts.items():
         try:
-            procs[name] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+            procs[name] = subprocess.Popen([sys.executable, "-c", code, *args],
+                                           stdout=subprocess.PIPE,
                                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                                            text=True)
         except OSError:

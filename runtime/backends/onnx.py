@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import threading
 from pathlib import Path
@@ -19,6 +18,7 @@ import onnxruntime as ort
 
 from ..errors import Cancelled, DeviceError, InvalidInput, ModelUnavailable
 from .base import CancelToken, ModelSpec, ProgressFn, TensorSpec
+from .onnx_proto import read_onnx_inputs
 
 # Keys of a device's model options that this module interprets; every other key of a QNN
 # device is passed to the QNN EP as a provider option (soc_model, htp_performance_mode, ...).
@@ -286,83 +286,3 @@ def _unlink(p: Path | None) -> None:
 # -- reading an ONNX model's declared inputs without loading its weights ----------------------
 # ModelProto.graph=7, GraphProto.input=11, ValueInfoProto.name=1/.type=2, TypeProto.tensor_type=1,
 # Tensor.shape=2, TensorShapeProto.dim=1, Dimension.dim_value=1/.dim_param=2 (onnx.proto3).
-
-def read_onnx_inputs(path: str | os.PathLike) -> dict[str, list[int | str | None]]:
-    """Each graph input's dims: an int, the symbolic name, or None (free and unnamed)."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        buf = memoryview(mm)
-        try:
-            return _graph_inputs(buf, path)  # returns plain Python values: no view outlives buf
-        finally:
-            buf.release()
-
-
-def _graph_inputs(buf: memoryview, path: Any) -> dict[str, list[int | str | None]]:
-    graph = next((v for fno, v in _fields(buf) if fno == 7), None)
-    if graph is None:
-        raise ValueError(f"{path}: no graph in the model")
-    inputs: dict[str, list[int | str | None]] = {}
-    for fno, vi in _fields(graph):
-        if fno != 11:
-            continue
-        name, dims = "", []
-        for f2, v2 in _fields(vi):
-            if f2 == 1:
-                name = bytes(v2).decode()
-            elif f2 == 2:
-                dims = _tensor_dims(v2)
-        inputs[name] = dims
-    return inputs
-
-
-def _tensor_dims(type_proto: memoryview) -> list[int | str | None]:
-    dims: list[int | str | None] = []
-    for f, tensor in _fields(type_proto):
-        if f != 1:
-            continue
-        for f2, shape in _fields(tensor):
-            if f2 != 2:
-                continue
-            for f3, dim in _fields(shape):
-                if f3 != 1:
-                    continue
-                d: int | str | None = None
-                for f4, v in _fields(dim):
-                    if f4 == 1:
-                        d = v if isinstance(v, int) else None
-                    elif f4 == 2:
-                        d = bytes(v).decode()
-                dims.append(d)
-    return dims
-
-
-def _fields(buf: memoryview):
-    """(field number, value) of one protobuf message: varints as int, bytes as memoryview."""
-    i, n = 0, len(buf)
-    while i < n:
-        key, i = _varint(buf, i)
-        fno, wt = key >> 3, key & 7
-        if wt == 0:
-            v, i = _varint(buf, i)
-            yield fno, v
-        elif wt == 2:
-            ln, i = _varint(buf, i)
-            yield fno, buf[i:i + ln]
-            i += ln
-        elif wt == 1:
-            i += 8
-        elif wt == 5:
-            i += 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wt}")
-
-
-def _varint(buf: memoryview, i: int) -> tuple[int, int]:
-    shift = result = 0
-    while True:
-        b = buf[i]
-        i += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, i
-        shift += 7
