@@ -714,10 +714,10 @@ class _Parser:
         return CurveKeys(**{k: data[k] for k in names})
 
     def path(self, value: str) -> str:
-        value = os.path.expanduser(value)
-        if self.base_dir is None or os.path.isabs(value):
+        """A path from the file, relative to the file's folder (from a dict: as resolved)."""
+        if self.base_dir is None:
             return value
-        return os.path.normpath(os.path.join(self.base_dir, value))
+        return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(value)))
 
     def devices(self, raw: Any) -> list[DeviceConfig] | None:
         if raw is _MISSING:
@@ -873,10 +873,7 @@ class _Parser:
                 self.error(path, f"must be {PACKAGED_PREFIX}NAME", source)
                 return None
             return source
-        if self.base_dir is None:  # from a dict: already resolved by the parent
-            return source
-        expanded = os.path.expanduser(source)
-        return os.path.normpath(os.path.join(self.base_dir, expanded))
+        return self.path(source)
 
     def model_options(self, path: str, raw: Any) -> dict[str, Any] | None:
         opts = self.plain_options(path, raw)
@@ -906,9 +903,7 @@ class _Parser:
         if raw is None:
             return None
         value = self.string("model_cache", raw, "a path")
-        if value is None or self.base_dir is None:
-            return value
-        return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(value)))
+        return None if value is None else self.path(value)
 
     # -- references between sections ----------------------------------------------------------
 
