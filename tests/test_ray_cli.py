@@ -14,6 +14,16 @@ from .conftest import in_session, wait_for
 pytest.importorskip("ray", reason="needs Ray: pip install 'fanout-runtime[ray]'")
 
 
+def start_up(*args: str, **popen) -> tuple[subprocess.Popen, list[str]]:
+    """``fanout up ARGS --no-http`` in the background; its output lines, as they come."""
+    up = subprocess.Popen([sys.executable, "-m", "runtime.cli", "up", *args, "--no-http"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(line.rstrip() for line in up.stdout),
+                     daemon=True).start()
+    return up, lines
+
+
 def test_up_on_ray_serves_status_through_ray_and_stops_on_ctrl_c(tmp_path):
     config = tmp_path / "ray.yaml"
     config.write_text(textwrap.dedent("""
@@ -23,12 +33,7 @@ def test_up_on_ray_serves_status_through_ray_and_stops_on_ctrl_c(tmp_path):
         models:
           - {name: minilm, source: "packaged:minilm"}
     """))
-    up = subprocess.Popen([sys.executable, "-m", "runtime.cli", "up", "--ray", "--config",
-                           str(config), "--no-http"], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(line.rstrip() for line in up.stdout),
-                     daemon=True).start()
+    up, lines = start_up("--ray", "--config", str(config))
     try:
         wait_for(lambda: any("ready: clients connect to" in line for line in lines),
                  timeout=120, what="fanout up --ray to be ready")
@@ -64,12 +69,7 @@ def test_up_from_the_cluster_section_with_ray_token_auth_on_stops_whole_on_a_gro
           - {name: minilm, source: "packaged:minilm"}
     """))
     auth = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    up = subprocess.Popen([sys.executable, "-m", "runtime.cli", "up", "--config", str(config),
-                           "--no-http"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=auth, start_new_session=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(line.rstrip() for line in up.stdout),
-                     daemon=True).start()
+    up, lines = start_up("--config", str(config), env=auth, start_new_session=True)
     try:
         wait_for(lambda: any("ready: clients connect to" in line for line in lines),
                  timeout=120, what="fanout up to be ready")
