@@ -207,11 +207,8 @@ class RaySupervisor:
             options = {k: v for k, v in options.items() if k != "scheduling_strategy"}
             options["scheduling_strategy"] = _pinned(node_id)
             args = (template, capacity)
-        elif not any(_fits(self.devices[device].resources, n) for n in self.nodes.values()):
-            why = (f"no live Ray node has the resources {self.devices[device].resources}; "
-                   f"waiting for one to join")
-            self._waiting[device] = why
-            self._events.append(s.WorkerGone(device, why))
+        elif not self._hostable(device):
+            self._wait_for_node(device, "no live Ray node")
             return
         actor = DeviceWorker.options(name=f"{self.prefix}-{device}-{epoch}", namespace=NAMESPACE,
                                      **options).remote()
@@ -269,19 +266,25 @@ class RaySupervisor:
         for node_id in joined:
             self._node_joined(node_id)
         for device, why in list(self._waiting.items()):
-            if any(_fits(self.devices[device].resources, n) for n in alive.values()):
+            if self._hostable(device):
                 del self._waiting[device]
                 log.info("a node can host %s again (%s): restarting it", device, why)
                 self._events.append(s.WorkerAdded(device, device))
         # A fixed device whose every fitting node left: gone, not a restart loop.
-        for device, (epoch, actor, run) in list(self.actors.items()):
-            resources = self.devices[device].resources if device not in self.instances else {}
-            if resources and device not in self._waiting \
-                    and not any(_fits(resources, n) for n in alive.values()):
-                why = (f"its node left and no live Ray node has the resources {resources}; "
-                       f"waiting for one to join")
-                self._waiting[device] = why
-                self._events.append(s.WorkerGone(device, why))
+        for device in list(self.actors):
+            if device not in self.instances and device not in self._waiting \
+                    and self.devices[device].resources and not self._hostable(device):
+                self._wait_for_node(device, "its node left and no live Ray node")
+
+    def _hostable(self, device: str) -> bool:
+        """Whether a live node has the resources of the fixed device ``device``."""
+        return any(_fits(self.devices[device].resources, n) for n in self.nodes.values())
+
+    def _wait_for_node(self, device: str, who: str) -> None:
+        why = (f"{who} has the resources {self.devices[device].resources}; waiting for one "
+               f"to join")
+        self._waiting[device] = why
+        self._events.append(s.WorkerGone(device, why))
 
     def _node_joined(self, node_id: str) -> None:
         if not self.templates:
