@@ -15,9 +15,10 @@ import time
 import numpy as np
 
 import runtime
+from runtime import env
 from runtime.cli import render_status
-from runtime.embeddings import HIDDEN, TextEncoder, mean_pool
-from runtime.models import fetch, model_home
+from runtime.frontdoors.embeddings import HIDDEN, TextEncoder, mean_pool
+from runtime.launchers.models import fetch
 
 DOCS = [
     # Longer than the 32 tokens the NPU compiled for: tried there first, re-run on the CPU.
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", help="a cluster config (default: this PC's devices)")
     args = ap.parse_args(argv)
 
-    encoder = TextEncoder(fetch("minilm-tokenizer", model_home(), print))
+    encoder = TextEncoder(fetch("minilm-tokenizer", env.home(), print))
     texts = DOCS + QUERIES
     inputs = [encoder.inputs(t) for t in texts]
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
-import os
 import signal
 import sys
 import threading
 import time
 
-from . import scheduler as s
-from .errors import ConfigError, FanoutError
+import runtime
+
+from .core import scheduler as s
+from .env import setup_logging
+from .errors import FanoutError
 
 
 def render_status(status: dict) -> str:
@@ -109,12 +110,7 @@ class StatusChanges:
 
 def cmd_up_ray(args) -> int:
     """``fanout up --ray``: the scheduler and workers as Ray actors; this process waits."""
-    try:
-        from . import ray_launcher
-    except ImportError as exc:
-        raise ConfigError(f"the Ray launcher needs Ray ({exc}): pip install "
-                          f"'fanout-runtime[ray]'") from exc
-    from .config import load_cluster_section
+    from .config.loader import load_cluster_section
 
     progress = _Progress()
     where = args.address or load_cluster_section(args.config).address
@@ -122,9 +118,10 @@ def cmd_up_ray(args) -> int:
                   f"discovered on every node")
     # The config is read inside: `devices: auto` needs the Ray cluster's nodes to discover on.
     changes = StatusChanges(progress.line)  # load progress now, node membership later
-    cluster = ray_launcher.start(args.config, address=args.address, port=None,
-                                 progress=progress.line, on_status=changes)
+    cluster = runtime.start(args.config, launcher="ray", address=args.address, port=None,
+                            progress=progress.line, on_status=changes)
     config = cluster.config
+    assert config is not None  # the Ray launcher's handle keeps the config it runs
     if args.http:
         config = dataclasses.replace(config, http=dataclasses.replace(config.http,
                                                                       address=args.http))
@@ -137,7 +134,7 @@ def cmd_up_ray(args) -> int:
                       f"`fanout status --ray`)")
         print(render_status(cluster.status()), flush=True)
         if config.http.enabled and not args.no_http:
-            from .http_server import HttpServer
+            from .frontdoors.http_server import HttpServer
             http = HttpServer.from_config(config, cluster.address, cluster.token) \
                 .serve_in_thread()
             progress.line(f"HTTP API on {http.url}")
@@ -156,11 +153,10 @@ def cmd_up_ray(args) -> int:
 
 
 def cmd_up(args) -> int:
-    from .config import load_cluster_section
-    if args.ray or load_cluster_section(args.config).launcher == "ray":
+    if runtime.launcher_for(args.config, "ray" if args.ray else None) == "ray":
         return cmd_up_ray(args)
-    from .launcher import prepare
-    from .scheduler_process import SchedulerProcess
+    from .launchers.local import prepare
+    from .shells.scheduler_process import SchedulerProcess
 
     progress = _Progress()
     config = prepare(args.config, args.address, progress.line)
@@ -174,7 +170,7 @@ def cmd_up(args) -> int:
                               for d in config.devices))
     http = None
     if config.http.enabled and not args.no_http:
-        from .http_server import HttpServer
+        from .frontdoors.http_server import HttpServer
         scheduler = proc.address.replace("//0.0.0.0:", "//127.0.0.1:")
         try:  # it connects to the scheduler once serve() below runs the scheduler's loop
             http = HttpServer.from_config(config, scheduler).serve_in_thread()
@@ -202,15 +198,8 @@ def cmd_up(args) -> int:
 
 
 def _client(args):
-    if args.ray:
-        try:
-            from .ray_launcher import connect as ray_connect
-        except ImportError as exc:
-            raise ConfigError(f"--ray needs Ray ({exc}): pip install 'fanout-runtime[ray]'") \
-                from exc
-        return ray_connect(args.name, address=args.address or "auto", timeout=args.timeout)
-    from .client import connect
-    return connect(args.address, timeout=args.timeout)
+    return runtime.connect(args.address, timeout=args.timeout, name=args.name,
+                           launcher="ray" if args.ray else None)
 
 
 def cmd_status(args) -> int:
@@ -230,7 +219,8 @@ def cmd_down(args) -> int:
 
 def cmd_keys(args) -> int:
     """``fanout keys FILE``: a new CurveZMQ key file (0600) for one cluster."""
-    from .security import generate_keys, write_keys
+    from .config.keys import write_keys
+    from .wire.security import generate_keys
     path = write_keys(args.file, generate_keys(), overwrite=args.force)
     print(f"wrote new CurveZMQ keys to {path} (mode 0600)\n"
           f"use them: `cluster: {{keys: {path}}}` in the config, or FANOUT_KEYS={path} for the "
@@ -239,7 +229,7 @@ def cmd_keys(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models import main as models_main
+    from .launchers.models import main as models_main
     return models_main(["fetch", *args.names])
 
 
@@ -288,8 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     bp.add_argument("--quick", action="store_true", help="scale: a tiny run, for the smoke test")
     bp.add_argument("--nodes", type=int, default=3, help="scale: the most simulated Ray nodes")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("FANOUT_LOG", "WARNING").upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging()
     handlers = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "keys": cmd_keys,
                 "models": cmd_models,
                 "bench": cmd_bench}

@@ -21,7 +21,7 @@ class Attempt:
         return {"device": self.device, "kind": self.kind, "message": self.message}
 
     @classmethod
-    def from_wire(cls, d: dict) -> "Attempt":
+    def from_wire(cls, d: dict) -> Attempt:
         return cls(str(d["device"]), str(d["kind"]), str(d["message"]))
 
     def __str__(self) -> str:

@@ -11,16 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.models import fetch, model_home
+from runtime import env
+from runtime.launchers.models import fetch
 
 MINILM_INPUTS = ("input_ids", "attention_mask")
 MINILM_SHAPES_32 = {"input_ids": [1, 32], "attention_mask": [1, 32]}  # what QNN HTP compiles
 MINILM_NPU_OPTIONS = {"soc_model": "69", "shapes": MINILM_SHAPES_32}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def minilm_path() -> Path:
-    return fetch("minilm", model_home(), print)
+    return fetch("minilm", env.home(), print)
 
 
 def minilm_inputs(batch: int = 1, seq: int = 32, seed: int = 0) -> dict[str, np.ndarray]:

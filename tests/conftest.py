@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import runtime
-from runtime.supervisor import process_alive
+from runtime.shells.supervisor import process_alive
 
 from ._models import minilm_inputs, minilm_path
 
@@ -120,7 +120,7 @@ def our_actors(name: str) -> list[str]:
     """The live Ray actors of the Fanout cluster ``name``: its scheduler and its workers."""
     import ray
 
-    from runtime import ray_launcher
+    from runtime.launchers import ray as ray_launcher
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["namespace"] == ray_launcher.NAMESPACE
             and (a["name"] == name or a["name"].startswith(name + "-"))]
@@ -145,7 +145,7 @@ class ClusterFactory:
     def start(self, text: str, name: str | None = None, **kw):
         """``name``: the Ray scheduler actor's (default: unique per factory and start)."""
         if self.launcher == "ray":
-            from runtime import ray_launcher
+            from runtime.launchers import ray as ray_launcher
             if name is None:
                 name = f"{self.prefix}-{len(self.clusters) + 1}" if self.clusters else self.prefix
             cluster = ray_launcher.start(self.write(text, f"{name}.yaml"), name=name, **kw)

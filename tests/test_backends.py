@@ -18,16 +18,23 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from ._models import MINILM_NPU_OPTIONS, MINILM_SHAPES_32, minilm_inputs, minilm_path
+from runtime import env
 from runtime.backends import make_backend
 from runtime.backends.base import CancelToken, ModelSpec
 from runtime.backends.faults import FaultyBackend
 from runtime.backends.onnx import OnnxCpuBackend, QnnBackend, read_onnx_inputs
 from runtime.backends.openvino_backend import OpenVinoBackend
-from runtime.config import DeviceConfig, FaultConfig
-from runtime.errors import (Cancelled, ConfigError, DeviceError, InvalidInput,
-                            ModelUnavailable)
-from runtime.models import PACKAGED, fetch, model_home, resolve_source
+from runtime.config.schema import DeviceConfig, FaultConfig
+from runtime.errors import (
+    Cancelled,
+    ConfigError,
+    DeviceError,
+    InvalidInput,
+    ModelUnavailable,
+)
+from runtime.launchers.models import PACKAGED, fetch, resolve_source
+
+from ._models import MINILM_NPU_OPTIONS, MINILM_SHAPES_32, minilm_inputs, minilm_path
 
 try:
     import onnxruntime_qnn  # noqa: F401
@@ -471,7 +478,7 @@ def test_resolve_source_paths_are_relative_to_the_config_and_must_exist(tmp_path
 
 def test_model_home_prefers_override_then_env_then_user_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("FANOUT_HOME", str(tmp_path / "env"))
-    assert model_home(str(tmp_path / "o")) == tmp_path / "o"
-    assert model_home() == tmp_path / "env"
+    assert env.home(str(tmp_path / "o")) == tmp_path / "o"
+    assert env.home() == tmp_path / "env"
     monkeypatch.delenv("FANOUT_HOME")
-    assert model_home() == Path.home() / ".cache" / "fanout"
+    assert env.home() == Path.home() / ".cache" / "fanout"

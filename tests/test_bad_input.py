@@ -10,8 +10,8 @@ import pytest
 import zmq
 
 import runtime
-from runtime import protocol as p
 from runtime.errors import ClusterUnavailable, InvalidInput, Unauthorized
+from runtime.wire import protocol as p
 
 from .conftest import sentences, worker
 

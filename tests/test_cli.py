@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from runtime.supervisor import process_alive
+from runtime.shells.supervisor import process_alive
 
 from .conftest import wait_for
 

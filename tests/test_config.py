@@ -1,4 +1,4 @@
-"""Loading, validating and shipping the typed config (runtime/config.py)."""
+"""Loading, validating and shipping the typed config (runtime/config/schema.py)."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from runtime.config import (Config, DeviceConfig, FaultConfig, ModelConfig, SchedulerConfig,
-                            config_from_dict, config_to_dict, load_config)
+from runtime.config.loader import config_from_dict, load_config
+from runtime.config.schema import (
+    Config,
+    DeviceConfig,
+    FaultConfig,
+    ModelConfig,
+    SchedulerConfig,
+    config_to_dict,
+)
 from runtime.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

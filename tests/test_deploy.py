@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runtime.config import load_config
+from runtime.config.loader import load_config
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 YAMLS = sorted(DEPLOY.glob("*.yaml")) + sorted(DEPLOY.glob("*.yml"))

@@ -16,13 +16,14 @@ import time
 
 import pytest
 
+from runtime import env
 from runtime.backends import make_backend
 from runtime.backends.base import CancelToken, GenRequest, ModelSpec
 from runtime.backends.faults import FaultyBackend
 from runtime.backends.genai import GenAIBackend, TextDeltas, model_context_length
-from runtime.config import DeviceConfig, FaultConfig
+from runtime.config.schema import DeviceConfig, FaultConfig
 from runtime.errors import Cancelled, DeviceError, InvalidInput, ModelUnavailable
-from runtime.models import fetch, model_home
+from runtime.launchers.models import fetch
 
 TOPICS = ["the ocean", "volcanoes", "the moon", "honey bees", "the Roman empire", "chess",
           "coffee", "glaciers"]
@@ -54,7 +55,7 @@ class Stream:
 
 @pytest.fixture(scope="module")
 def smollm2() -> str:
-    return str(fetch("smollm2", model_home(), print))
+    return str(fetch("smollm2", env.home(), print))
 
 
 @pytest.fixture(scope="module")

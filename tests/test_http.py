@@ -25,12 +25,12 @@ import openai
 import pytest
 
 import runtime
-from runtime.config import HttpConfig
-from runtime.embeddings import HIDDEN, TextEncoder, mean_pool
+from runtime.config.schema import HttpConfig
 from runtime.errors import ConfigError
-from runtime.http_server import HttpServer
-from runtime.launcher import prepare
-from runtime.supervisor import process_alive
+from runtime.frontdoors.embeddings import HIDDEN, TextEncoder, mean_pool
+from runtime.frontdoors.http_server import HttpServer
+from runtime.launchers.local import prepare
+from runtime.shells.supervisor import process_alive
 
 from .conftest import wait_for, worker
 

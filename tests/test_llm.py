@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from runtime.bench import LLM_PROMPTS
+from runtime.bench.common import LLM_PROMPTS
 from runtime.errors import InvalidInput
 
 from .conftest import wait_for, worker

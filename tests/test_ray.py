@@ -12,9 +12,9 @@ from .conftest import RAY_NEEDED
 ray = pytest.importorskip("ray", reason=RAY_NEEDED)
 
 import runtime  # noqa: E402
-from runtime import ray_launcher  # noqa: E402
 from runtime.errors import Unauthorized  # noqa: E402
-from runtime.supervisor import process_alive  # noqa: E402
+from runtime.launchers import ray as ray_launcher  # noqa: E402
+from runtime.shells.supervisor import process_alive  # noqa: E402
 
 from .conftest import ClusterFactory, our_actors, sentences, wait_for, worker  # noqa: E402
 from .test_cluster import EMBEDDING, NPU_OPTIONS, assert_matches  # noqa: E402

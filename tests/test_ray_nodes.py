@@ -179,9 +179,9 @@ def test_traffic_is_encrypted_with_keys_made_at_start_and_a_peer_without_them_is
     import zmq
 
     import runtime
-    from runtime import protocol as p
     from runtime.errors import Unauthorized
-    from runtime.security import generate_keys
+    from runtime.wire import protocol as p
+    from runtime.wire.security import generate_keys
 
     cluster = on_ray.start("""
         devices: [{name: cpu, kind: cpu, backend: onnxruntime, per_node: true}]

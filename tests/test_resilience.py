@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from runtime.errors import Overloaded
-from runtime.supervisor import process_alive
+from runtime.shells.supervisor import process_alive
 
 from .conftest import sentences, wait_for, worker
 

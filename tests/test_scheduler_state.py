@@ -1,4 +1,4 @@
-"""The scheduler's placement and failover rules (runtime/scheduler.py) as a pure state machine.
+"""The scheduler's placement and failover rules (runtime/core/scheduler.py) as a pure state machine.
 
 No processes, sockets or sleeps: events go in, actions come out, and a fake clock is advanced
 by hand. Every ``handle`` is followed by ``state.validate()``; at teardown the tasks the state
@@ -11,14 +11,35 @@ from typing import Any
 
 import pytest
 
-from runtime.config import Config, DeviceConfig, ModelConfig, SchedulerConfig
-from runtime.errors import (Attempt, Cancelled, DeadlineExceeded, InvalidInput,
-                            NoDeviceAvailable, Overloaded)
-from runtime.scheduler import (CancelAttempt, Deliver, Dispatch, KillWorker, ModelStateChanged,
-                               Reject, SchedulerState, StartWorker, TaskCancelled, TaskFailed,
-                               TaskSubmitted, TaskSucceeded, Tick, WorkerAdded, WorkerExited,
-                               WorkerGone, WorkerHeartbeat, WorkerRegistered)
-
+from runtime.config.schema import Config, DeviceConfig, ModelConfig, SchedulerConfig
+from runtime.core.scheduler import (
+    CancelAttempt,
+    Deliver,
+    Dispatch,
+    KillWorker,
+    ModelStateChanged,
+    Reject,
+    SchedulerState,
+    StartWorker,
+    TaskCancelled,
+    TaskFailed,
+    TaskSubmitted,
+    TaskSucceeded,
+    Tick,
+    WorkerAdded,
+    WorkerExited,
+    WorkerGone,
+    WorkerHeartbeat,
+    WorkerRegistered,
+)
+from runtime.errors import (
+    Attempt,
+    Cancelled,
+    DeadlineExceeded,
+    InvalidInput,
+    NoDeviceAvailable,
+    Overloaded,
+)
 
 # ---- the driver --------------------------------------------------------------------------
 
@@ -913,7 +934,7 @@ def test_snapshot_has_latency_histograms_failovers_and_queue_depth_per_model(h):
 
 
 def test_generated_tokens_are_counted_per_device_and_model(make):
-    from runtime.scheduler import TaskTokens
+    from runtime.core.scheduler import TaskTokens
     h = make()
     h.up()
     h.handle(TaskSubmitted("g1", "m", payload="g1", generate=True, stream=True))

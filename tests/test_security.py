@@ -20,12 +20,19 @@ import pytest
 import zmq
 
 import runtime
-from runtime import protocol as p
-from runtime.config import HttpConfig, load_config
+from runtime.config.keys import read_keys, write_keys
+from runtime.config.loader import load_config
+from runtime.config.schema import HttpConfig
 from runtime.errors import ConfigError, Unauthorized
-from runtime.http_server import HttpServer
-from runtime.security import (Gate, _RefusalLog, apply_client, generate_keys, read_keys,
-                              server_mechanism, write_keys)
+from runtime.frontdoors.http_server import HttpServer
+from runtime.wire import protocol as p
+from runtime.wire.security import (
+    Gate,
+    _RefusalLog,
+    apply_client,
+    generate_keys,
+    server_mechanism,
+)
 
 from .conftest import sentences, wait_for, worker
 

@@ -2,7 +2,7 @@
 an OpenVINO worker never loads onnxruntime-qnn, and a QNN worker never loads OpenVINO."""
 from __future__ import annotations
 
-from ..config import DeviceConfig
+from ..config.schema import DeviceConfig
 from ..errors import ConfigError
 from .base import Backend
 

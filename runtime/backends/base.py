@@ -12,10 +12,13 @@ Inputs reaching ``run`` are already checked against ``Session.inputs`` by the wo
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
+
+from ..wire.generation import GenRequest, GenResult
 
 
 @dataclass(frozen=True)
@@ -25,9 +28,6 @@ class TensorSpec:
     name: str
     dtype: str  # numpy dtype name, e.g. "int64", "float32"
     shape: tuple[int | None, ...]
-
-    def to_wire(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
 @dataclass(frozen=True)
@@ -89,41 +89,12 @@ class Backend(Protocol):
 
     name: str  # "onnxruntime", "qnn", "openvino"
 
-    def load(self, model: ModelSpec, progress: ProgressFn) -> Session: ...
+    def load(self, model: ModelSpec, progress: ProgressFn) -> Session | LLMSession: ...
 
     def close(self) -> None: ...
 
 
 # ---- generation (LLMs) --------------------------------------------------------------------
-
-@dataclass
-class GenRequest:
-    """One chat or prompt completion, as a worker hands it to an ``LLMSession``.
-
-    Exactly one of ``messages`` (chat, rendered with the model's chat template) and ``prompt``
-    (raw text) is set. ``prefix_ids`` are tokens already generated for this request on
-    another device (mid-stream failover): generation continues after them, exactly as if it
-    had never stopped, and ``max_tokens`` counts them too.
-    """
-
-    messages: list[dict] | None = None
-    prompt: str | None = None
-    prefix_ids: list[int] = field(default_factory=list)
-    prefix_text: str = ""  # the text already streamed for prefix_ids (deltas continue after it)
-    max_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    ignore_eos: bool = False  # benchmarks: always make max_tokens tokens
-
-
-@dataclass
-class GenResult:
-    finish_reason: str  # "stop" (end of sequence or a stop string) | "length"
-    prompt_tokens: int
-    completion_tokens: int  # all tokens of the completion, prefix_ids included
-
 
 TokensFn = Callable[[list[int], str], None]  # (new token ids, new text) as they come
 

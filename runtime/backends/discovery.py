@@ -27,7 +27,8 @@ try:
     import numpy as np, onnxruntime as ort, onnxruntime_qnn as q
     ort.register_execution_provider_library(q.EP_NAME, q.get_library_path())
     devs = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
-    for kind, path, want in (("npu", q.get_qnn_htp_path(), "NPU"), ("gpu", q.get_qnn_gpu_path(), "GPU")):
+    for kind, path, want in (("npu", q.get_qnn_htp_path(), "NPU"),
+                             ("gpu", q.get_qnn_gpu_path(), "GPU")):
         dev = ([d for d in devs if d.device.type.name == want]
                or [d for d in devs if d.device.type.name not in ("NPU", "GPU")])
         if not dev:
@@ -97,7 +98,7 @@ def discover(timeout_s: float = PROBE_TIMEOUT_S) -> list[dict]:
 
 def _run_probes(scripts: dict[str, tuple[str, ...]], timeout_s: float) -> list[dict]:
     """Each script, as ``python -c CODE ARGS...``, in parallel; each one's last JSON line."""
-    procs = {}
+    procs: dict[str, subprocess.Popen[str] | None] = {}
     for name, (code, *args) in scripts.items():
         try:
             procs[name] = subprocess.Popen([sys.executable, "-c", code, *args],
@@ -107,8 +108,8 @@ def _run_probes(scripts: dict[str, tuple[str, ...]], timeout_s: float) -> list[d
         except OSError:
             procs[name] = None
     deadline = time.monotonic() + timeout_s
-    results = []
-    for name, proc in procs.items():
+    results: list[dict] = []
+    for proc in procs.values():
         if proc is None:
             results.append({})
             continue

@@ -11,10 +11,19 @@ import threading
 
 import numpy as np
 
-from ..config import FaultConfig
+from ..config.schema import FaultConfig
 from ..errors import Cancelled, DeviceError, ModelUnavailable
-from .base import (Backend, CancelToken, GenRequest, GenResult, LLMSession, ModelSpec,
-                   ProgressFn, Session, TokensFn)
+from .base import (
+    Backend,
+    CancelToken,
+    GenRequest,
+    GenResult,
+    LLMSession,
+    ModelSpec,
+    ProgressFn,
+    Session,
+    TokensFn,
+)
 
 
 class FaultyBackend:

@@ -23,8 +23,9 @@ import random
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -438,8 +439,12 @@ class BatchedLLMSession(_EngineSession):
                 ids += out.generated_ids
                 reason = out.finish_reason
         if ids:
+            stopped: bool | Exception = False
             try:
-                stopped = job.sink(ids) if job.sink is not None else job.out.put(("tokens", ids))
+                if job.sink is not None:
+                    stopped = job.sink(ids)
+                else:
+                    job.out.put(("tokens", ids))
             except Exception as e:  # the caller's callback failed (e.g. an injected fault)
                 stopped = e
             if stopped:
@@ -504,7 +509,7 @@ class SerialLLMSession(_EngineSession):
         ov_tensor = _ov_tensor()
         session = self
 
-        class IdStreamer(g.StreamerBase):  # called by the engine, maybe on its own thread
+        class IdStreamer(g.StreamerBase):  # type: ignore[name-defined]  # engine thread
             def __init__(self, job: _Job) -> None:
                 super().__init__()
                 self.job = job
@@ -588,7 +593,9 @@ class GenAIBackend:
                 sched = g.SchedulerConfig()
                 for key in _SCHEDULER_OPTIONS & opts.keys():
                     setattr(sched, key, opts[key])
-                make = lambda: g.ContinuousBatchingPipeline(model.path, sched, self.device, props)
+                def make() -> Any:
+                    return g.ContinuousBatchingPipeline(model.path, sched, self.device, props)
+
                 session: _EngineSession = BatchedLLMSession(
                     make, label, context, float(opts.get("gather_s", GATHER_S)))
             else:

@@ -59,7 +59,7 @@ class OrtSession:
         return dict(zip(self.outputs, values))
 
     def close(self) -> None:
-        self._sess = None  # type: ignore[assignment]  # onnxruntime frees on last reference
+        self._sess = None  # onnxruntime frees on last reference
 
 
 def _run_error(e: Exception, label: str) -> Exception:
@@ -160,7 +160,8 @@ class QnnBackend:
 
         ctx_path = None
         if model.cache_dir and opts.get("context_cache", True):
-            ctx_path = Path(model.cache_dir) / f"{model.name}-{_cache_key(model, opts, self.kind)}_ctx.onnx"
+            key = _cache_key(model, opts, self.kind)
+            ctx_path = Path(model.cache_dir) / f"{model.name}-{key}_ctx.onnx"
             if ctx_path.exists():
                 so = _session_options(opts)
                 so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
@@ -180,7 +181,8 @@ class QnnBackend:
         if ctx_path is not None:
             ctx_path.parent.mkdir(parents=True, exist_ok=True)
             # compile under a private name and rename: concurrent workers never read half a file
-            tmp_ctx = ctx_path.with_name(f".{ctx_path.stem}.{os.getpid()}.{threading.get_ident()}.onnx")
+            tmp_ctx = ctx_path.with_name(
+                f".{ctx_path.stem}.{os.getpid()}.{threading.get_ident()}.onnx")
             so.add_session_config_entry("ep.context_enable", "1")
             so.add_session_config_entry("ep.context_embed_mode", "1")
             so.add_session_config_entry("ep.context_file_path", str(tmp_ctx))
@@ -191,7 +193,7 @@ class QnnBackend:
         except Exception as e:
             _unlink(tmp_ctx)
             raise ModelUnavailable(f"{label}: {e}") from e
-        if tmp_ctx is not None and tmp_ctx.exists():
+        if tmp_ctx is not None and ctx_path is not None and tmp_ctx.exists():
             os.replace(tmp_ctx, ctx_path)
             progress(f"saved QNN context {ctx_path.name}")
         return OrtSession(sess, label)
@@ -252,8 +254,10 @@ def _apply_shapes(so: ort.SessionOptions, model: ModelSpec, shapes: dict | None,
 
 
 def _shapes_example(declared: dict[str, list[int | str | None]]) -> str:
-    return ", ".join(f"{n}: [{', '.join(str(d) if isinstance(d, int) else (d or '?') for d in dims)}]"
-                     for n, dims in declared.items())
+    def dim(d: int | str | None) -> str:
+        return str(d) if isinstance(d, int) else (d or "?")
+
+    return ", ".join(f"{n}: [{', '.join(dim(d) for d in dims)}]" for n, dims in declared.items())
 
 
 def _cache_key(model: ModelSpec, opts: dict[str, Any], kind: str) -> str:

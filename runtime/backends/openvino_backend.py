@@ -115,7 +115,8 @@ def _model_file(path: Path) -> Path:
         found = sorted(path.glob(pattern))
         if len(found) == 1:
             return found[0]
-    raise ModelUnavailable(f"{path}: expected one openvino_model.xml, .xml or .onnx file in the folder")
+    raise ModelUnavailable(f"{path}: expected one openvino_model.xml, .xml or .onnx file in "
+                           f"the folder")
 
 
 class OpenVinoBackend:
@@ -129,12 +130,13 @@ class OpenVinoBackend:
         self._core = None
 
     def _get_core(self, cache_dir: str | None) -> Any:
-        if self._core is None:
-            self._core = _ov().Core()
+        core = self._core
+        if core is None:
+            core = self._core = _ov().Core()
         if cache_dir:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            self._core.set_property({"CACHE_DIR": str(cache_dir)})
-        return self._core
+            core.set_property({"CACHE_DIR": str(cache_dir)})
+        return core
 
     def load(self, model: ModelSpec, progress: ProgressFn) -> OvSession:
         label = f"{model.name}@openvino-{self.device}"

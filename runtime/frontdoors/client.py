@@ -13,20 +13,30 @@ import os
 import queue
 import threading
 import uuid
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from . import protocol as p
-from . import security
-from .config import DEFAULT_ADDRESS, ENV_KEYS, CurveKeys
-from .errors import (Attempt, ClusterUnavailable, ConfigError, FanoutError, InvalidInput,
-                     ProtocolError, error_from_wire)
-from .generation import build_request
+from .. import env
+from ..config.keys import resolve_keys
+from ..config.schema import CurveKeys
+from ..env import DEFAULT_ADDRESS
+from ..errors import (
+    Attempt,
+    ClusterUnavailable,
+    FanoutError,
+    InvalidInput,
+    ProtocolError,
+    error_from_wire,
+)
+from ..wire import protocol as p
+from ..wire import security
+from ..wire.generation import build_request
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 KEEPALIVE_S = 1.0  # how often a client says it is still there
@@ -106,7 +116,7 @@ class AsyncClient:
                  keys: CurveKeys | str | os.PathLike[str] | None = None):
         self.address = address
         self.token = token
-        self.keys = security.resolve_keys(keys)
+        self.keys = resolve_keys(keys)
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -127,7 +137,7 @@ class AsyncClient:
         self._closed = False
         self.unmatched = 0  # answers for tasks not waiting (late or duplicate): should stay 0
 
-    async def connect(self, timeout: float = 10.0) -> "AsyncClient":
+    async def connect(self, timeout: float = 10.0) -> AsyncClient:
         self._hello = asyncio.get_running_loop().create_future()
         # A refused CurveZMQ handshake is silent on the data socket: its monitor tells.
         monitor = self.sock.get_monitor_socket(security.HANDSHAKE_EVENTS)
@@ -142,7 +152,7 @@ class AsyncClient:
             self.max_message_bytes = min(self.max_message_bytes,
                                          int(self.cluster.get("max_message_bytes") or 2**62))
             self._keepalive = asyncio.create_task(self._keep_alive())
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self.close()
             raise ClusterUnavailable(f"no Fanout scheduler answered at {self.address} within "
                                      f"{timeout:g} s; start one with `fanout up`") from None
@@ -275,7 +285,7 @@ class AsyncClient:
         try:
             await self._send(msg_for_id(req_id))
             return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ClusterUnavailable(f"the scheduler at {self.address} did not answer within "
                                      f"{timeout:g} s") from None
         finally:
@@ -345,7 +355,7 @@ class AsyncClient:
             if not fut.done():
                 await self._send_quietly(p.Cancel(task_id=task_id))
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ClusterUnavailable(f"no answer for task {task_id} from {self.address}") from None
         finally:
             self._pending.pop(task_id, None)
@@ -424,10 +434,9 @@ class Client:
     def __init__(self, address: str | None = None, token: str | None = None,
                  timeout: float = 10.0,
                  keys: CurveKeys | str | os.PathLike[str] | None = None):
-        self.address = address or os.environ.get("FANOUT_ADDRESS") or DEFAULT_ADDRESS
-        token = token if token is not None else os.environ.get("FANOUT_TOKEN")
-        keys = security.resolve_keys(keys if keys is not None
-                                     else os.environ.get(ENV_KEYS) or None)
+        self.address = address or env.get(env.ENV_ADDRESS) or env.DEFAULT_ADDRESS
+        token = token if token is not None else env.get(env.ENV_TOKEN)
+        keys = resolve_keys(keys if keys is not None else env.get(env.ENV_KEYS))
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fanout-client",
                                         daemon=True)
@@ -586,7 +595,7 @@ class Client:
         self._thread.join(timeout=5)
         self._loop.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -597,22 +606,3 @@ class Client:
             self.close()
         except Exception:
             pass
-
-
-def connect(address: str | None = None, token: str | None = None, timeout: float = 10.0,
-            keys: CurveKeys | str | os.PathLike[str] | None = None,
-            name: str = "fanout-scheduler") -> Client:
-    """Attach to a running cluster (default: ``FANOUT_ADDRESS`` or tcp://127.0.0.1:8471).
-
-    ``address``: the scheduler's tcp://HOST:PORT, or ``"auto"`` / ``"ray://HOST:PORT"`` to find
-    it through Ray: the scheduler actor ``name`` hands out its address, token and keys.
-    ``keys``: the cluster's CurveZMQ key file or ``CurveKeys`` (default: ``FANOUT_KEYS``)."""
-    address = address or os.environ.get("FANOUT_ADDRESS")
-    if address == "auto" or (address or "").startswith("ray://"):
-        try:
-            from . import ray_launcher
-        except ImportError as exc:
-            raise ConfigError(f"connecting through Ray ({address}) needs Ray ({exc}): "
-                              f"pip install 'fanout-runtime[ray]'") from exc
-        return ray_launcher.connect(name, address, timeout)
-    return Client(address, token, timeout, keys)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import web
 
-from .client import Completion
-from .errors import (
+from ..errors import (
     ClusterUnavailable,
     DeadlineExceeded,
     FanoutError,
@@ -23,6 +23,7 @@ from .errors import (
     NoDeviceAvailable,
     Overloaded,
 )
+from .client import Completion
 
 log = logging.getLogger("fanout.http")
 
@@ -175,7 +176,7 @@ def generation_params(body: Body, default_max_tokens: int | None = None) -> dict
 
 
 def choice_count(body: Body) -> int:
-    n = body.integer("n", 1)
+    n = body.integer("n") or 1
     if n < 1:
         raise HttpError(400, f"n must be at least 1, got {n}", param="n")
     if n > MAX_N:

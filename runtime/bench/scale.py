@@ -22,10 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends.onnx_proto import one_node_model
-from .bench import hardware
-from .client import Client
-from .errors import ConfigError
+import runtime
+
+from .. import env
+from ..backends.onnx_proto import one_node_model
+from ..errors import ConfigError
+from ..frontdoors.client import Client
+from ..launchers.models import fetch
+from .common import hardware
 
 NODE_CAPACITY = 2  # a node's worker runs this many tasks at once, one onnxruntime thread each
 NOOP_SHAPE = (1, 4)
@@ -78,20 +82,19 @@ def bench_scale(tasks: int | None = None, quick: bool = False, nodes: int = 3) -
 def _run(cleanup: contextlib.ExitStack, tasks: int, minilm_tasks: int, rounds: int,
          max_nodes: int) -> int:
     import onnxruntime as ort
-    import ray
 
-    from runtime.models import fetch, model_home
+    from ..launchers import ray as ray_launcher
 
     print(f"fanout bench scale: no-op and MiniLM fan-out over 1..{max_nodes} simulated Ray "
           f"nodes, and the Ray launcher's data path vs the local launcher's; {rounds} round(s) "
           f"of {tasks} no-op / {minilm_tasks} MiniLM [1, {SEQ}] tasks per figure, node counts "
           f"alternating, medians\n"
-          f"hardware: {hardware()}; CPU: {_cpu_model()}; Ray {ray.__version__}, "
+          f"hardware: {hardware()}; CPU: {_cpu_model()}; Ray {ray_launcher.ray_version()}, "
           f"onnxruntime {ort.__version__}", flush=True)
     tmp = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="fanout-bench-scale-")))
     noop = tmp / "noop.onnx"
     noop.write_bytes(one_node_model("Identity", ["x"], NOOP_SHAPE, "noop"))
-    fetch("minilm", model_home(), print)
+    fetch("minilm", env.home(), print)
     paths = {}
     for n in range(1, max_nodes + 1):
         paths[n] = tmp / f"nodes-{n}.yaml"
@@ -99,8 +102,9 @@ def _run(cleanup: contextlib.ExitStack, tasks: int, minilm_tasks: int, rounds: i
     clients = _start(cleanup, paths)
 
     rng = np.random.default_rng(0)
-    batches = {"noop": [{"x": rng.random(NOOP_SHAPE, dtype=np.float32)} for _ in range(tasks)],
-               "minilm": []}
+    batches: dict[str, list[dict[str, np.ndarray]]] = {
+        "noop": [{"x": rng.random(NOOP_SHAPE, dtype=np.float32)} for _ in range(tasks)],
+        "minilm": []}
     for _ in range(minilm_tasks):
         ids = rng.integers(1000, 30000, size=(1, SEQ), dtype=np.int64)
         batches["minilm"].append({"input_ids": ids, "attention_mask": np.ones_like(ids)})
@@ -133,32 +137,20 @@ def _run(cleanup: contextlib.ExitStack, tasks: int, minilm_tasks: int, rounds: i
 def _start(cleanup: contextlib.ExitStack, paths: dict[int, Path]) -> dict[str, Client]:
     """The Ray nodes, a Fanout cluster per node count and the local one; their clients by label
     ("1".."N", "local"). Each part is handed to ``cleanup`` as soon as it exists."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    import runtime
-    from runtime import ray_launcher
+    from ..launchers.ray import SimulatedNodes
 
     max_nodes, cores = len(paths), os.cpu_count() or 1
     started = time.monotonic()
-    ray_nodes = Cluster()  # nodes added one by one, so a failure half-way still shuts all down
-    cleanup.callback(ray_nodes.shutdown)
-    small = {"num_cpus": 1, "object_store_memory": 100 * 1024 ** 2}
-    # Ray starts its workers at nice 15; at 0, as the local launcher's processes are, both
-    # launchers compete alike with whatever else runs on this machine.
-    ray_nodes.add_node(include_dashboard=False, _system_config={"worker_niceness": 0}, **small)
-    for i in range(1, max_nodes + 1):  # node i hosts a worker of every cluster of >= i nodes
-        ray_nodes.add_node(resources={f"fanout_node_{i}": max_nodes}, **small)
-    ray_nodes.wait_for_nodes()
-    ray.init(address=ray_nodes.address, namespace=ray_launcher.NAMESPACE,
-             logging_level="WARNING", configure_logging=False)
-    cleanup.callback(ray.shutdown)
+    # node i hosts a worker of every cluster of >= i nodes
+    SimulatedNodes([{f"fanout_node_{i}": max_nodes} for i in range(1, max_nodes + 1)],
+                   cleanup)
     ray_up = time.monotonic() - started
-    clusters = {}
+    clusters: dict[str, runtime.ClusterHandle] = {}
     for n, path in paths.items():
-        clusters[str(n)] = ray_launcher.start(path, name=f"{SCHEDULER_NAME}-{n}", wait=False)
+        clusters[str(n)] = runtime.start(path, launcher="ray", name=f"{SCHEDULER_NAME}-{n}",
+                                         wait=False)
         cleanup.callback(clusters[str(n)].shutdown)
-    clusters["local"] = runtime.start(paths[1], wait=False)
+    clusters["local"] = runtime.start(paths[1], launcher="local", wait=False)
     cleanup.callback(clusters["local"].shutdown)
     for cluster in clusters.values():
         cluster.wait_ready_or_shutdown(600.0)

@@ -21,13 +21,21 @@ from __future__ import annotations
 
 import collections
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
+from ..config.schema import Config
+from ..errors import (
+    Attempt,
+    Cancelled,
+    DeadlineExceeded,
+    FanoutError,
+    InvalidInput,
+    NoDeviceAvailable,
+    Overloaded,
+)
 from . import placement
-from .config import Config
-from .errors import (Attempt, Cancelled, DeadlineExceeded, FanoutError, InvalidInput,
-                     NoDeviceAvailable, Overloaded)
 
 BREAKER_KINDS = frozenset(["device"])  # only real device faults open a breaker
 EWMA = 0.3
@@ -165,7 +173,7 @@ class Dispatch:
     model: str
     payload: Any
     timeout_s: float
-    generation: "Generation | None" = None  # for generations: what was streamed already
+    generation: Generation | None = None  # for generations: what was streamed already
 
 
 @dataclass
@@ -182,7 +190,7 @@ class Deliver:
     payload: Any
     attempts: list[Attempt]
     service_s: float
-    generation: "Generation | None" = None  # for generations: the whole completion
+    generation: Generation | None = None  # for generations: the whole completion
 
 
 @dataclass
@@ -216,7 +224,7 @@ class ModelSlot:
     open_until: float | None = None  # breaker open until then; then one probe is let through
     probing: bool = False
     failed_over: int = 0  # tries that failed here and went on to another device
-    latency: "Histogram" = field(default_factory=lambda: Histogram())
+    latency: Histogram = field(default_factory=lambda: Histogram())
     tokens: int = 0  # generated tokens, all time
     recent_tokens: collections.deque = field(default_factory=collections.deque)  # (t, n)
 
@@ -271,7 +279,7 @@ class WorkerView:
     backoff_s: float = 0.0
     last_exit: str = ""
     models: dict[str, ModelSlot] = field(default_factory=dict)
-    in_flight: dict[int, "Task"] = field(default_factory=dict)  # attempt -> task
+    in_flight: dict[int, Task] = field(default_factory=dict)  # attempt -> task
     done: int = 0
     failed: int = 0
     failed_over: int = 0
@@ -334,7 +342,7 @@ class SchedulerState:
         self.queued_models: collections.Counter[str] = collections.Counter()  # of self.queue
         self.tasks: dict[Any, Task] = {}  # every unanswered task
         self._attempt_ids = itertools.count(1)
-        self.counters = collections.Counter()
+        self.counters: collections.Counter[str] = collections.Counter()
 
     def _view(self, device: str, template: str, capacity: int) -> WorkerView:
         view = WorkerView(device, self.config.device(template).kind, capacity, template=template)

@@ -6,10 +6,40 @@ raises the same for a request that bypassed the client.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
-from .backends.base import GenRequest
-from .errors import InvalidInput
+from ..errors import InvalidInput
+
+
+@dataclass
+class GenRequest:
+    """One chat or prompt completion, as a worker hands it to an ``LLMSession``.
+
+    Exactly one of ``messages`` (chat, rendered with the model's chat template) and ``prompt``
+    (raw text) is set. ``prefix_ids`` are tokens already generated for this request on
+    another device (mid-stream failover): generation continues after them, exactly as if it
+    had never stopped, and ``max_tokens`` counts them too.
+    """
+
+    messages: list[dict] | None = None
+    prompt: str | None = None
+    prefix_ids: list[int] = field(default_factory=list)
+    prefix_text: str = ""  # the text already streamed for prefix_ids (deltas continue after it)
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: always make max_tokens tokens
+
+
+@dataclass
+class GenResult:
+    finish_reason: str  # "stop" (end of sequence or a stop string) | "length"
+    prompt_tokens: int
+    completion_tokens: int  # all tokens of the completion, prefix_ids included
+
 
 ROLES = ("system", "user", "assistant")
 PARAMS = ("max_tokens", "temperature", "top_p", "stop", "seed", "ignore_eos")

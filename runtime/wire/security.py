@@ -7,22 +7,17 @@ and clients are CURVE clients. Without keys none of this runs and the sockets st
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
-import json
 import logging
-import os
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
-from .config import CurveKeys, _Parser
-from .errors import ConfigError, Unauthorized
+from ..config.schema import CurveKeys
+from ..errors import Unauthorized
 
 log = logging.getLogger("fanout.security")
 
@@ -41,75 +36,6 @@ def generate_keys() -> CurveKeys:
     client_public, client_secret = zmq.curve_keypair()
     return CurveKeys(server_public=server_public.decode(), server_secret=server_secret.decode(),
                      client_public=client_public.decode(), client_secret=client_secret.decode())
-
-
-def write_keys(path: str | os.PathLike[str], keys: CurveKeys, *, overwrite: bool = False) -> Path:
-    """Write a key file readable by its owner only (0600); an existing file is kept unless
-    ``overwrite``. Returns the absolute path."""
-    path = Path(path).expanduser().absolute()
-    text = json.dumps(dataclasses.asdict(keys), indent=2) + "\n"
-    try:
-        if not overwrite:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                _write_fd(fd, text)
-            except BaseException:
-                path.unlink()  # no half-written key file left to be mistaken for a good one
-                raise
-            return path
-        # A new file renamed over the old: never a moment with half a file or looser modes.
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            _write_fd(fd, text)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        return path
-    except FileExistsError:
-        raise ConfigError(f"{path}: a key file is already there; replace it with `fanout keys "
-                          f"--force` (clients holding the old keys will then be refused)") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot write the key file: {exc.strerror or exc}") from None
-
-
-def _write_fd(fd: int, text: str) -> None:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        os.fchmod(f.fileno(), 0o600)  # mkstemp and umask may differ; the mode is the point
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_keys(path: str | os.PathLike[str]) -> CurveKeys:
-    """The keys in a key file; ConfigError naming the file (never the key material)."""
-    label = os.fspath(Path(path).expanduser())
-    try:
-        with open(label, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise ConfigError(f"{label}: cannot read the key file ({detail}); write one with "
-                          f"`fanout keys {label}`") from None
-    try:
-        data = json.loads(text)
-    except ValueError:
-        data = None
-    parser = _Parser(label, None, {}, None, from_dict=True)  # the loader's own check
-    keys = parser.curve_keys("key file", data)
-    if keys is None:
-        raise ConfigError("\n".join(parser.errors))
-    return keys
-
-
-def resolve_keys(keys: CurveKeys | str | os.PathLike[str] | None) -> CurveKeys | None:
-    """``keys`` as given to a client: the keys, a key file's path, or None."""
-    if keys is None or isinstance(keys, CurveKeys):
-        return keys
-    if isinstance(keys, (str, os.PathLike)):
-        return read_keys(keys)
-    raise ConfigError(f"keys must be CurveKeys or the path of a key file, got "
-                      f"{type(keys).__name__}")
 
 
 # -- socket options -----------------------------------------------------------------------------
@@ -188,12 +114,12 @@ async def server_mechanism(address: str, timeout: float = 2.0) -> str | None:
         else:
             return None
         reader, writer = await asyncio.wait_for(connecting, timeout)
-    except (OSError, ValueError, asyncio.TimeoutError):
+    except (TimeoutError, OSError, ValueError):
         return None
     try:
         writer.write(_ZMTP_SIGNATURE_AND_VERSION)
         greeting = await asyncio.wait_for(reader.readexactly(_ZMTP_GREETING_BYTES), timeout)
-    except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+    except (TimeoutError, OSError, asyncio.IncompleteReadError):
         return None
     finally:
         writer.close()

@@ -22,16 +22,17 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from aiohttp import web
 
+from ..config.schema import Config, CurveKeys, HttpConfig, is_loopback
+from ..errors import ClusterUnavailable, ConfigError, FanoutError, InvalidInput
 from .client import AsyncClient, Chunk
-from .config import Config, CurveKeys, HttpConfig, _is_loopback
 from .embeddings import HIDDEN, TextEncoder, mean_pool
-from .errors import ClusterUnavailable, ConfigError, FanoutError, InvalidInput
 from .metrics import prometheus_text
 from .openai_api import (
     CHAT_FIELDS,
@@ -106,7 +107,7 @@ class HttpServer:
                  token: str | None = None, keys: CurveKeys | None = None):
         self.http = http
         self.host, self.port = split_host_port(http.address)
-        if not http.api_key and not _is_loopback(self.host):
+        if not http.api_key and not is_loopback(self.host):
             raise ConfigError(f"http.address {http.address!r} binds a non-loopback host and so "
                               f"needs an API key (http.api_key or env FANOUT_API_KEY)")
         self.models = {m.name: m for m in models}
@@ -125,7 +126,7 @@ class HttpServer:
     @classmethod
     def from_config(cls, config: Config, scheduler_address: str, token: str | None = None,
                     http: HttpConfig | None = None,
-                    keys: CurveKeys | None = None) -> "HttpServer":
+                    keys: CurveKeys | None = None) -> HttpServer:
         return cls(http or config.http, model_specs(config), scheduler_address,
                    token if token is not None else config.scheduler.token,
                    keys if keys is not None else config.cluster.keys)
@@ -165,6 +166,8 @@ class HttpServer:
         self._connector = asyncio.create_task(self._connect())
 
     async def _connect(self) -> None:
+        connected = self._connected
+        assert connected is not None  # made by start() before this task
         while True:
             client = AsyncClient(self.scheduler_address, self.token, keys=self.keys)
             try:
@@ -175,10 +178,10 @@ class HttpServer:
                 continue
             except FanoutError as exc:  # a wrong token will not fix itself
                 log.error("HTTP API cannot connect to the scheduler: %s", exc)
-                self._connected.set_exception(exc)
+                connected.set_exception(exc)
                 return
             self._client = client
-            self._connected.set_result(client)
+            connected.set_result(client)
             return
 
     async def stop(self) -> None:
@@ -191,16 +194,18 @@ class HttpServer:
             await self._client.close()
             self._client = None
 
-    def serve_in_thread(self, timeout: float = 30.0) -> "ServerThread":
+    def serve_in_thread(self, timeout: float = 30.0) -> ServerThread:
         """Run on a private event loop in a daemon thread; returns once listening."""
         return ServerThread(self, timeout)
 
     async def client(self, timeout: float = 10.0) -> AsyncClient:
         if self._client is not None:
             return self._client
+        if self._connected is None:
+            raise ClusterUnavailable("the HTTP API is not started")
         try:
             return await asyncio.wait_for(asyncio.shield(self._connected), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ClusterUnavailable(f"the HTTP API could not reach the scheduler at "
                                      f"{self.scheduler_address}") from None
 
@@ -436,7 +441,9 @@ class HttpServer:
 
     def _encoder(self, model: str) -> TextEncoder:
         if model not in self._encoders:
-            self._encoders[model] = TextEncoder(self.models[model].tokenizer)
+            tokenizer = self.models[model].tokenizer
+            assert tokenizer is not None  # an embedding model has one (model_specs)
+            self._encoders[model] = TextEncoder(tokenizer)
         return self._encoders[model]
 
     # -- listing, health, metrics --
@@ -553,7 +560,7 @@ class ServerThread:
                 self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout)
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         return self
 
     def __exit__(self, *exc) -> None:

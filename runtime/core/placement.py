@@ -1,8 +1,8 @@
 """Placement policy: which worker takes a task. One function, so a benchmark can swap it."""
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 
 @dataclass(frozen=True)

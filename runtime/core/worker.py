@@ -9,14 +9,23 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from .backends.base import Backend, CancelToken, GenRequest, GenResult, ModelSpec, Session
-from .errors import FanoutError, InvalidInput, ModelUnavailable
+from ..backends.base import (
+    Backend,
+    CancelToken,
+    GenRequest,
+    GenResult,
+    LLMSession,
+    ModelSpec,
+    Session,
+)
+from ..errors import FanoutError, InvalidInput, ModelUnavailable
 from .tensors import fit_inputs
 
 log = logging.getLogger("fanout.worker")
@@ -67,7 +76,7 @@ class WorkerCore:
         self.specs = {m.name: m for m in models}
         self.emit = emit
         self.clock = clock
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, Session | LLMSession] = {}
         self.states = {m.name: LoadState(m.name, "loading", detail="queued for loading")
                        for m in models}
         self._pool = ThreadPoolExecutor(max_workers=capacity, thread_name_prefix=device)

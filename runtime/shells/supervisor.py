@@ -12,7 +12,7 @@ log = logging.getLogger("fanout.supervisor")
 
 
 class LocalSupervisor:
-    """One ``runtime.worker_process`` per device, started with the resolved config file."""
+    """One ``runtime.shells.worker_process`` per device, started with the resolved config file."""
 
     def __init__(self, worker_address: str, config_file: str):
         self.worker_address = worker_address
@@ -22,7 +22,7 @@ class LocalSupervisor:
 
     def start(self, device: str, epoch: int) -> None:
         self._reap(device)
-        cmd = [sys.executable, "-m", "runtime.worker_process", "--scheduler",
+        cmd = [sys.executable, "-m", "runtime.shells.worker_process", "--scheduler",
                self.worker_address, "--device", device, "--epoch", str(epoch),
                "--config", self.config_file]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
@@ -59,7 +59,7 @@ class LocalSupervisor:
     def stop_all(self, timeout: float = 5.0) -> None:
         """Wait for workers told to stop; kill what is left after ``timeout``."""
         deadline = time.monotonic() + timeout
-        for device, (epoch, proc) in list(self.procs.items()):
+        for device, (_, proc) in list(self.procs.items()):
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

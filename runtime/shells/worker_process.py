@@ -1,6 +1,6 @@
 """The process around a ``WorkerCore``: one ZMQ DEALER socket to the scheduler.
 
-Started as ``python -m runtime.worker_process --scheduler ADDR --device NAME --epoch N
+Started as ``python -m runtime.shells.worker_process --scheduler ADDR --device NAME --epoch N
 --config FILE``. The main thread owns the socket and answers runs, cancels and pings while
 the core's threads run inference; their results come back through a queue and a socketpair
 that wakes the poller. The process exits when the scheduler says stop, goes silent, or its
@@ -21,14 +21,16 @@ from pathlib import Path
 
 import zmq
 
-from . import protocol as p
-from .backends import make_backend
-from .backends.base import ModelSpec
-from .config import Config, config_from_dict
-from .errors import InvalidInput
-from .generation import read_request
-from .security import apply_client
-from .worker import LoadState, Outcome, TokensOut, WorkerCore
+from ..backends import make_backend
+from ..backends.base import ModelSpec
+from ..config.loader import config_from_dict
+from ..config.schema import Config
+from ..core.worker import LoadState, Outcome, TokensOut, WorkerCore
+from ..env import home, setup_logging
+from ..errors import InvalidInput
+from ..wire import protocol as p
+from ..wire.generation import read_request
+from ..wire.security import apply_client
 
 log = logging.getLogger("fanout.worker")
 
@@ -79,7 +81,7 @@ class WorkerProcess:
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
-        cache = Path(config.model_cache or Path.home() / ".cache" / "fanout") / "compiled"
+        cache = home(config.model_cache) / "compiled"
         self.core = WorkerCore(device, self.device.capacity, make_backend(self.device),
                                model_specs(config, device, cache), self._emit)
         self._parent = os.getppid()
@@ -106,7 +108,7 @@ class WorkerProcess:
         last_heard = last_beat = time.monotonic()
         try:
             while True:
-                ready = dict(poller.poll(self.heartbeat_s * 1000 / 2))
+                ready = dict(poller.poll(int(self.heartbeat_s * 1000 / 2)))
                 if self._wake_r.fileno() in ready:
                     self._drain_wakeups()
                 self._flush_events()
@@ -213,14 +215,13 @@ class WorkerProcess:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="runtime.worker_process")
+    ap = argparse.ArgumentParser(prog="runtime.shells.worker_process")
     ap.add_argument("--scheduler", required=True)
     ap.add_argument("--device", required=True)
     ap.add_argument("--epoch", type=int, required=True)
     ap.add_argument("--config", required=True, help="the resolved config as JSON")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("FANOUT_LOG", "WARNING").upper(),
-                        format=f"%(asctime)s {args.device} %(levelname)s %(message)s")
+    setup_logging(args.device)
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the scheduler, which stops us
     config = config_from_dict(json.loads(Path(args.config).read_text()))

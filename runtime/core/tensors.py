@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backends.base import TensorSpec
-from .errors import InvalidInput, Unsupported
+from ..backends.base import TensorSpec
+from ..errors import InvalidInput, Unsupported
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,8 @@ def fit_inputs(specs: list[TensorSpec], inputs: dict[str, np.ndarray], model: st
             parts.append(f"missing {missing}")
         if extra:
             parts.append(f"unexpected {extra}")
-        want = ", ".join(f"{s.name}: {s.dtype}{_dims(s.shape)}" for s in specs)
-        raise InvalidInput(f"model {model!r} inputs: {'; '.join(parts)}; it takes {want}")
+        takes = ", ".join(f"{s.name}: {s.dtype}{_dims(s.shape)}" for s in specs)
+        raise InvalidInput(f"model {model!r} inputs: {'; '.join(parts)}; it takes {takes}")
     fitted: dict[str, np.ndarray] = {}
     axes: dict[int, tuple[int, int]] = {}
     for spec in specs:
@@ -60,7 +60,7 @@ def fit_inputs(specs: list[TensorSpec], inputs: dict[str, np.ndarray], model: st
         if arr.ndim != len(spec.shape):
             raise InvalidInput(f"model {model!r} input {spec.name!r}: shape {list(arr.shape)} "
                                f"has rank {arr.ndim}, expected {_dims(spec.shape)}")
-        widths = []
+        widths: list[tuple[int, int]] = []
         for axis, (have, want) in enumerate(zip(arr.shape, spec.shape)):
             if want is None or have == want:
                 widths.append((0, 0))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -13,7 +14,7 @@ def _labels(**kv: Any) -> str:
     return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in kv.items()) + "}"
 
 
-def prometheus_text(status: dict, requests: Counter, models: list[str] = ()) -> str:
+def prometheus_text(status: dict, requests: Counter, models: Sequence[str] = ()) -> str:
     """The cluster's status and this server's request counts in Prometheus text format."""
     families: list[tuple[str, str, str, list[str]]] = []
 
