@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         served = collections.Counter(r.device for r in results)
         failovers = sum(len(r.attempts) for r in results)
         print(f"\nserved: {dict(served)}; failovers: {failovers}\n")
-        print(render_status(cluster.status()))
+        print(render_status(cluster.cluster_status()))
     return 0
 
 

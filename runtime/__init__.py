@@ -18,13 +18,14 @@ from . import env, errors
 from .config.loader import load_cluster_section
 from .config.schema import LAUNCHERS, Config
 from .errors import ConfigError
-from .frontdoors.client import AsyncClient, Chunk, Client, Completion, Result
+from .frontdoors.client import AsyncClient, Client, TaskResult, TextChunk, TextCompletion
 from .launchers import local
 from .launchers.handle import ClusterHandle
 from .launchers.local import Cluster
+from .wire.status import Status
 
-__all__ = ["AsyncClient", "Chunk", "Client", "Cluster", "ClusterHandle", "Completion", "Result",
-           "connect", "errors", "start"]
+__all__ = ["AsyncClient", "Client", "Cluster", "ClusterHandle", "Status", "TaskResult",
+           "TextChunk", "TextCompletion", "connect", "errors", "start"]
 __version__ = "0.1.0"
 
 RAY_SCHEDULER_NAME = "fanout-scheduler"

@@ -14,41 +14,41 @@ import runtime
 from .core import scheduler as s
 from .env import setup_logging
 from .errors import FanoutError
+from .wire.status import Status, WorkerStatus
 
 
-def render_status(status: dict) -> str:
+def render_status(status: Status) -> str:
     """A table per device, then one line per model on it."""
     head = ("DEVICE", "KIND", "STATE", "PID", "NODE", "CAP", "INFLIGHT", "QUEUED", "DONE",
             "FAILED", "FAILOVER")
     rows = [head]
     notes = []
-    for w in status["workers"]:
-        rows.append((w["device"], w["kind"], w["state"], str(w["pid"] or "-"), w["node"] or "-",
-                     str(w["capacity"]), str(w["in_flight"]), str(w["queued"]), str(w["done"]),
-                     str(w["failed"]), str(w["failed_over"])))
-        for name, m in w["models"].items():
-            if m["state"] == "ready":
-                ms = f"{m['expected_s'] * 1000:.1f} ms/task" if m["expected_s"] else "no task yet"
-                extra = f"loaded in {m['load_s']:.1f} s, {ms}, breaker {m['breaker']}"
-            elif m["state"] == "unavailable":
-                extra = m["error"] or ""
+    for w in status.workers:
+        rows.append((w.device, w.kind, w.state, str(w.pid or "-"), w.node or "-",
+                     str(w.capacity), str(w.in_flight), str(w.queued), str(w.done),
+                     str(w.failed), str(w.failed_over)))
+        for name, m in w.models.items():
+            if m.state == "ready":
+                ms = f"{m.expected_s * 1000:.1f} ms/task" if m.expected_s else "no task yet"
+                extra = f"loaded in {m.load_s:.1f} s, {ms}, breaker {m.breaker}"
+            elif m.state == "unavailable":
+                extra = m.error or ""
             else:
-                extra = m["detail"]
-            notes.append(f"  {w['device']:<8} {name:<12} {m['state']:<12} {extra}")
+                extra = m.detail
+            notes.append(f"  {w.device:<8} {name:<12} {m.state:<12} {extra}")
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() for r in rows]
-    down = [w for w in status["workers"] if w["state"] in ("gone", "lost") and w["last_exit"]]
+    down = [w for w in status.workers if w.state in ("gone", "lost") and w.last_exit]
     if down:
         lines.append("")
-        lines.extend(f"{w['device']} is {w['state']}: {w['last_exit']}" for w in down)
+        lines.extend(f"{w.device} is {w.state}: {w.last_exit}" for w in down)
     lines.append("")
     lines.append("MODELS")
     lines.extend(notes)
-    c = status.get("counters", {})
+    c = status.counters
     lines.append("")
-    lines.append(f"queued {status['queued']}/{status['max_queue']}, completed "
-                 f"{c.get('completed', 0)}, failed {c.get('failed', 0)}, retried "
-                 f"{c.get('retried', 0)}, overloaded {c.get('overloaded', 0)}")
+    lines.append(f"queued {status.queued}/{status.max_queue}, completed {c.completed}, failed "
+                 f"{c.failed}, retried {c.retried}, overloaded {c.overloaded}")
     return "\n".join(lines)
 
 
@@ -67,16 +67,16 @@ class _Progress:
         if isinstance(event, s.WorkerRegistered):
             self.line(f"{event.device}: worker up (pid {event.pid})")
         elif isinstance(event, s.ModelStateChanged):
-            text = event.error if event.state == "unavailable" else event.detail
-            self.line(f"{event.device}: {event.model}: {event.state}: {text} "
-                      f"({event.load_s:.1f} s)")
+            load = event.load
+            text = load.error if load.state == "unavailable" else load.detail
+            self.line(f"{event.device}: {event.model}: {load.state}: {text} "
+                      f"({load.load_s:.1f} s)")
         elif isinstance(event, s.WorkerExited):
             self.line(f"{event.device}: worker exited ({event.reason}); restarting")
         if not self.ready_shown and proc.state.ready():
             self.ready_shown = True
             self.line(f"ready: clients connect to {proc.address}")
-            print(render_status(proc.state.snapshot() | {"cluster": proc.info()}),
-                  file=self.out, flush=True)
+            print(render_status(proc.status()), file=self.out, flush=True)
 
 
 class StatusChanges:
@@ -85,27 +85,25 @@ class StatusChanges:
 
     def __init__(self, say):
         self.say = say
-        self.seen: dict[str, dict] = {}
+        self.seen: dict[str, WorkerStatus] = {}
 
-    def __call__(self, status: dict) -> None:
-        for w in status["workers"]:
-            before = self.seen.get(w["device"])
-            where = f" on {w['node']}" if w["node"] else ""
-            if before is None or before["state"] != w["state"]:
-                why = f": {w['last_exit']}" if w["state"] in ("lost", "gone") and \
-                    w["last_exit"] else ""
-                self.say(f"{w['device']}: worker {w['state']}{where}{why}")
-            for name, m in w["models"].items():
-                old = (before or {}).get("models", {}).get(name, {})
-                if (old.get("state"), old.get("detail")) != (m["state"], m["detail"]) \
-                        and m["state"] != "gone":
-                    if m["state"] == "ready":
-                        text = f"loaded in {m['load_s']:.1f} s"
+    def __call__(self, status: Status) -> None:
+        for w in status.workers:
+            before = self.seen.get(w.device)
+            where = f" on {w.node}" if w.node else ""
+            if before is None or before.state != w.state:
+                why = f": {w.last_exit}" if w.state in ("lost", "gone") and w.last_exit else ""
+                self.say(f"{w.device}: worker {w.state}{where}{why}")
+            for name, m in w.models.items():
+                old = before.models.get(name) if before is not None else None
+                if (old is None or (old.state, old.detail) != (m.state, m.detail)) \
+                        and m.state != "gone":
+                    if m.state == "ready":
+                        text = f"loaded in {m.load_s:.1f} s"
                     else:
-                        text = (m["error"] if m["state"] == "unavailable" else m["detail"]) \
-                            or "-"
-                    self.say(f"{w['device']}: {name}: {m['state']}: {text}")
-            self.seen[w["device"]] = w
+                        text = (m.error if m.state == "unavailable" else m.detail) or "-"
+                    self.say(f"{w.device}: {name}: {m.state}: {text}")
+            self.seen[w.device] = w
 
 
 def cmd_up_ray(args) -> int:
@@ -132,7 +130,7 @@ def cmd_up_ray(args) -> int:
     try:
         progress.line(f"ready: clients connect to {cluster.address} (token via Ray; "
                       f"`fanout status --ray`)")
-        print(render_status(cluster.status()), flush=True)
+        print(render_status(cluster.cluster_status()), flush=True)
         if config.http.enabled and not args.no_http:
             from .frontdoors.http_server import HttpServer
             http = HttpServer.from_config(config, cluster.address, cluster.token) \
@@ -140,7 +138,7 @@ def cmd_up_ray(args) -> int:
             progress.line(f"HTTP API on {http.url}")
         while not stopped.wait(1.0):
             try:
-                changes(cluster.status())
+                changes(cluster.cluster_status())
             except FanoutError as exc:
                 progress.line(f"status: {exc}")
         progress.line("stopping: the worker actors and the scheduler actor")
@@ -204,14 +202,14 @@ def _client(args):
 
 def cmd_status(args) -> int:
     with _client(args) as client:
-        status = client.status()
-    print(json.dumps(status, indent=2) if args.json else render_status(status))
+        status = client.cluster_status()
+    print(json.dumps(status.to_wire(), indent=2) if args.json else render_status(status))
     return 0
 
 
 def cmd_down(args) -> int:
     with _client(args) as client:
-        pid = client.cluster.get("pid")
+        pid = client.cluster.pid
         client.shutdown_cluster()
     print(f"asked the cluster at {client.address} (scheduler pid {pid}) to stop")
     return 0

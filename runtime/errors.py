@@ -1,12 +1,19 @@
 """One error tree for the whole runtime.
 
-Each class says whether running the task elsewhere can help (``retry_elsewhere``). The
-scheduler decides failover from the ``kind`` string that crosses the wire, never from the
-Python class of an engine's exception.
+Each class has a ``kind``, the string that crosses the wire, and says how the scheduler
+treats a run that ended with it (``retry_elsewhere``, ``opens_breaker``, ``input_fault``):
+the scheduler reads those rules here, by the kind a worker reported, never from the Python
+class of an engine's exception.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
+
+ErrorKind = Literal["error", "invalid_input", "device", "unsupported", "model_unavailable",
+                    "worker_lost", "worker_gone", "overloaded", "deadline", "cancelled",
+                    "no_device", "protocol", "unauthorized", "config", "cluster_unavailable"]
+ERROR_KINDS: frozenset[str] = frozenset(get_args(ErrorKind))
 
 
 @dataclass(frozen=True)
@@ -14,15 +21,20 @@ class Attempt:
     """One try of a task: the worker that ran it and why it did not succeed."""
 
     device: str
-    kind: str
+    kind: ErrorKind
     message: str
 
     def to_wire(self) -> dict:
         return {"device": self.device, "kind": self.kind, "message": self.message}
 
     @classmethod
-    def from_wire(cls, d: dict) -> Attempt:
-        return cls(str(d["device"]), str(d["kind"]), str(d["message"]))
+    def from_wire(cls, d: Any) -> Attempt:
+        """The attempt in ``d``; ``ProtocolError`` naming what is wrong with it."""
+        if not (isinstance(d, dict) and isinstance(d.get("device"), str)
+                and isinstance(d.get("message"), str)):
+            raise ProtocolError(f"an attempt must have string fields device, kind and message, "
+                                f"got {d!r:.120}")
+        return cls(d["device"], _kind(d.get("kind")), d["message"])
 
     def __str__(self) -> str:
         return f"{self.device}: {self.kind}: {self.message}"
@@ -31,8 +43,12 @@ class Attempt:
 class FanoutError(Exception):
     """Base of every error the runtime raises on purpose."""
 
-    kind = "error"
-    retry_elsewhere = False
+    kind: ClassVar[ErrorKind] = "error"
+    # How the scheduler treats a run that ended with this error (core/scheduler.py reads
+    # these, nothing else): an error of a run that names no cause is the device's.
+    retry_elsewhere: ClassVar[bool] = True  # another device may serve the task
+    opens_breaker: ClassVar[bool] = False  # counts toward the (worker, model) breaker
+    input_fault: ClassVar[bool] = False  # if every try says so, the answer is InvalidInput
 
     def __init__(self, message: str, attempts: list[Attempt] | tuple[Attempt, ...] = ()):
         self.message = message
@@ -54,34 +70,41 @@ class InvalidInput(FanoutError):
     """The task itself is wrong (unknown model, input names, dtypes, shapes). Never retried."""
 
     kind = "invalid_input"
+    retry_elsewhere = False
+    input_fault = True
 
 
 class DeviceError(FanoutError):
     """The engine or device failed on a valid task. Another device can serve it."""
 
     kind = "device"
-    retry_elsewhere = True
+    opens_breaker = True  # only real device faults: a bad input or a lost worker does not
 
 
 class Unsupported(FanoutError):
     """This device cannot take this input (e.g. larger than its static NPU shape); another may."""
 
     kind = "unsupported"
-    retry_elsewhere = True
+    input_fault = True
 
 
 class ModelUnavailable(FanoutError):
     """The model failed to load or compile on the device; the message is the engine's text."""
 
     kind = "model_unavailable"
-    retry_elsewhere = True
 
 
 class WorkerLost(FanoutError):
     """The worker process died or stopped answering while it held the task."""
 
     kind = "worker_lost"
-    retry_elsewhere = True
+
+
+class WorkerGone(FanoutError):
+    """The worker's node left the cluster (or no node can host it); it is not restarted.
+    Named in a task's attempts for a device it skipped for that reason."""
+
+    kind = "worker_gone"
 
 
 class Overloaded(FanoutError):
@@ -97,7 +120,8 @@ class DeadlineExceeded(FanoutError):
 
 
 class Cancelled(FanoutError):
-    """The task was cancelled by its caller."""
+    """The task was cancelled by its caller. A run that a worker cancelled on its own (it is
+    stopping) is re-run elsewhere; a caller's cancel answers the task before that matters."""
 
     kind = "cancelled"
 
@@ -135,13 +159,31 @@ class ClusterUnavailable(FanoutError):
 
 
 _BY_KIND: dict[str, type[FanoutError]] = {
-    c.kind: c for c in (InvalidInput, DeviceError, Unsupported, ModelUnavailable, WorkerLost,
-                        Overloaded, DeadlineExceeded, Cancelled, NoDeviceAvailable,
-                        ProtocolError, Unauthorized, ConfigError, ClusterUnavailable)
+    c.kind: c for c in (FanoutError, InvalidInput, DeviceError, Unsupported, ModelUnavailable,
+                        WorkerLost, WorkerGone, Overloaded, DeadlineExceeded, Cancelled,
+                        NoDeviceAvailable, ProtocolError, Unauthorized, ConfigError,
+                        ClusterUnavailable)
 }
 
 
-def error_from_wire(d: dict) -> FanoutError:
-    cls = _BY_KIND.get(str(d.get("kind")), FanoutError)
-    attempts = [Attempt.from_wire(a) for a in d.get("attempts") or ()]
-    return cls(str(d.get("message", "")), attempts)
+def error_class(kind: ErrorKind) -> type[FanoutError]:
+    """The class of an error kind: where the scheduler reads what a failed run means."""
+    return _BY_KIND[kind]
+
+
+def _kind(value: Any) -> ErrorKind:
+    if value not in ERROR_KINDS:
+        raise ProtocolError(f"unknown error kind {value!r:.60}; known: "
+                            f"{', '.join(sorted(ERROR_KINDS))}")
+    return value
+
+
+def error_from_wire(d: Any) -> FanoutError:
+    """The error in ``d`` (as ``FanoutError.to_wire`` wrote it); ``ProtocolError`` if it is
+    not one."""
+    if not (isinstance(d, dict) and isinstance(d.get("message"), str)
+            and isinstance(d.get("attempts", []), list)):
+        raise ProtocolError(f"an error must have a kind, a string message and a list of "
+                            f"attempts, got {d!r:.120}")
+    return _BY_KIND[_kind(d.get("kind"))](d["message"],
+                                          [Attempt.from_wire(a) for a in d.get("attempts", [])])

@@ -102,15 +102,15 @@ def test_an_object_array_is_refused_by_the_client(cluster):
 def test_garbage_bytes_get_a_protocol_error_reply(raw):
     raw.send_multipart([b"\xc1\xff garbage \x00"])
     reply = reply_of(raw)
-    assert isinstance(reply, p.Reply) and reply.error["kind"] == "protocol"
-    assert "undecodable header" in reply.error["message"]
+    assert isinstance(reply, p.Reply) and reply.error.kind == "protocol"
+    assert "undecodable header" in reply.error.message
 
 
 def test_another_protocol_version_is_refused_with_a_clear_error(raw):
     raw.send_multipart([msgpack.packb({"v": 99, "t": "hello", "version": 99, "role": "client"})])
     reply = reply_of(raw)
-    assert reply.error["kind"] == "protocol" and "version 99 is not supported" in \
-        reply.error["message"]
+    assert reply.error.kind == "protocol" and "version 99 is not supported" in \
+        reply.error.message
 
 
 def test_a_frame_that_lies_about_its_array_size_is_refused(raw):
@@ -119,7 +119,7 @@ def test_a_frame_that_lies_about_its_array_size_is_refused(raw):
     raw.send_multipart([head, b"\x00" * 10])
     reply = reply_of(raw)
     assert isinstance(reply, p.Failure) and reply.task_id == "t1"
-    assert "needs 64 bytes, frame has 10" in reply.error["message"]
+    assert "needs 64 bytes, frame has 10" in reply.error.message
 
 
 def test_an_oversized_submit_is_answered_with_an_error_for_that_task(raw):
@@ -129,7 +129,7 @@ def test_an_oversized_submit_is_answered_with_an_error_for_that_task(raw):
     raw.send_multipart(frames)
     reply = reply_of(raw)
     assert isinstance(reply, p.Failure) and reply.task_id == "big"
-    assert reply.error["kind"] == "protocol" and "larger than the limit" in reply.error["message"]
+    assert reply.error.kind == "protocol" and "larger than the limit" in reply.error.message
 
 
 def test_the_client_refuses_a_message_over_the_cluster_limit_before_sending(cluster):
@@ -160,7 +160,7 @@ def test_a_client_that_vanishes_with_tasks_in_flight_harms_nothing(cluster):
 def test_a_message_type_meant_for_workers_is_refused_on_the_client_port(raw):
     raw.send_multipart(p.encode(p.Heartbeat(in_flight=1)))
     reply = reply_of(raw)
-    assert "unexpected message type 'heartbeat'" in reply.error["message"]
+    assert "unexpected message type 'heartbeat'" in reply.error.message
 
 
 def test_a_fake_worker_with_an_unknown_device_is_refused(cluster):
@@ -175,7 +175,7 @@ def test_a_fake_worker_with_an_unknown_device_is_refused(cluster):
         sock.send_multipart(p.encode(p.Register(version=p.PROTOCOL_VERSION, device="ghost",
                                                 epoch=1, pid=1, node="x")))
         reply = p.Decoder(p.SCHEDULER_TO_WORKER, 1 << 20).decode(sock.recv_multipart())
-        assert reply.error and "not in this cluster's config" in reply.error["message"]
+        assert reply.error and "not in this cluster's config" in reply.error.message
     finally:
         sock.close()
         ctx.term()

@@ -153,13 +153,12 @@ def test_the_ray_options_without_ray_installed_say_what_to_install(argv, tmp_pat
 
 def test_up_on_ray_prints_workers_and_models_as_they_change():
     from runtime.cli import StatusChanges
+    from runtime.wire.status import ModelStatus, Status, WorkerStatus
 
     def status(state, model_state, detail="", last_exit=""):
-        return {"workers": [{"device": "cpu@ab12cd34", "state": state,
-                             "node": "10.0.0.2/ab12cd34", "last_exit": last_exit,
-                             "models": {"minilm": {
-                                 "state": model_state, "detail": detail, "error": None,
-                                 "load_s": 1.25}}}]}
+        return Status(workers=(WorkerStatus(
+            "cpu@ab12cd34", state=state, node="10.0.0.2/ab12cd34", last_exit=last_exit,
+            models={"minilm": ModelStatus(model_state, detail=detail, load_s=1.25)}),))
 
     lines: list[str] = []
     changes = StatusChanges(lines.append)

@@ -89,7 +89,7 @@ def test_the_async_client_works_on_its_own(cluster):
 
 def test_connect_attaches_to_a_running_cluster(cluster):
     with runtime.connect(cluster.address) as client:
-        assert client.cluster["address"] == cluster.address
+        assert client.cluster.address == cluster.address
         assert client.infer("minilm", sentences(1)[0]).device == "cpu0"
 
 

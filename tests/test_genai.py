@@ -18,7 +18,7 @@ import pytest
 
 from runtime import env
 from runtime.backends import make_backend
-from runtime.backends.base import CancelToken, GenRequest, ModelSpec
+from runtime.backends.base import CancelToken, GenRequest, LLMSession, ModelSpec
 from runtime.backends.faults import FaultyBackend
 from runtime.backends.genai import GenAIBackend, TextDeltas, model_context_length
 from runtime.config.schema import DeviceConfig, FaultConfig
@@ -80,7 +80,7 @@ def generate(session, request: GenRequest, cancel: CancelToken | None = None):
 
 
 def test_the_session_is_an_llm_with_the_context_the_gguf_declares(session, smollm2):
-    assert session.kind == "llm"
+    assert isinstance(session, LLMSession)
     assert model_context_length(smollm2) == 8192 == session.context_length
     result, stream = generate(session, GenRequest(
         messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=32))
@@ -274,7 +274,7 @@ class _Loaded:
 def test_fail_after_tokens_fails_the_generation_after_exactly_k_tokens(session, k):
     faulty = FaultyBackend(_Loaded(session), FaultConfig(fail_after_tokens=k, message="npu lost"))
     wrapped = faulty.load(ModelSpec("smollm2", "unused"), print)
-    assert wrapped.kind == "llm" and wrapped.context_length == session.context_length
+    assert isinstance(wrapped, LLMSession) and wrapped.context_length == session.context_length
     stream = Stream()
     with pytest.raises(DeviceError, match=f"npu lost \\(injected fault after {k} tokens\\)"):
         wrapped.generate(ask("owls", max_tokens=20, ignore_eos=True), stream, CancelToken())

@@ -33,6 +33,7 @@ from runtime.core.scheduler import (
     WorkerRegistered,
 )
 from runtime.errors import (
+    ERROR_KINDS,
     Attempt,
     Cancelled,
     DeadlineExceeded,
@@ -40,6 +41,7 @@ from runtime.errors import (
     NoDeviceAvailable,
     Overloaded,
 )
+from runtime.wire.status import ModelLoad
 
 # ---- the driver --------------------------------------------------------------------------
 
@@ -110,14 +112,15 @@ class Harness:
         """Register the current incarnation of each device; every model ready unless given."""
         actions = []
         for device in devices or tuple(self.state.workers):
-            models = {name: {"state": states.get(name, "ready"), "error": None, "detail": ""}
+            models = {name: ModelLoad(states.get(name, "ready"))
                       for name in self.state.workers[device].models}
             actions += self.handle(WorkerRegistered(device, self.epochs[device], pid=1,
                                                     node="test", models=models))
         return actions
 
     def model_state(self, device: str, name: str, state: str, error: str | None = None) -> list:
-        return self.handle(ModelStateChanged(device, self.epochs[device], name, state, error))
+        return self.handle(ModelStateChanged(device, self.epochs[device], name,
+                                             ModelLoad(state, error)))
 
     def heartbeat(self, *devices: str) -> list:
         return self.handle(*(WorkerHeartbeat(d, self.epochs[d]) for d in devices))
@@ -165,8 +168,7 @@ class Harness:
         return len(self.state.workers[device].in_flight)
 
     def breaker(self, device: str, name: str = "m") -> str:
-        worker = next(w for w in self.state.snapshot()["workers"] if w["device"] == device)
-        return worker["models"][name]["breaker"]
+        return self.state.snapshot().worker(device).models[name].breaker
 
 
 def dispatches(actions: list) -> list[Dispatch]:
@@ -363,10 +365,10 @@ def test_when_every_device_failed_the_reject_lists_every_attempt(h):
 
 def test_a_model_unavailable_everywhere_is_rejected_at_submit_listing_each_load_error(make):
     h = make()
-    h.handle(WorkerRegistered("npu0", 1, 1, "test", {"m": {"state": "unavailable",
-                                                           "error": "QNN compile failed"}}))
-    h.handle(WorkerRegistered("cpu0", 1, 2, "test", {"m": {"state": "unavailable",
-                                                           "error": "ORT cannot read file"}}))
+    h.handle(WorkerRegistered("npu0", 1, 1, "test",
+                              {"m": ModelLoad("unavailable", "QNN compile failed")}))
+    h.handle(WorkerRegistered("cpu0", 1, 2, "test",
+                              {"m": ModelLoad("unavailable", "ORT cannot read file")}))
     (reject,) = h.submit("t1")
     assert isinstance(reject.error, NoDeviceAvailable)
     assert reject.error.attempts == [
@@ -432,6 +434,54 @@ def test_unsupported_on_one_device_and_a_device_error_on_the_other_is_no_device(
     assert isinstance(reject.error, NoDeviceAvailable)
 
 
+# ---- what each kind of failure means (the rules live on the error tree) -------------------
+
+RUN_FAILURE_KINDS = sorted(ERROR_KINDS)  # a worker may report any kind; each has a rule
+
+
+@pytest.mark.parametrize("kind", RUN_FAILURE_KINDS)
+def test_a_failed_run_is_rerun_on_another_device_unless_the_input_is_wrong(h, kind):
+    h.submit("t1")
+    h.fail("t1", kind, "it broke")
+    if kind == "invalid_input":  # the task is wrong, not the device: answered, never re-run
+        assert isinstance(h.answers["t1"].error, InvalidInput)
+        assert h.answers["t1"].error.attempts == []
+        return
+    assert "t1" not in h.answers and h.where("t1") == "cpu0"
+    h.succeed("t1")
+    assert h.answers["t1"].attempts == [Attempt("npu0", kind, "it broke")]
+
+
+@pytest.mark.parametrize("kind", RUN_FAILURE_KINDS)
+def test_only_device_errors_open_the_breaker(make, kind):
+    h = make(npu=1, cpu=2, breaker_threshold=2)
+    h.up()
+    for i in range(3):
+        h.submit(i)
+        if h.where(i) == "npu0":  # a model_unavailable leaves npu0 out of later placements
+            h.fail(i, kind)
+        if i not in h.answers:
+            h.succeed(i)
+    assert h.breaker("npu0") == ("open" if kind == "device" else "closed")
+
+
+@pytest.mark.parametrize("kind", sorted(ERROR_KINDS - {"invalid_input"}))
+def test_a_task_every_device_refuses_for_its_input_is_invalid_input(h, kind):
+    h.submit("t1")
+    h.fail("t1", kind, "on npu0")
+    h.fail("t1", kind, "on cpu0")
+    error = h.answers["t1"].error
+    expected = InvalidInput if kind == "unsupported" else NoDeviceAvailable
+    assert type(error) is expected and [a.device for a in error.attempts] == ["npu0", "cpu0"]
+
+
+def test_a_model_unavailable_failure_marks_the_model_unavailable_on_that_worker(h):
+    h.submit("t1")
+    h.fail("t1", "model_unavailable", "context lost")
+    slot = h.state.workers["npu0"].models["m"]
+    assert (slot.state, slot.load.error) == ("unavailable", "context lost")
+
+
 # ---- bad submits ---------------------------------------------------------------------------
 
 def test_an_unknown_model_is_invalid_input_naming_the_known_models(make):
@@ -477,7 +527,7 @@ def test_a_lost_worker_is_restarted_with_a_higher_epoch_after_the_backoff(make):
     h.handle(WorkerExited("npu0", 1, "crash"))
     assert of(StartWorker, h.tick(0.49)) == []
     assert of(StartWorker, h.tick(0.01)) == [StartWorker("npu0", 2)]
-    assert h.state.snapshot()["workers"][0]["restarts"] == 1
+    assert h.state.snapshot().workers[0].restarts == 1
 
 
 def test_the_restart_backoff_doubles_on_repeated_crashes_up_to_30_s(make):
@@ -516,8 +566,8 @@ def test_messages_from_an_old_epoch_are_ignored(h):
     h.up("npu0")
     h.submit("t1")
     assert h.where("t1") == "npu0"
-    stale = [WorkerRegistered("npu0", 1, 9, "test", {"m": {"state": "unavailable"}}),
-             ModelStateChanged("npu0", 1, "m", "unavailable", "old"),
+    stale = [WorkerRegistered("npu0", 1, 9, "test", {"m": ModelLoad("unavailable")}),
+             ModelStateChanged("npu0", 1, "m", ModelLoad("unavailable", "old")),
              WorkerHeartbeat("npu0", 1),
              TaskFailed("npu0", 1, h.dispatch_of("t1").attempt, "device", "old"),
              WorkerExited("npu0", 1, "old exit")]
@@ -922,7 +972,7 @@ def test_snapshot_has_latency_histograms_failovers_and_queue_depth_per_model(h):
     h.succeed("t1", service_s=0.02)
     h.submit("t2")
     h.submit("t3")
-    snap = {w["device"]: w for w in h.state.snapshot()["workers"]}
+    snap = {w["device"]: w for w in h.state.snapshot().to_wire()["workers"]}
     assert snap["npu0"]["models"]["m"]["failed_over"] == 1
     latency = snap["cpu0"]["models"]["m"]["latency"]
     assert latency["count"] == 1 and latency["sum"] == pytest.approx(0.02)
@@ -930,7 +980,7 @@ def test_snapshot_has_latency_histograms_failovers_and_queue_depth_per_model(h):
     assert latency["buckets"][-1] == ["+Inf", 1]
     for key in ("t4", "t5"):  # three slots (npu0 1, cpu0 2): t2, t3, t4 run, t5 waits
         h.submit(key)
-    assert h.state.snapshot()["queued_by_model"] == {"m": 1}
+    assert h.state.snapshot().queued_by_model == {"m": 1}
 
 
 def test_generated_tokens_are_counted_per_device_and_model(make):
@@ -943,13 +993,11 @@ def test_generated_tokens_are_counted_per_device_and_model(make):
     actions = h.handle(TaskTokens(d.device, d.epoch, d.attempt, [1, 2, 3], "abc"))
     (chunk,) = [a for a in actions if type(a).__name__ == "StreamChunk"]
     assert chunk.text == "abc" and chunk.previous_device is None
-    model = next(w for w in h.state.snapshot()["workers"]
-                 if w["device"] == d.device)["models"]["m"]
-    assert model["tokens"] == 3 and model["tokens_per_s"] == pytest.approx(0.3)
+    model = h.state.snapshot().worker(d.device).models["m"]
+    assert model.tokens == 3 and model.tokens_per_s == pytest.approx(0.3)
     h.clock.advance(11)
-    model = next(w for w in h.state.snapshot()["workers"]
-                 if w["device"] == d.device)["models"]["m"]
-    assert model["tokens"] == 3 and model["tokens_per_s"] == 0
+    model = h.state.snapshot().worker(d.device).models["m"]
+    assert model.tokens == 3 and model.tokens_per_s == 0
 
 
 def test_silence_while_the_scheduler_had_messages_unread_does_not_count_against_a_worker(make):
@@ -1031,9 +1079,9 @@ def test_a_gone_instance_has_its_tasks_re_run_elsewhere_and_is_never_restarted(m
         (attempt,) = h.answers[k].attempts
         assert attempt == Attempt("cpu@aaaa", "worker_lost", "node n1 left the Ray cluster")
     assert of(StartWorker, h.tick(3600)) == []  # gone is not lost: no restart
-    status = {w["device"]: w for w in h.state.snapshot()["workers"]}
-    assert status["cpu@aaaa"]["state"] == "gone"
-    assert status["cpu@aaaa"]["last_exit"] == "node n1 left the Ray cluster"
+    gone = h.state.snapshot().worker("cpu@aaaa")
+    assert gone.state == "gone"
+    assert gone.last_exit == "node n1 left the Ray cluster"
     # a late answer from the gone worker is dropped
     assert h.handle(TaskSucceeded("cpu@aaaa", 1, 999, "late", 0.1)) == []
 

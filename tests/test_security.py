@@ -283,7 +283,7 @@ class Relay:
             s.close()
 
 
-def traffic_through_relay(cluster, keys) -> tuple[bytes, dict, runtime.Result]:
+def traffic_through_relay(cluster, keys) -> tuple[bytes, dict, runtime.TaskResult]:
     """One task through a relay; the bytes that crossed, the inputs and the result."""
     relay = Relay(cluster.address)
     inputs = sentences(1, seq=24)[0]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -99,12 +99,15 @@ class Backend(Protocol):
 TokensFn = Callable[[list[int], str], None]  # (new token ids, new text) as they come
 
 
+@runtime_checkable
 class LLMSession(Protocol):
     """A model that generates text. ``generate`` blocks its calling thread until done and may
     be called from up to ``capacity`` threads at once: a session that batches runs the
-    concurrent requests together (continuous batching); one that cannot serializes them."""
+    concurrent requests together (continuous batching); one that cannot serializes them.
 
-    kind: str  # "llm"
+    The worker tells it from a tensor ``Session`` by type (``isinstance``); implementations
+    subclass it to say so."""
+
     context_length: int  # prompt + completion tokens the session accepts
 
     def generate(self, request: GenRequest, on_tokens: TokensFn,

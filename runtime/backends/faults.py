@@ -45,9 +45,9 @@ class FaultyBackend:
         session = self.inner.load(model, progress)
         if not self.applies_to(model.name):
             return session
-        if getattr(session, "kind", None) == "llm":
-            return FaultyLLMSession(session, model.name, self)  # type: ignore[arg-type]
-        return FaultySession(session, model.name, self)  # type: ignore[arg-type]
+        if isinstance(session, LLMSession):
+            return FaultyLLMSession(session, model.name, self)
+        return FaultySession(session, model.name, self)
 
     def next_run(self) -> int:
         """The 1-based number of this run among the faulted runs of this backend."""
@@ -92,10 +92,8 @@ class FaultySession:
         self._inner.close()
 
 
-class FaultyLLMSession:
+class FaultyLLMSession(LLMSession):
     """An ``LLMSession`` whose generations fail as the faults say, before or mid-stream."""
-
-    kind = "llm"
 
     def __init__(self, inner: LLMSession, model: str, backend: FaultyBackend) -> None:
         self._inner = inner

@@ -30,7 +30,15 @@ from typing import Any
 import numpy as np
 
 from ..errors import Cancelled, DeviceError, FanoutError, InvalidInput, ModelUnavailable
-from .base import CancelToken, GenRequest, GenResult, ModelSpec, ProgressFn, TokensFn
+from .base import (
+    CancelToken,
+    GenRequest,
+    GenResult,
+    LLMSession,
+    ModelSpec,
+    ProgressFn,
+    TokensFn,
+)
 
 # Used when neither the device options nor the model file say how long the context is.
 DEFAULT_CONTEXT_LENGTH = 2048
@@ -237,11 +245,9 @@ class _Job:
 
 # ---- sessions -------------------------------------------------------------------------------
 
-class _EngineSession:
+class _EngineSession(LLMSession):
     """What both sessions share: request checks, tokenizing, the caller's side of
     ``generate``, the engine thread's lifetime. Subclasses implement ``_serve``."""
-
-    kind = "llm"
 
     def __init__(self, pipe: Any, label: str, context_length: int) -> None:
         self._pipe = pipe

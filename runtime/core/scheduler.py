@@ -20,6 +20,7 @@ Rules:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,14 +31,28 @@ from ..errors import (
     Attempt,
     Cancelled,
     DeadlineExceeded,
+    ErrorKind,
     FanoutError,
     InvalidInput,
+    ModelUnavailable,
     NoDeviceAvailable,
     Overloaded,
+    error_class,
+)
+from ..wire.status import (
+    BreakerState,
+    ClusterInfo,
+    Counters,
+    Histogram,
+    LoadState,
+    ModelLoad,
+    ModelStatus,
+    Status,
+    WorkerState,
+    WorkerStatus,
 )
 from . import placement
 
-BREAKER_KINDS = frozenset(["device"])  # only real device faults open a breaker
 EWMA = 0.3
 MAX_RESTART_BACKOFF_S = 30.0
 STABLE_AFTER_S = 30.0  # a worker up this long has its restart backoff reset
@@ -51,7 +66,7 @@ class WorkerRegistered:
     epoch: int
     pid: int
     node: str
-    models: dict  # model -> {"state", "error", "detail"}
+    models: dict[str, ModelLoad]
 
 
 @dataclass
@@ -59,10 +74,7 @@ class ModelStateChanged:
     device: str
     epoch: int
     model: str
-    state: str
-    error: str | None = None
-    detail: str = ""
-    load_s: float = 0.0
+    load: ModelLoad
 
 
 @dataclass
@@ -133,7 +145,7 @@ class TaskFailed:
     device: str
     epoch: int
     attempt: int
-    kind: str
+    kind: ErrorKind
     message: str
     service_s: float = 0.0
 
@@ -213,10 +225,7 @@ class Reject:
 class ModelSlot:
     """One model on one worker: load state, measured service time, counters, breaker."""
 
-    state: str = "loading"
-    error: str | None = None
-    detail: str = ""
-    load_s: float = 0.0
+    load: ModelLoad = ModelLoad()
     expected_s: float | None = None
     done: int = 0
     failed: int = 0
@@ -224,9 +233,18 @@ class ModelSlot:
     open_until: float | None = None  # breaker open until then; then one probe is let through
     probing: bool = False
     failed_over: int = 0  # tries that failed here and went on to another device
-    latency: Histogram = field(default_factory=lambda: Histogram())
+    latency: Histogram = field(default_factory=Histogram)
     tokens: int = 0  # generated tokens, all time
     recent_tokens: collections.deque = field(default_factory=collections.deque)  # (t, n)
+
+    @property
+    def state(self) -> LoadState:
+        return self.load.state
+
+    def breaker(self, now: float) -> BreakerState:
+        if self.open_until is None:
+            return "closed"
+        return "open" if now < self.open_until else "half-open"
 
     def tokens_per_s(self, now: float) -> float:
         while self.recent_tokens and self.recent_tokens[0][0] < now - TOKEN_RATE_WINDOW_S:
@@ -234,31 +252,7 @@ class ModelSlot:
         return sum(n for _, n in self.recent_tokens) / TOKEN_RATE_WINDOW_S
 
 
-LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_RATE_WINDOW_S = 10.0
-
-
-@dataclass
-class Histogram:
-    """Service times in Prometheus' cumulative-bucket form."""
-
-    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
-    total: float = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.total += seconds
-        for i, bound in enumerate(LATENCY_BUCKETS_S):
-            if seconds <= bound:
-                self.counts[i] += 1
-                return
-        self.counts[-1] += 1
-
-    def to_wire(self) -> dict:
-        cumulative, running = [], 0
-        for bound, n in zip([*LATENCY_BUCKETS_S, "+Inf"], self.counts):
-            running += n
-            cumulative.append([bound, running])
-        return {"buckets": cumulative, "sum": self.total, "count": running}
 
 
 @dataclass
@@ -267,7 +261,7 @@ class WorkerView:
     kind: str
     capacity: int
     epoch: int = 0
-    state: str = "starting"  # starting | up | lost | stopped | gone
+    state: WorkerState = "starting"
     template: str = ""  # the config device this worker is (an instance of)
     pid: int | None = None
     node: str = ""
@@ -380,12 +374,12 @@ class SchedulerState:
         view.restart_at = None
         view.pid = None
         for slot in view.models.values():
-            slot.state, slot.error, slot.detail = "loading", None, "starting worker"
+            slot.load = ModelLoad("loading", detail="starting worker")
         return StartWorker(view.device, view.epoch)
 
     def _current(self, device: str, epoch: int) -> WorkerView | None:
         view = self.workers.get(device)
-        if view is None or view.epoch != epoch or view.state in ("lost", "stopped", "gone"):
+        if view is None or view.epoch != epoch or view.state in ("lost", "gone"):
             return None  # a message from an old incarnation of the worker
         return view
 
@@ -396,23 +390,20 @@ class SchedulerState:
         now = self.clock()
         view.state, view.pid, view.node = "up", ev.pid, ev.node
         view.up_since = view.last_seen = now
-        for model, info in ev.models.items():
+        for model, load in ev.models.items():
             if model in view.models:
-                self._set_model(view, model, info.get("state", "loading"), info.get("error"),
-                                info.get("detail", ""), float(info.get("load_s", 0.0)), actions)
+                self._set_model(view, model, load, actions)
 
     def _on_ModelStateChanged(self, ev: ModelStateChanged, actions: list) -> None:
         view = self._current(ev.device, ev.epoch)
         if view is None or ev.model not in view.models:
             return
         view.last_seen = self.clock()
-        self._set_model(view, ev.model, ev.state, ev.error, ev.detail, ev.load_s, actions)
+        self._set_model(view, ev.model, ev.load, actions)
 
-    def _set_model(self, view: WorkerView, model: str, state: str, error: str | None,
-                   detail: str, load_s: float, actions: list) -> None:
-        slot = view.models[model]
-        slot.state, slot.error, slot.detail, slot.load_s = state, error, detail, load_s
-        if state == "unavailable":
+    def _set_model(self, view: WorkerView, model: str, load: ModelLoad, actions: list) -> None:
+        view.models[model].load = load
+        if load.state == "unavailable":
             self._reject_hopeless(model, actions)
 
     def _on_WorkerHeartbeat(self, ev: WorkerHeartbeat, actions: list) -> None:
@@ -449,7 +440,7 @@ class SchedulerState:
             self._lose_worker(view, ev.reason, actions, kill=True)
         view.state, view.last_exit, view.restart_at, view.pid = "gone", ev.reason, None, None
         for slot in view.models.values():
-            slot.state, slot.detail, slot.probing = "gone", ev.reason, False
+            slot.load, slot.probing = ModelLoad("gone", detail=ev.reason), False
         if ev.device in self.instances.get(view.template, ()):
             self.instances[view.template].remove(ev.device)  # out of placement; still in status
             self._expand_orders()
@@ -467,7 +458,7 @@ class SchedulerState:
         view.restart_at = now + view.backoff_s
         view.lost += 1
         for slot in view.models.values():
-            slot.state, slot.detail, slot.probing = "loading", "worker restarting", False
+            slot.load, slot.probing = ModelLoad("loading", detail="worker restarting"), False
         in_flight, view.in_flight = view.in_flight, {}
         for task in reversed(in_flight.values()):  # each re-run goes to the front: keep their order
             if task.finished:
@@ -551,23 +542,24 @@ class SchedulerState:
         if view is None or task is None:
             return
         slot = view.models.get(task.model)
+        rule = error_class(ev.kind)  # what this kind of failure means: errors.py says
         view.failed += 1
         if slot is not None:
             slot.failed += 1
             slot.probing = False
-            if ev.kind in BREAKER_KINDS:
+            if rule.opens_breaker:
                 slot.consecutive_errors += 1
                 if slot.consecutive_errors >= self.sc.breaker_threshold:
                     slot.open_until = self.clock() + self.sc.breaker_cooldown_s
-            elif ev.kind == "model_unavailable":
-                slot.state, slot.error = "unavailable", ev.message
+            elif issubclass(rule, ModelUnavailable):
+                slot.load = dataclasses.replace(slot.load, state="unavailable", error=ev.message)
                 self._reject_hopeless(task.model, actions)
         if task.finished:
             return
         task.attempts.append(Attempt(view.device, ev.kind, ev.message))
-        if ev.kind == "invalid_input":  # the task is wrong, not the device: never re-run
+        if not rule.retry_elsewhere:  # the task is wrong, not the device: never re-run
             self._finish(task)
-            actions.append(Reject(task.key, InvalidInput(ev.message, task.attempts[:-1])))
+            actions.append(Reject(task.key, rule(ev.message, task.attempts[:-1])))
             return
         # Any other failure (device, unsupported input shape, model unavailable, a worker
         # that cancelled on its own) is the device's: another device may serve the task.
@@ -681,9 +673,10 @@ class SchedulerState:
             if device in tried or slot is None:
                 continue
             if slot.state == "unavailable":
-                attempts.append(Attempt(device, "model_unavailable", slot.error or "unavailable"))
+                attempts.append(Attempt(device, "model_unavailable",
+                                        slot.load.error or "unavailable"))
             elif slot.state == "gone":
-                attempts.append(Attempt(device, "worker_gone", slot.detail))
+                attempts.append(Attempt(device, "worker_gone", slot.load.detail))
         return attempts
 
     def _fail(self, task: Task, actions: list) -> None:
@@ -691,7 +684,7 @@ class SchedulerState:
         self._unqueue(task)
         self._finish(task)
         self.counters["failed"] += 1
-        if attempts and all(a.kind in ("unsupported", "invalid_input") for a in attempts):
+        if attempts and all(error_class(a.kind).input_fault for a in attempts):
             err: FanoutError = InvalidInput(
                 f"no device of model {task.model!r} accepts this input", attempts)
         else:
@@ -775,33 +768,30 @@ class SchedulerState:
 
     # -- views --
 
-    def snapshot(self) -> dict:
-        """Status of every worker and model, as plain data (for ``status`` replies)."""
+    def snapshot(self, cluster: ClusterInfo | None = None) -> Status:
+        """Status of every worker and model (for ``status`` replies); ``cluster``: the
+        shell's own part."""
         now = self.clock()
-        workers = []
         queued = collections.Counter(t.model for t in self.queue)
-        for v in self.workers.values():
-            models = {}
-            for name, s in v.models.items():
-                breaker = "closed"
-                if s.open_until is not None:
-                    breaker = "open" if now < s.open_until else "half-open"
-                models[name] = {"state": s.state, "error": s.error, "detail": s.detail,
-                                "load_s": round(s.load_s, 3), "done": s.done, "failed": s.failed,
-                                "failed_over": s.failed_over, "expected_s": s.expected_s,
-                                "breaker": breaker, "latency": s.latency.to_wire(),
-                                "tokens": s.tokens, "tokens_per_s": s.tokens_per_s(now)}
-            workers.append({
-                "device": v.device, "kind": v.kind, "state": v.state, "pid": v.pid,
-                "node": v.node, "capacity": v.capacity, "in_flight": len(v.in_flight),
-                "queued": sum(queued[m] for m in v.models),
-                "done": v.done, "failed": v.failed, "failed_over": v.failed_over,
-                "lost": v.lost, "restarts": v.restarts, "peak_running": v.peak_running,
-                "last_exit": v.last_exit, "template": v.template,
-                "epoch": v.epoch, "models": models})
-        return {"workers": workers, "queued": len(self.queue), "unanswered": len(self.tasks),
-                "counters": dict(self.counters), "max_queue": self.sc.max_queue,
-                "queued_by_model": dict(queued)}
+        workers = tuple(WorkerStatus(
+            device=v.device, kind=v.kind, state=v.state, pid=v.pid, node=v.node,
+            capacity=v.capacity, in_flight=len(v.in_flight),
+            queued=sum(queued[m] for m in v.models), done=v.done, failed=v.failed,
+            failed_over=v.failed_over, lost=v.lost, restarts=v.restarts,
+            peak_running=v.peak_running, last_exit=v.last_exit, template=v.template,
+            epoch=v.epoch, models={name: self._model_status(s, now)
+                                   for name, s in v.models.items()})
+            for v in self.workers.values())
+        return Status(workers=workers, queued=len(self.queue), unanswered=len(self.tasks),
+                      counters=Counters(**self.counters), max_queue=self.sc.max_queue,
+                      queued_by_model=dict(queued), cluster=cluster)
+
+    @staticmethod
+    def _model_status(s: ModelSlot, now: float) -> ModelStatus:
+        return ModelStatus(**dataclasses.asdict(s.load), done=s.done, failed=s.failed,
+                           failed_over=s.failed_over, expected_s=s.expected_s,
+                           breaker=s.breaker(now), latency=s.latency.copy(), tokens=s.tokens,
+                           tokens_per_s=s.tokens_per_s(now))
 
     def ready(self) -> bool:
         """Every worker is up (or gone with its node) and no model is still loading."""

@@ -28,8 +28,6 @@ class Padding:
         return out
 
 
-NO_PADDING = Padding({})
-
 
 def fit_inputs(specs: list[TensorSpec], inputs: dict[str, np.ndarray], model: str,
                device: str, pad: bool = True) -> tuple[dict[str, np.ndarray], Padding]:

@@ -25,7 +25,9 @@ from ..backends.base import (
     ModelSpec,
     Session,
 )
-from ..errors import FanoutError, InvalidInput, ModelUnavailable
+from ..errors import ErrorKind, FanoutError, InvalidInput, ModelUnavailable
+from ..wire.protocol import ALLOWED_DTYPES, result_bytes
+from ..wire.status import ModelLoad
 from .tensors import fit_inputs
 
 log = logging.getLogger("fanout.worker")
@@ -38,7 +40,7 @@ class Outcome:
     attempt: int
     outputs: dict[str, np.ndarray] | None = None
     generated: GenResult | None = None
-    kind: str | None = None
+    kind: ErrorKind | None = None
     message: str = ""
     service_s: float = 0.0
 
@@ -53,32 +55,31 @@ class TokensOut:
 
 
 @dataclass
-class LoadState:
-    model: str
-    state: str  # loading | ready | unavailable
-    error: str | None = None
-    detail: str = ""
-    load_s: float = 0.0
+class LoadChanged:
+    """A model's load state moved on."""
 
-    def to_wire(self) -> dict:
-        return {"state": self.state, "error": self.error, "detail": self.detail,
-                "load_s": self.load_s}
+    model: str
+    load: ModelLoad
 
 
 class WorkerCore:
-    """Sessions and concurrency of one device. ``emit`` is called from worker threads."""
+    """Sessions and concurrency of one device. ``emit`` is called from worker threads.
+
+    ``max_output_bytes``: the largest result message the cluster accepts; bigger outputs
+    fail the task as invalid input."""
 
     def __init__(self, device: str, capacity: int, backend: Backend, models: list[ModelSpec],
-                 emit: Callable[[Any], None], clock: Callable[[], float] = time.perf_counter):
+                 emit: Callable[[Any], None], clock: Callable[[], float] = time.perf_counter,
+                 max_output_bytes: int | None = None):
         self.device = device
         self.capacity = capacity
         self.backend = backend
         self.specs = {m.name: m for m in models}
         self.emit = emit
         self.clock = clock
+        self.max_output_bytes = max_output_bytes
         self.sessions: dict[str, Session | LLMSession] = {}
-        self.states = {m.name: LoadState(m.name, "loading", detail="queued for loading")
-                       for m in models}
+        self.states = {m.name: ModelLoad("loading", detail="queued for loading") for m in models}
         self._pool = ThreadPoolExecutor(max_workers=capacity, thread_name_prefix=device)
         self._tokens: dict[int, CancelToken] = {}
         self._lock = threading.Lock()
@@ -105,8 +106,8 @@ class WorkerCore:
         started = self.clock()
 
         def progress(note: str) -> None:
-            self._set_state(LoadState(name, "loading", detail=note,
-                                      load_s=self.clock() - started))
+            self._set_state(name, ModelLoad("loading", detail=note,
+                                            load_s=self.clock() - started))
 
         progress("loading")
         try:
@@ -114,15 +115,15 @@ class WorkerCore:
         except Exception as exc:  # any engine failure makes the model unavailable here only
             text = exc.message if isinstance(exc, FanoutError) else f"{type(exc).__name__}: {exc}"
             log.warning("%s: %s unavailable: %s", self.device, name, text)
-            self._set_state(LoadState(name, "unavailable", error=text,
-                                      load_s=self.clock() - started))
+            self._set_state(name, ModelLoad("unavailable", error=text,
+                                            load_s=self.clock() - started))
             return
         self.sessions[name] = session
-        self._set_state(LoadState(name, "ready", detail="ready", load_s=self.clock() - started))
+        self._set_state(name, ModelLoad("ready", detail="ready", load_s=self.clock() - started))
 
-    def _set_state(self, state: LoadState) -> None:
-        self.states[state.model] = state
-        self.emit(state)
+    def _set_state(self, model: str, load: ModelLoad) -> None:
+        self.states[model] = load
+        self.emit(LoadChanged(model, load))
 
     # -- running --
 
@@ -188,18 +189,33 @@ class WorkerCore:
         outcome.service_s = self.clock() - started
         self._finish(outcome)
 
-    def _infer(self, outcome: Outcome, session, model: str, inputs: dict[str, np.ndarray],
-               token: CancelToken) -> None:
-        if getattr(session, "kind", None) == "llm":
+    def _infer(self, outcome: Outcome, session: Session | LLMSession, model: str,
+               inputs: dict[str, np.ndarray], token: CancelToken) -> None:
+        if isinstance(session, LLMSession):
             raise InvalidInput(f"model {model!r} generates text: call generate(), not infer()")
         options = self.specs[model].options
         fitted, padding = fit_inputs(session.inputs, inputs, model, self.device,
                                      pad=bool(options.get("pad", True)))
-        outcome.outputs = padding.unpad(session.run(fitted, token))
+        outcome.outputs = self._sendable(model, padding.unpad(session.run(fitted, token)))
 
-    def _generate(self, outcome: Outcome, session, model: str, request: GenRequest,
-                  token: CancelToken) -> None:
-        if getattr(session, "kind", None) != "llm":
+    def _sendable(self, model: str, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``outputs`` if a result message can carry them. Any device would produce the same
+        ones, so outputs too large or of a type the wire refuses are the task's fault."""
+        for name, arr in outputs.items():
+            if arr.dtype.name not in ALLOWED_DTYPES:
+                raise InvalidInput(f"model {model!r} output {name!r} has dtype {arr.dtype}, "
+                                   f"which cannot be sent; allowed: "
+                                   f"{', '.join(sorted(ALLOWED_DTYPES))}")
+        size = result_bytes(outputs)
+        if self.max_output_bytes is not None and size > self.max_output_bytes:
+            raise InvalidInput(f"outputs of {size} bytes exceed the limit of "
+                               f"{self.max_output_bytes} bytes; raise "
+                               f"scheduler.max_message_bytes")
+        return outputs
+
+    def _generate(self, outcome: Outcome, session: Session | LLMSession, model: str,
+                  request: GenRequest, token: CancelToken) -> None:
+        if not isinstance(session, LLMSession):
             raise InvalidInput(f"model {model!r} does not generate text: call infer()")
 
         def on_tokens(ids: list[int], text: str) -> None:

@@ -3,15 +3,19 @@
 ``Client`` runs one ``AsyncClient`` on a private event loop thread. Its sync methods block on
 that loop, and its ``a*`` methods await it from the caller's own loop, so each operation is
 written once.
+
+A reply the client cannot read fails the call it answers with ``ProtocolError``; the reader
+goes on, so other calls are not left waiting.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import itertools
+import logging
 import os
 import queue
-import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,18 +36,22 @@ from ..errors import (
     FanoutError,
     InvalidInput,
     ProtocolError,
-    error_from_wire,
 )
 from ..wire import protocol as p
 from ..wire import security
 from ..wire.generation import build_request
+from ..wire.status import ClusterInfo, Status
+from .loopthread import END, LoopThread, pump
+
+log = logging.getLogger("fanout.client")
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 KEEPALIVE_S = 1.0  # how often a client says it is still there
+BAD_REPLY_LOG_S = 10.0  # at most one log line this often about replies that cannot be read
 
 
 @dataclass
-class Result:
+class TaskResult:
     """One task's answer: the outputs, the device that served it and every failed try."""
 
     outputs: dict[str, np.ndarray]
@@ -60,7 +68,7 @@ class Result:
 
 
 @dataclass
-class Completion:
+class TextCompletion:
     """A finished generation: its text, why it stopped, token counts, and where it ran."""
 
     text: str
@@ -76,7 +84,7 @@ class Completion:
 
 
 @dataclass
-class Chunk:
+class TextChunk:
     """Streamed text. ``previous_device`` is set on the first chunk after a failover moved
     the stream to another device; the last chunk carries ``finish_reason`` and ``usage``."""
 
@@ -86,9 +94,6 @@ class Chunk:
     finish_reason: str | None = None
     usage: dict | None = None
     attempts: list[Attempt] = field(default_factory=list)
-
-
-_END = object()
 
 
 def _as_arrays(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -133,9 +138,11 @@ class AsyncClient:
         self._reader: asyncio.Task | None = None
         self._hello: asyncio.Future | None = None
         self._handshakes: asyncio.Task | None = None
-        self.cluster: dict = {}
+        self.cluster: ClusterInfo | None = None  # the scheduler's, once connected
         self._closed = False
         self.unmatched = 0  # answers for tasks not waiting (late or duplicate): should stay 0
+        self.unreadable = 0  # replies that could not be read: should stay 0
+        self._unreadable_logged = (-BAD_REPLY_LOG_S, 0)  # (when, count) of the last log line
 
     async def connect(self, timeout: float = 10.0) -> AsyncClient:
         self._hello = asyncio.get_running_loop().create_future()
@@ -147,10 +154,11 @@ class AsyncClient:
         await self._send(p.Hello(version=p.PROTOCOL_VERSION, role="client", token=self.token,
                                  keepalive_s=KEEPALIVE_S))
         try:
-            self.cluster = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
+            cluster: ClusterInfo = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
+            self.cluster = cluster
             await self._stop_watching_handshakes()
             self.max_message_bytes = min(self.max_message_bytes,
-                                         int(self.cluster.get("max_message_bytes") or 2**62))
+                                         cluster.max_message_bytes or 2**62)
             self._keepalive = asyncio.create_task(self._keep_alive())
         except TimeoutError:
             await self.close()
@@ -212,11 +220,38 @@ class AsyncClient:
                 frames = await self.sock.recv_multipart(copy=False)
             except (zmq.ZMQError, asyncio.CancelledError):
                 return
+            msg = None
             try:
                 msg = self.decoder.decode(frames)
-            except ProtocolError:
-                continue
-            self._dispatch(msg)
+                self._dispatch(msg)
+            except ProtocolError as exc:
+                self._unreadable(exc, exc.ref, exc.msg_type)
+            except Exception as exc:  # a bug here must not end the reader: calls would hang
+                log.exception("error while handling a reply from %s", self.address)
+                self._unreadable(ProtocolError(f"{type(exc).__name__}: {exc}"),
+                                 _reply_id(msg), msg.TYPE if msg is not None else None)
+
+    def _unreadable(self, exc: ProtocolError, ref: str | None, msg_type: str | None) -> None:
+        """Fail the call a reply that cannot be read was for (by its id, else the hello
+        while one is waiting); log it, at most once per ``BAD_REPLY_LOG_S``."""
+        self.unreadable += 1
+        now = time.monotonic()
+        last, count = self._unreadable_logged
+        if now - last >= BAD_REPLY_LOG_S:
+            log.warning("a reply from the scheduler at %s could not be read (%d such "
+                        "replies so far): %s", self.address, self.unreadable, exc)
+            self._unreadable_logged = (now, self.unreadable)
+        error = ProtocolError(f"the scheduler's reply{f' to {ref}' if ref else ''} could not "
+                              f"be read: {exc.message}")
+        error.ref, error.msg_type = ref, msg_type
+        fut = self._pending.pop(ref, None) if ref is not None else None
+        if fut is not None and not fut.done():
+            fut.set_exception(error)
+        elif ref is not None and ref in self._streams:
+            self._streams[ref].put_nowait(error)
+        elif (ref is None or msg_type == p.Welcome.TYPE) and self._hello is not None \
+                and not self._hello.done():
+            self._hello.set_exception(error)
 
     async def _keep_alive(self) -> None:
         """Tell the scheduler we are here; if we vanish, it cancels our tasks."""
@@ -232,46 +267,37 @@ class AsyncClient:
         if stream is not None:
             match msg:
                 case p.Chunk():
-                    stream.put_nowait(Chunk(msg.text, msg.device, msg.previous_device))
+                    stream.put_nowait(TextChunk(msg.text, msg.device, msg.previous_device))
                 case p.Completion():
-                    stream.put_nowait(Chunk("", msg.device, None, msg.finish_reason,
-                                            msg.usage, [Attempt.from_wire(a)
-                                                        for a in msg.attempts]))
-                    stream.put_nowait(_END)
+                    stream.put_nowait(TextChunk("", msg.device, None, msg.finish_reason,
+                                                msg.usage, list(msg.attempts)))
+                    stream.put_nowait(END)
                 case p.Failure():
-                    stream.put_nowait(error_from_wire(msg.error))
+                    stream.put_nowait(msg.error)
             return
         match msg:
-            case p.Completion():
-                fut = self._pending.pop(msg.task_id, None)
-                if fut is None or fut.done():
-                    self.unmatched += 1
-                else:
-                    fut.set_result(Completion(msg.text, msg.finish_reason, msg.usage, msg.device,
-                                              [Attempt.from_wire(a) for a in msg.attempts],
-                                              msg.service_s))
             case p.Welcome():
+                if msg.cluster is None:
+                    raise ProtocolError("welcome: no cluster information for a client")
                 if self._hello and not self._hello.done():
                     self._hello.set_result(msg.cluster)
-            case p.Result() | p.Failure():
+            case p.Result() | p.Completion() | p.Failure():
                 fut = self._pending.pop(msg.task_id, None)
                 if fut is None or fut.done():
                     self.unmatched += 1
-                elif isinstance(msg, p.Result):
-                    fut.set_result(Result(dict(msg.outputs), msg.device,
-                                          [Attempt.from_wire(a) for a in msg.attempts],
-                                          msg.service_s))
+                elif isinstance(msg, p.Failure):
+                    fut.set_exception(msg.error)
                 else:
-                    fut.set_exception(error_from_wire(msg.error))
+                    fut.set_result(_answer(msg))
             case p.Reply():
                 if msg.req_id is None:  # an error about a message we sent without an id
                     if self._hello and not self._hello.done() and msg.error:
-                        self._hello.set_exception(error_from_wire(msg.error))
+                        self._hello.set_exception(msg.error)
                     return
                 fut = self._pending.pop(msg.req_id, None)
                 if fut is not None and not fut.done():
                     if msg.error:
-                        fut.set_exception(error_from_wire(msg.error))
+                        fut.set_exception(msg.error)
                     else:
                         fut.set_result(msg.body)
 
@@ -292,14 +318,14 @@ class AsyncClient:
             self._pending.pop(req_id, None)
 
     async def ainfer(self, model: str, inputs: dict[str, Any],
-                     timeout: float | None = None) -> Result:
+                     timeout: float | None = None) -> TaskResult:
         """Run one task; raises the task's ``FanoutError`` if it failed everywhere."""
         arrays = _as_arrays(inputs)
         return await self._task(lambda tid: p.Submit(task_id=tid, model=model, inputs=arrays,
                                                      timeout_s=timeout), timeout)
 
     async def agenerate(self, model: str, messages_or_prompt: Any, *,
-                        timeout: float | None = None, **params) -> Completion:
+                        timeout: float | None = None, **params) -> TextCompletion:
         """Generate a completion for chat messages (a list of {role, content}) or a prompt.
 
         ``params``: max_tokens, temperature (0 = greedy), top_p, stop, seed, ignore_eos.
@@ -311,7 +337,8 @@ class AsyncClient:
 
     async def astream(self, model: str, messages_or_prompt: Any, *,
                       timeout: float | None = None, **params):
-        """Yield ``Chunk``s as tokens come; leaving the loop early cancels the generation."""
+        """Yield ``TextChunk``s as tokens come; leaving the loop early cancels the
+        generation."""
         request = build_request(messages_or_prompt, params)
         task_id = self._new_id()
         queue: asyncio.Queue = asyncio.Queue()
@@ -322,7 +349,7 @@ class AsyncClient:
                                         stream=True, timeout_s=timeout))
             while True:
                 item = await queue.get()
-                if item is _END:
+                if item is END:
                     finished = True
                     return
                 if isinstance(item, BaseException):
@@ -394,7 +421,12 @@ class AsyncClient:
         return results
 
     async def astatus(self, timeout: float = 10.0) -> dict:
+        """The cluster's status as plain data (JSON-able)."""
         return await self._request(lambda rid: p.StatusRequest(req_id=rid), timeout)
+
+    async def acluster_status(self, timeout: float = 10.0) -> Status:
+        """The cluster's status, typed; ``ProtocolError`` if the reply is not one."""
+        return Status.from_wire(await self.astatus(timeout))
 
     async def ashutdown(self, timeout: float = 10.0) -> None:
         await self._request(lambda rid: p.Shutdown(req_id=rid), timeout)
@@ -425,6 +457,18 @@ class AsyncClient:
         self.ctx.term()
 
 
+def _reply_id(msg: p.Message | None) -> str | None:
+    ref = getattr(msg, "task_id", None) or getattr(msg, "req_id", None)
+    return ref if isinstance(ref, str) else None
+
+
+def _answer(msg: p.Result | p.Completion) -> TaskResult | TextCompletion:
+    if isinstance(msg, p.Result):
+        return TaskResult(dict(msg.outputs), msg.device, list(msg.attempts), msg.service_s)
+    return TextCompletion(msg.text, msg.finish_reason, msg.usage, msg.device,
+                          list(msg.attempts), msg.service_s)
+
+
 class Client:
     """The sync client, and ``a*`` twins usable from any event loop. Thread-safe.
 
@@ -437,35 +481,32 @@ class Client:
         self.address = address or env.get(env.ENV_ADDRESS) or env.DEFAULT_ADDRESS
         token = token if token is not None else env.get(env.ENV_TOKEN)
         keys = resolve_keys(keys if keys is not None else env.get(env.ENV_KEYS))
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fanout-client",
-                                        daemon=True)
-        self._thread.start()
+        self._loop = LoopThread("fanout-client")
         try:
             self._async = AsyncClient(self.address, token, keys=keys)
             self._call(self._async.connect(timeout))
         except BaseException:
-            self._stop_loop()
+            self._loop.stop()
             raise
 
     # Every method below hands a coroutine of the AsyncClient to the private loop.
     def _submit(self, coro) -> concurrent.futures.Future:
-        if self._loop.is_closed():
-            coro.close()
-            raise ClusterUnavailable("this client is closed; connect again")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return self._loop.submit(coro)
+        except RuntimeError:  # the loop is stopped
+            raise ClusterUnavailable("this client is closed; connect again") from None
 
     @property
     def closed(self) -> bool:
-        return self._loop.is_closed()
+        return self._loop.closed
 
     def _call(self, coro):
+        # A caller that gives up (Ctrl-C) cancels the work on the loop too, which tells the
+        # scheduler to stop its tasks and free their slots.
         future = self._submit(coro)
         try:
             return future.result()
         except BaseException:
-            # The caller gave up (Ctrl-C): cancel the work on the loop too, which tells the
-            # scheduler to stop its tasks and free their slots.
             future.cancel()
             raise
 
@@ -473,7 +514,9 @@ class Client:
         return await asyncio.wrap_future(self._submit(coro))
 
     @property
-    def cluster(self) -> dict:
+    def cluster(self) -> ClusterInfo:
+        """The scheduler this client is connected to."""
+        assert self._async.cluster is not None  # set by connect(), in __init__
         return self._async.cluster
 
     @property
@@ -481,12 +524,18 @@ class Client:
         """Answers that arrived for no waiting task; exactly-once delivery keeps this 0."""
         return self._async.unmatched
 
-    def infer(self, model: str, inputs: dict[str, Any], timeout: float | None = None) -> Result:
+    @property
+    def unreadable(self) -> int:
+        """Replies that could not be read (each failed its call with ``ProtocolError``)."""
+        return self._async.unreadable
+
+    def infer(self, model: str, inputs: dict[str, Any],
+              timeout: float | None = None) -> TaskResult:
         return self._call(self._async.ainfer(model, inputs, timeout))
 
     def submit(self, model: str, inputs: dict[str, Any],
                timeout: float | None = None) -> concurrent.futures.Future:
-        """Start one task; the future resolves to a ``Result`` or raises its error."""
+        """Start one task; the future resolves to a ``TaskResult`` or raises its error."""
         return self._submit(self._async.ainfer(model, inputs, timeout))
 
     def map(self, model: str, inputs: Sequence[dict[str, Any]], *,
@@ -496,7 +545,7 @@ class Client:
                                            timeout=timeout, window=window))
 
     async def ainfer(self, model: str, inputs: dict[str, Any],
-                     timeout: float | None = None) -> Result:
+                     timeout: float | None = None) -> TaskResult:
         return await self._await(self._async.ainfer(model, inputs, timeout))
 
     async def amap(self, model: str, inputs: Sequence[dict[str, Any]], *,
@@ -507,12 +556,12 @@ class Client:
                                                   timeout=timeout, window=window))
 
     def generate(self, model: str, messages_or_prompt: Any, *, timeout: float | None = None,
-                 **params) -> Completion:
+                 **params) -> TextCompletion:
         return self._call(self._async.agenerate(model, messages_or_prompt, timeout=timeout,
                                                 **params))
 
     async def agenerate(self, model: str, messages_or_prompt: Any, *,
-                        timeout: float | None = None, **params) -> Completion:
+                        timeout: float | None = None, **params) -> TextCompletion:
         return await self._await(self._async.agenerate(model, messages_or_prompt,
                                                        timeout=timeout, **params))
 
@@ -530,47 +579,37 @@ class Client:
             model, chats, return_exceptions=return_exceptions, timeout=timeout, window=window,
             **params))
 
-    def _pump(self, agen, put) -> concurrent.futures.Future:
-        """Run ``agen`` on the private loop, handing each item (then _END or the error) to
-        ``put``: one hop per chunk instead of a round trip. Cancel the future to stop it."""
-        async def pump():
-            try:
-                async for item in agen:
-                    put(item)
-                put(_END)
-            except BaseException as exc:  # the caller sees the error where it reads
-                put(exc)
-                raise
-        return self._submit(pump())
-
     def stream(self, model: str, messages_or_prompt: Any, *, timeout: float | None = None,
-               **params) -> Iterator[Chunk]:
-        """Yield ``Chunk``s as tokens come; closing the generator early cancels the task."""
+               **params) -> Iterator[TextChunk]:
+        """Yield ``TextChunk``s as tokens come; closing the generator early cancels the task."""
         items: queue.SimpleQueue = queue.SimpleQueue()
-        pump = self._pump(self._async.astream(model, messages_or_prompt, timeout=timeout,
-                                              **params), items.put)
+        pumping = self._submit(pump(self._async.astream(model, messages_or_prompt,
+                                                        timeout=timeout, **params), items.put))
         try:
-            while (item := items.get()) is not _END:
+            while (item := items.get()) is not END:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            pump.cancel()  # the stream's own cleanup tells the scheduler to cancel
+            pumping.cancel()  # the stream's own cleanup tells the scheduler to cancel
 
     async def astream(self, model: str, messages_or_prompt: Any, *,
-                      timeout: float | None = None, **params) -> AsyncIterator[Chunk]:
+                      timeout: float | None = None, **params) -> AsyncIterator[TextChunk]:
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
-        pump = self._pump(self._async.astream(model, messages_or_prompt, timeout=timeout,
-                                              **params),
-                          lambda item: loop.call_soon_threadsafe(items.put_nowait, item))
+
+        def put(item: Any) -> None:
+            loop.call_soon_threadsafe(items.put_nowait, item)
+
+        pumping = self._submit(pump(
+            self._async.astream(model, messages_or_prompt, timeout=timeout, **params), put))
         try:
-            while (item := await items.get()) is not _END:
+            while (item := await items.get()) is not END:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            pump.cancel()
+            pumping.cancel()
 
     def status(self, timeout: float = 10.0) -> dict:
         return self._call(self._async.astatus(timeout))
@@ -578,22 +617,24 @@ class Client:
     async def astatus(self, timeout: float = 10.0) -> dict:
         return await self._await(self._async.astatus(timeout))
 
+    def cluster_status(self, timeout: float = 10.0) -> Status:
+        """The status, typed: ``.workers``, each with ``.models``; see ``runtime.wire.status``."""
+        return self._call(self._async.acluster_status(timeout))
+
+    async def acluster_status(self, timeout: float = 10.0) -> Status:
+        return await self._await(self._async.acluster_status(timeout))
+
     def shutdown_cluster(self, timeout: float = 10.0) -> None:
         """Ask the scheduler to stop the whole cluster (what ``fanout down`` does)."""
         self._call(self._async.ashutdown(timeout))
 
     def close(self) -> None:
-        if self._loop.is_closed():
+        if self._loop.closed:
             return
         try:
             self._call(self._async.close())
         finally:
-            self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-        self._loop.close()
+            self._loop.stop()
 
     def __enter__(self) -> Client:
         return self

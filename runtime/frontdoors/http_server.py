@@ -14,25 +14,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import concurrent.futures
 import hmac
 import json
 import logging
-import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from aiohttp import web
 
 from ..config.schema import Config, CurveKeys, HttpConfig, is_loopback
 from ..errors import ClusterUnavailable, ConfigError, FanoutError, InvalidInput
-from .client import AsyncClient, Chunk
+from ..wire.status import Status
+from .client import AsyncClient, TextChunk
 from .embeddings import HIDDEN, TextEncoder, mean_pool
+from .loopthread import END, LoopThread, pump
 from .metrics import prometheus_text
 from .openai_api import (
     CHAT_FIELDS,
@@ -68,23 +68,26 @@ LLM_BACKENDS = ("openvino-genai",)
 # The server
 # ---------------------------------------------------------------------------------------------
 
+ApiModelKind = Literal["llm", "embedding", "tensor"]  # tensor: the Python client's only
+
+
 @dataclass
-class ModelSpec:
+class ApiModel:
     """What the HTTP API needs to know of a model: its kind and, for embeddings, the tokenizer."""
 
     name: str
-    kind: str  # "llm" | "embedding" | "tensor" (served by the Python client only)
+    kind: ApiModelKind
     tokenizer: str | None = None
 
 
-def model_specs(config: Config) -> list[ModelSpec]:
-    specs = []
+def api_models(config: Config) -> list[ApiModel]:
+    models = []
     for m in config.models:
         backends = {config.device(d).backend for d in config.device_order(m.name)}
-        kind = ("llm" if backends & set(LLM_BACKENDS)
-                else "embedding" if m.tokenizer else "tensor")
-        specs.append(ModelSpec(m.name, kind, m.tokenizer))
-    return specs
+        kind: ApiModelKind = ("llm" if backends & set(LLM_BACKENDS)
+                              else "embedding" if m.tokenizer else "tensor")
+        models.append(ApiModel(m.name, kind, m.tokenizer))
+    return models
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -103,7 +106,7 @@ class HttpServer:
     """The OpenAI-compatible API of one cluster, on its own event loop (``serve_in_thread``)
     or on the caller's (``await start()`` / ``await stop()``)."""
 
-    def __init__(self, http: HttpConfig, models: list[ModelSpec], scheduler_address: str,
+    def __init__(self, http: HttpConfig, models: list[ApiModel], scheduler_address: str,
                  token: str | None = None, keys: CurveKeys | None = None):
         self.http = http
         self.host, self.port = split_host_port(http.address)
@@ -127,7 +130,7 @@ class HttpServer:
     def from_config(cls, config: Config, scheduler_address: str, token: str | None = None,
                     http: HttpConfig | None = None,
                     keys: CurveKeys | None = None) -> HttpServer:
-        return cls(http or config.http, model_specs(config), scheduler_address,
+        return cls(http or config.http, api_models(config), scheduler_address,
                    token if token is not None else config.scheduler.token,
                    keys if keys is not None else config.cluster.keys)
 
@@ -334,11 +337,15 @@ class HttpServer:
         """Server-sent events. Headers go out with the first chunk of every choice, so an
         error before any token (overload, bad input) still gets its HTTP status."""
         items: asyncio.Queue = asyncio.Queue()
-        pumps = [asyncio.create_task(_pump(client.astream(shape.model, x, **p), i, items))
+
+        def tagged(index: int) -> Callable[[Any], None]:
+            return lambda item: items.put_nowait((index, item))
+
+        pumps = [asyncio.create_task(pump(client.astream(shape.model, x, **p), tagged(i)))
                  for i, (x, p) in enumerate(calls)]
         try:
             first: list[tuple[int, Any]] = []
-            opening: dict[int, Chunk] = {}  # each choice's first chunk
+            opening: dict[int, TextChunk] = {}  # each choice's first chunk
             while len(opening) < len(pumps):
                 index, item = await items.get()
                 if isinstance(item, BaseException):
@@ -380,14 +387,16 @@ class HttpServer:
                 while not items.empty():  # what arrived meanwhile goes out in one write
                     backlog.append(items.get_nowait())
             index, item = backlog.pop(0)
-            if item is _END:
+            if item is END:
                 ended += 1
             elif isinstance(item, FanoutError):
                 # Too late for a status code: an error event, as other compatible servers do.
                 err = http_error_from(item)
                 out += sse(err.body() | {"status": err.status})
                 break
-            elif isinstance(item, Chunk):
+            elif isinstance(item, BaseException):
+                raise item
+            elif isinstance(item, TextChunk):
                 if item.text or item.previous_device:
                     event = shape.chunk(index, item.text) | usage_null
                     if item.previous_device:
@@ -442,7 +451,7 @@ class HttpServer:
     def _encoder(self, model: str) -> TextEncoder:
         if model not in self._encoders:
             tokenizer = self.models[model].tokenizer
-            assert tokenizer is not None  # an embedding model has one (model_specs)
+            assert tokenizer is not None  # an embedding model has one (api_models)
             self._encoders[model] = TextEncoder(tokenizer)
         return self._encoders[model]
 
@@ -459,21 +468,25 @@ class HttpServer:
     async def ready(self, request: web.Request) -> web.Response:
         """200 when every model has a worker up with it loaded; the body lists them."""
         try:
-            status = await (await self.client(timeout=2.0)).astatus(timeout=2.0)
+            status = await (await self.client(timeout=2.0)).acluster_status(timeout=2.0)
         except FanoutError as exc:
             return web.json_response({"status": "unavailable", "error": str(exc)}, status=503)
-        serving = {name: [w["device"] for w in status["workers"] if w["state"] == "up"
-                          and w["models"].get(name, {}).get("state") == "ready"]
-                   for name in self.models}
+        serving = {name: _serving(status, name) for name in self.models}
         ok = all(serving.values())
         return web.json_response({"status": "ready" if ok else "not ready", "models": serving},
                                  status=200 if ok else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        status = await (await self.client(timeout=2.0)).astatus(timeout=5.0)
+        status = await (await self.client(timeout=2.0)).acluster_status(timeout=5.0)
         return web.Response(text=prometheus_text(status, self.requests, list(self.models)),
                             content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
+
+
+def _serving(status: Status, model: str) -> list[str]:
+    """The devices whose worker is up with ``model`` ready."""
+    return [w.device for w in status.workers if w.state == "up"
+            and model in w.models and w.models[model].state == "ready"]
 
 
 def _dumps(obj: Any) -> str:
@@ -489,20 +502,6 @@ def _hidden(outputs: dict[str, np.ndarray]) -> np.ndarray:
             return value
     raise InvalidInput(f"the model gives no [batch, tokens, dim] output to pool: "
                        f"{ {k: v.shape for k, v in outputs.items()} }")
-
-
-_END = object()
-
-
-async def _pump(stream, index: int, items: asyncio.Queue) -> None:
-    """Forward one stream's chunks, its end or its error; cancelling this cancels the
-    generation (the stream's own cleanup tells the scheduler)."""
-    try:
-        async for chunk in stream:
-            items.put_nowait((index, chunk))
-        items.put_nowait((index, _END))
-    except FanoutError as exc:
-        items.put_nowait((index, exc))
 
 
 async def _all_or_cancel(tasks: list[asyncio.Task]) -> list:
@@ -521,26 +520,12 @@ class ServerThread:
 
     def __init__(self, server: HttpServer, timeout: float = 30.0):
         self.server = server
-        self.loop = asyncio.new_event_loop()
-        started: concurrent.futures.Future = concurrent.futures.Future()
-        self.thread = threading.Thread(target=self._run, args=(started,), name="fanout-http",
-                                       daemon=True)
-        self.thread.start()
-        started.result(timeout)  # re-raises ConfigError and friends in the caller
-
-    def _run(self, started: concurrent.futures.Future) -> None:
-        asyncio.set_event_loop(self.loop)
+        self._loop = LoopThread("fanout-http")
         try:
-            self.loop.run_until_complete(self.server.start())
-        except BaseException as exc:
-            started.set_exception(exc)
-            self.loop.close()
-            return
-        started.set_result(None)
-        try:
-            self.loop.run_forever()
-        finally:
-            self.loop.close()
+            self._loop.call(server.start(), timeout)  # re-raises ConfigError and friends here
+        except BaseException:
+            self._loop.stop()
+            raise
 
     @property
     def port(self) -> int:
@@ -551,14 +536,12 @@ class ServerThread:
         return self.server.url
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.loop.is_closed():
+        if self._loop.closed:
             return
         try:
-            asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(timeout)
+            self._loop.call(self.server.stop(), timeout)
         finally:
-            if not self.loop.is_closed():
-                self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout)
+            self._loop.stop(timeout)
 
     def __enter__(self) -> ServerThread:
         return self

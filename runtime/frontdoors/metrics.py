@@ -5,6 +5,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from ..wire.status import Status
+
 
 def _label(v: Any) -> str:
     return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
@@ -14,7 +16,7 @@ def _labels(**kv: Any) -> str:
     return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in kv.items()) + "}"
 
 
-def prometheus_text(status: dict, requests: Counter, models: Sequence[str] = ()) -> str:
+def prometheus_text(status: Status, requests: Counter, models: Sequence[str] = ()) -> str:
     """The cluster's status and this server's request counts in Prometheus text format."""
     families: list[tuple[str, str, str, list[str]]] = []
 
@@ -39,28 +41,27 @@ def prometheus_text(status: dict, requests: Counter, models: Sequence[str] = ())
     http = family("fanout_http_requests_total", "counter",
                   "HTTP requests answered, per endpoint and status.")
 
-    queued = dict.fromkeys(models, 0) | (status.get("queued_by_model") or {})
+    queued = dict.fromkeys(models, 0) | status.queued_by_model
     for model, n in sorted(queued.items()):
         queue.append(f"fanout_queue_depth{_labels(model=model)} {n}")
-    for w in status.get("workers", []):
-        dev = w["device"]
-        up.append(f"fanout_worker_up{_labels(device=dev)} {int(w['state'] == 'up')}")
-        in_flight.append(f"fanout_in_flight{_labels(device=dev)} {w['in_flight']}")
-        capacity.append(f"fanout_capacity{_labels(device=dev)} {w['capacity']}")
-        for model, m in w.get("models", {}).items():
+    for w in status.workers:
+        dev = w.device
+        up.append(f"fanout_worker_up{_labels(device=dev)} {int(w.state == 'up')}")
+        in_flight.append(f"fanout_in_flight{_labels(device=dev)} {w.in_flight}")
+        capacity.append(f"fanout_capacity{_labels(device=dev)} {w.capacity}")
+        for model, m in w.models.items():
             lab = _labels(device=dev, model=model)
-            done.append(f"fanout_tasks_completed_total{lab} {m.get('done', 0)}")
-            failed.append(f"fanout_tasks_failed_total{lab} {m.get('failed', 0)}")
-            failed_over.append(f"fanout_tasks_failed_over_total{lab} {m.get('failed_over', 0)}")
-            latency = m.get("latency") or {}
-            for le, count in latency.get("buckets", []):
+            done.append(f"fanout_tasks_completed_total{lab} {m.done}")
+            failed.append(f"fanout_tasks_failed_total{lab} {m.failed}")
+            failed_over.append(f"fanout_tasks_failed_over_total{lab} {m.failed_over}")
+            for le, count in m.latency.buckets():
                 le_text = le if isinstance(le, str) else repr(float(le))
                 seconds.append(f"fanout_task_seconds_bucket"
                                f"{_labels(device=dev, model=model, le=le_text)} {count}")
-            seconds.append(f"fanout_task_seconds_sum{lab} {float(latency.get('sum', 0.0))}")
-            seconds.append(f"fanout_task_seconds_count{lab} {latency.get('count', 0)}")
-            tokens.append(f"fanout_generated_tokens_total{lab} {m.get('tokens', 0)}")
-            rate.append(f"fanout_tokens_per_second{lab} {float(m.get('tokens_per_s') or 0.0)}")
+            seconds.append(f"fanout_task_seconds_sum{lab} {float(m.latency.total)}")
+            seconds.append(f"fanout_task_seconds_count{lab} {m.latency.count}")
+            tokens.append(f"fanout_generated_tokens_total{lab} {m.tokens}")
+            rate.append(f"fanout_tokens_per_second{lab} {float(m.tokens_per_s)}")
     for (endpoint, code), n in sorted(requests.items()):
         http.append(f"fanout_http_requests_total{_labels(endpoint=endpoint, status=code)} {n}")
 

@@ -23,7 +23,7 @@ from ..errors import (
     NoDeviceAvailable,
     Overloaded,
 )
-from .client import Completion
+from .client import TextCompletion
 
 log = logging.getLogger("fanout.http")
 
@@ -292,7 +292,7 @@ class Shape:
     model: str
     created: int
 
-    def completion(self, results: list[Completion], prompts: int) -> dict:
+    def completion(self, results: list[TextCompletion], prompts: int) -> dict:
         choices = []
         for i, c in enumerate(results):
             if self.chat:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from ..config.schema import Config, CurveKeys
 from ..errors import ClusterUnavailable
 from ..frontdoors.client import Client
+from ..wire.status import Status
 
 
 class ClusterHandle:
@@ -36,22 +37,26 @@ class ClusterHandle:
             return self._client
 
     def status(self) -> dict:
+        """The status as plain data (JSON-able); ``cluster_status()`` has it typed."""
         return self.client().status()
+
+    def cluster_status(self) -> Status:
+        return self.client().cluster_status()
 
     def _check_alive(self) -> None:
         """Raise ``ClusterUnavailable`` if the scheduler is gone."""
 
     def wait_ready(self, timeout: float = 600.0,
-                   on_status: Callable[[dict], None] | None = None) -> dict:
+                   on_status: Callable[[Status], None] | None = None) -> Status:
         """Block until every worker is up and every model loaded or unavailable;
         ``on_status`` sees each status polled meanwhile (e.g. to print load progress)."""
         deadline = time.monotonic() + timeout
         while True:
             self._check_alive()
-            status = self.status()
+            status = self.cluster_status()
             if on_status is not None:
                 on_status(status)
-            if status["cluster"]["ready"]:
+            if status.cluster is not None and status.cluster.ready:
                 return status
             if time.monotonic() > deadline:
                 raise ClusterUnavailable(f"cluster not ready after {timeout:g} s: "
@@ -59,7 +64,7 @@ class ClusterHandle:
             time.sleep(0.1)
 
     def wait_ready_or_shutdown(self, timeout: float,
-                               on_status: Callable[[dict], None] | None = None) -> None:
+                               on_status: Callable[[Status], None] | None = None) -> None:
         """``wait_ready``; a cluster that never gets ready (or a Ctrl-C) is shut down whole."""
         try:
             self.wait_ready(timeout, on_status)
@@ -77,8 +82,8 @@ class ClusterHandle:
         self.shutdown()
 
 
-def _loading(status: dict) -> str:
-    busy = [f"{w['device']}:{w['state']}" + "".join(
-        f" {m}={s['state']}" for m, s in w["models"].items() if s["state"] == "loading")
-        for w in status["workers"]]
+def _loading(status: Status) -> str:
+    busy = [f"{w.device}:{w.state}" + "".join(
+        f" {name}={m.state}" for name, m in w.models.items() if m.state == "loading")
+        for w in status.workers]
     return ", ".join(busy)

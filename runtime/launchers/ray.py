@@ -43,6 +43,7 @@ from ..frontdoors.client import Client
 from ..shells.scheduler_process import SchedulerProcess
 from ..shells.worker_process import WorkerProcess
 from ..wire.security import generate_keys
+from ..wire.status import ClusterInfo, Status
 from .handle import ClusterHandle
 from .models import resolve_source
 
@@ -390,8 +391,8 @@ class RaySchedulerProcess(SchedulerProcess):
         super().__init__(config, **kw)
         self.node = node
 
-    def info(self) -> dict:
-        return super().info() | {"launcher": "ray", "node": self.node}
+    def info(self) -> ClusterInfo:
+        return dataclasses.replace(super().info(), launcher="ray", node=self.node)
 
 
 @ray.remote(max_restarts=0)
@@ -527,7 +528,7 @@ def _watch_raylet(on_orphaned: Callable[[], None]) -> None:
 def start(config: Config | str | os.PathLike | None = None, *, address: str | None = None,
           name: str | None = None, port: int | None = 0, wait: bool = True,
           timeout: float = 600.0, progress: Callable[[str], None] | None = None,
-          on_status: Callable[[dict], None] | None = None) -> RayCluster:
+          on_status: Callable[[Status], None] | None = None) -> RayCluster:
     """Start the scheduler as a detached Ray actor and return its handle.
 
     ``address``: the Ray cluster (default: the config's ``cluster.address``; unset: the one

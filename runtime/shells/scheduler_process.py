@@ -29,6 +29,7 @@ from ..env import setup_logging
 from ..errors import ClusterUnavailable, ProtocolError, Unauthorized
 from ..wire import protocol as p
 from ..wire.security import Gate
+from ..wire.status import ClusterInfo, Status
 from .supervisor import LocalSupervisor
 
 log = logging.getLogger("fanout.scheduler")
@@ -193,7 +194,7 @@ class SchedulerProcess:
         except ProtocolError as exc:
             log.warning("client %s: bad message: %s", ident.hex()[:16], exc)
             if exc.msg_type == p.Submit.TYPE and exc.ref is not None:
-                self._reply(ident, p.Failure(task_id=exc.ref, error=exc.to_wire()))
+                self._reply(ident, p.Failure(task_id=exc.ref, error=exc))
             else:
                 self._reply(ident, p.error_reply(exc.ref, exc))
             return
@@ -227,19 +228,22 @@ class SchedulerProcess:
             case p.Cancel():
                 self._feed(s.TaskCancelled((ident, msg.task_id)))
             case p.StatusRequest():
-                body = self.state.snapshot() | {"cluster": self.info()}
-                self._reply(ident, p.Reply(req_id=msg.req_id, body=body))
+                self._reply(ident, p.Reply(req_id=msg.req_id, body=self.status().to_wire()))
             case p.Shutdown():
                 self._reply(ident, p.Reply(req_id=msg.req_id, body={"stopping": True}))
                 self.stop()
 
-    def info(self) -> dict:
-        return {"address": self.address, "worker_address": self.worker_address,
-                "pid": os.getpid(), "node": socket.gethostname(), "launcher": "local",
-                "started": self.started,
-                "ready": self.state.ready() and getattr(self.supervisor, "settled", True),
-                "max_message_bytes": self.config.scheduler.max_message_bytes,
-                "models": sorted(self.state.orders)}
+    def info(self) -> ClusterInfo:
+        return ClusterInfo(
+            address=self.address, worker_address=self.worker_address, pid=os.getpid(),
+            node=socket.gethostname(), launcher="local", started=self.started,
+            ready=self.state.ready() and getattr(self.supervisor, "settled", True),
+            max_message_bytes=self.config.scheduler.max_message_bytes,
+            models=tuple(sorted(self.state.orders)))
+
+    def status(self) -> Status:
+        """The cluster's status, as a ``status`` request gets it."""
+        return self.state.snapshot(self.info())
 
     # -- workers --
 
@@ -274,8 +278,7 @@ class SchedulerProcess:
             case p.Heartbeat():
                 self._feed(s.WorkerHeartbeat(device, epoch, msg.peak_running))
             case p.ModelState():
-                self._feed(s.ModelStateChanged(device, epoch, msg.model, msg.state, msg.error,
-                                               msg.detail, msg.load_s))
+                self._feed(s.ModelStateChanged(device, epoch, msg.model, msg.load))
             case p.Done():
                 self._feed(s.TaskSucceeded(device, epoch, msg.attempt, msg.outputs,
                                            msg.service_s))
@@ -314,7 +317,7 @@ class SchedulerProcess:
                                              + p.encode(p.CancelRun(attempt=a.attempt)))
                 case s.Deliver():
                     ident, task_id = a.key
-                    attempts = [x.to_wire() for x in a.attempts]
+                    attempts = list(a.attempts)
                     if a.generation is None:
                         self._reply(ident, p.Result(task_id=task_id, device=a.device,
                                                     outputs=a.payload, service_s=a.service_s,
@@ -330,7 +333,7 @@ class SchedulerProcess:
                         attempts=attempts, service_s=a.service_s))
                 case s.Reject():
                     ident, task_id = a.key
-                    self._reply(ident, p.Failure(task_id=task_id, error=a.error.to_wire()))
+                    self._reply(ident, p.Failure(task_id=task_id, error=a.error))
                 case s.StartWorker():
                     self.supervisor.start(a.device, a.epoch)
                 case s.KillWorker():
@@ -343,7 +346,7 @@ class SchedulerProcess:
         for key in list(self.state.tasks):
             ident, task_id = key
             try:
-                self._reply(ident, p.Failure(task_id=task_id, error=err.to_wire()))
+                self._reply(ident, p.Failure(task_id=task_id, error=err))
             except zmq.ZMQError:
                 pass
         stop = p.encode(p.Stop())

@@ -25,7 +25,7 @@ from ..backends import make_backend
 from ..backends.base import ModelSpec
 from ..config.loader import config_from_dict
 from ..config.schema import Config
-from ..core.worker import LoadState, Outcome, TokensOut, WorkerCore
+from ..core.worker import LoadChanged, Outcome, TokensOut, WorkerCore
 from ..env import home, setup_logging
 from ..errors import InvalidInput
 from ..wire import protocol as p
@@ -66,7 +66,6 @@ class WorkerProcess:
         self.epoch = epoch
         sc = config.scheduler
         self.heartbeat_s = sc.heartbeat_interval_s
-        self.max_message_bytes = sc.max_message_bytes
         # Exit when the scheduler is silent far longer than it would take to notice us hung.
         self.orphan_s = max(10.0, 4 * sc.heartbeat_timeout_s)
         self.ctx = zmq.Context()
@@ -83,7 +82,8 @@ class WorkerProcess:
         self._wake_r.setblocking(False)
         cache = home(config.model_cache) / "compiled"
         self.core = WorkerCore(device, self.device.capacity, make_backend(self.device),
-                               model_specs(config, device, cache), self._emit)
+                               model_specs(config, device, cache), self._emit,
+                               max_output_bytes=sc.max_message_bytes)
         self._parent = os.getppid()
 
     def _emit(self, event) -> None:  # called from the core's threads
@@ -100,7 +100,7 @@ class WorkerProcess:
         self.send(p.Register(version=p.PROTOCOL_VERSION, device=self.device.name,
                              epoch=self.epoch, pid=os.getpid(), node=self.node,
                              token=self.config.scheduler.token,
-                             models={n: s.to_wire() for n, s in self.core.states.items()}))
+                             models=dict(self.core.states)))
         self.core.start_loading()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
@@ -160,7 +160,7 @@ class WorkerProcess:
                 return "stop"
             case p.Reply(error=error) if error:
                 log.error("%s: the scheduler refused this worker: %s", self.device.name,
-                          error.get("message"))
+                          error.message)
                 return "stop"
         return None
 
@@ -177,33 +177,25 @@ class WorkerProcess:
                 event = self.events.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(event, LoadState):
-                self.send(p.ModelState(model=event.model, state=event.state, error=event.error,
-                                       detail=event.detail, load_s=event.load_s))
+            if isinstance(event, LoadChanged):
+                self.send(p.ModelState(model=event.model, load=event.load))
             elif isinstance(event, TokensOut):
                 self.send(p.Tokens(attempt=event.attempt, ids=event.ids, text=event.text))
             elif isinstance(event, Outcome):
-                if event.generated is not None:
-                    g = event.generated
-                    self.send(p.Generated(attempt=event.attempt, finish_reason=g.finish_reason,
-                                          prompt_tokens=g.prompt_tokens,
-                                          completion_tokens=g.completion_tokens,
-                                          service_s=event.service_s))
-                    continue
-                if event.kind is None:
-                    frames = p.encode(p.Done(attempt=event.attempt, outputs=event.outputs or {},
-                                             service_s=event.service_s))
-                    size = p.frames_size(frames)
-                    if size <= self.max_message_bytes:
-                        self.sock.send_multipart(frames, copy=False)
-                        continue
-                    # Any device would produce outputs this large: the task, not the device.
-                    event.kind = "invalid_input"
-                    event.message = (f"outputs of {size} bytes exceed the limit of "
-                                     f"{self.max_message_bytes} bytes; raise "
-                                     f"scheduler.max_message_bytes")
-                self.send(p.Failed(attempt=event.attempt, kind=event.kind,
-                                   message=event.message, service_s=event.service_s))
+                self.send(self._outcome_message(event))
+
+    @staticmethod
+    def _outcome_message(event: Outcome) -> p.Message:
+        if event.generated is not None:
+            g = event.generated
+            return p.Generated(attempt=event.attempt, finish_reason=g.finish_reason,
+                               prompt_tokens=g.prompt_tokens,
+                               completion_tokens=g.completion_tokens, service_s=event.service_s)
+        if event.kind is None:  # the core has checked that the outputs fit a message
+            return p.Done(attempt=event.attempt, outputs=event.outputs or {},
+                          service_s=event.service_s)
+        return p.Failed(attempt=event.attempt, kind=event.kind, message=event.message,
+                        service_s=event.service_s)
 
     def close(self) -> None:
         self.core.close()

@@ -12,22 +12,23 @@ existing ones never change meaning.
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, ClassVar, dataclass_transform
+from typing import Any, ClassVar, Literal
 
 import msgpack
 import numpy as np
 
-from ..errors import ProtocolError
+from ..errors import Attempt, ErrorKind, FanoutError, ProtocolError
+from .records import plain, reader
+from .status import ClusterInfo, ModelLoad
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: model load states nested (ModelState.load); typed errors, attempts
 MAX_HEADER_BYTES = 1024 * 1024
 # Numeric dtypes only: object/str/void arrays could smuggle anything through.
 ALLOWED_DTYPES = frozenset(
     ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
      "float16", "float32", "float64"])
-
-Arrays = dict[str, np.ndarray]
 
 
 @dataclass
@@ -36,42 +37,31 @@ class Message:
     ARRAYS: ClassVar[str | None] = None  # name of the field that holds arrays, if any
 
 
-_REGISTRY: dict[str, type[Message]] = {}
-
-
-@dataclass_transform()
-def message(cls):
-    """Register a message dataclass under its TYPE tag."""
-    cls = dataclass(cls)
-    _REGISTRY[cls.TYPE] = cls
-    return cls
-
-
 # ---- client <-> scheduler ----------------------------------------------------------------
 
-@message
+@dataclass
 class Hello(Message):
     TYPE = "hello"
     version: int
-    role: str  # "client" | "worker"
+    role: Literal["client", "worker"]
     token: str | None = None
     name: str = ""
     keepalive_s: float | None = None  # the client pings this often; silence cancels its tasks
 
 
-@message
+@dataclass
 class KeepAlive(Message):
     TYPE = "keepalive"
 
 
-@message
+@dataclass
 class Welcome(Message):
     TYPE = "welcome"
     version: int
-    cluster: dict = field(default_factory=dict)
+    cluster: ClusterInfo | None = None  # to clients: the scheduler they reached
 
 
-@message
+@dataclass
 class Submit(Message):
     TYPE = "submit"
     ARRAYS = "inputs"
@@ -81,7 +71,7 @@ class Submit(Message):
     timeout_s: float | None = None
 
 
-@message
+@dataclass
 class Generate(Message):
     """A chat or prompt completion; ``request`` holds messages or prompt and the parameters."""
 
@@ -93,7 +83,7 @@ class Generate(Message):
     timeout_s: float | None = None
 
 
-@message
+@dataclass
 class Chunk(Message):
     """Streamed text of a generation; the first chunk from a new device says so."""
 
@@ -104,7 +94,7 @@ class Chunk(Message):
     previous_device: str | None = None  # set when the stream moved here from another device
 
 
-@message
+@dataclass
 class Completion(Message):
     TYPE = "completion"
     task_id: str
@@ -112,59 +102,59 @@ class Completion(Message):
     finish_reason: str
     device: str
     usage: dict = field(default_factory=dict)
-    attempts: list = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
     service_s: float = 0.0
 
 
-@message
+@dataclass
 class Cancel(Message):
     TYPE = "cancel"
     task_id: str
 
 
-@message
+@dataclass
 class StatusRequest(Message):
     TYPE = "status"
     req_id: str
 
 
-@message
+@dataclass
 class Shutdown(Message):
     TYPE = "shutdown"
     req_id: str
 
 
-@message
+@dataclass
 class Result(Message):
     TYPE = "result"
     ARRAYS = "outputs"
     task_id: str
     device: str
     outputs: dict = field(default_factory=dict)
-    attempts: list = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
     service_s: float = 0.0
 
 
-@message
+@dataclass
 class Failure(Message):
     TYPE = "failure"
     task_id: str
-    error: dict = field(default_factory=dict)
+    error: FanoutError
 
 
-@message
+@dataclass
 class Reply(Message):
     """The answer to a request that is not a task (status, shutdown) or to a bad message."""
 
     TYPE = "reply"
     req_id: str | None
     body: dict = field(default_factory=dict)
-    error: dict | None = None
+    error: FanoutError | None = None
 
 
 # ---- worker <-> scheduler ----------------------------------------------------------------
 
-@message
+@dataclass
 class Register(Message):
     TYPE = "register"
     version: int
@@ -173,27 +163,24 @@ class Register(Message):
     pid: int
     node: str
     token: str | None = None
-    models: dict = field(default_factory=dict)  # model -> {"state", "error", "detail"}
+    models: dict[str, ModelLoad] = field(default_factory=dict)
 
 
-@message
+@dataclass
 class ModelState(Message):
     TYPE = "model_state"
     model: str
-    state: str  # "loading" | "ready" | "unavailable"
-    error: str | None = None
-    detail: str = ""
-    load_s: float = 0.0
+    load: ModelLoad
 
 
-@message
+@dataclass
 class Heartbeat(Message):
     TYPE = "heartbeat"
     in_flight: int = 0
     peak_running: int = 0  # most engine runs ever at once in this worker process
 
 
-@message
+@dataclass
 class Run(Message):
     TYPE = "run"
     ARRAYS = "inputs"
@@ -203,7 +190,7 @@ class Run(Message):
     timeout_s: float | None = None
 
 
-@message
+@dataclass
 class RunGenerate(Message):
     TYPE = "run_generate"
     attempt: int
@@ -214,7 +201,7 @@ class RunGenerate(Message):
     timeout_s: float | None = None
 
 
-@message
+@dataclass
 class Tokens(Message):
     TYPE = "tokens"
     attempt: int
@@ -222,7 +209,7 @@ class Tokens(Message):
     text: str = ""
 
 
-@message
+@dataclass
 class Generated(Message):
     TYPE = "generated"
     attempt: int
@@ -232,13 +219,13 @@ class Generated(Message):
     service_s: float = 0.0
 
 
-@message
+@dataclass
 class CancelRun(Message):
     TYPE = "cancel_run"
     attempt: int
 
 
-@message
+@dataclass
 class Done(Message):
     TYPE = "done"
     ARRAYS = "outputs"
@@ -247,21 +234,21 @@ class Done(Message):
     service_s: float = 0.0
 
 
-@message
+@dataclass
 class Failed(Message):
     TYPE = "failed"
     attempt: int
-    kind: str
+    kind: ErrorKind
     message: str
     service_s: float = 0.0
 
 
-@message
+@dataclass
 class Ping(Message):
     TYPE = "ping"
 
 
-@message
+@dataclass
 class Stop(Message):
     TYPE = "stop"
 
@@ -273,24 +260,37 @@ WORKER_TO_SCHEDULER = frozenset([Register, ModelState, Heartbeat, Done, Tokens, 
                                  Failed])
 SCHEDULER_TO_WORKER = frozenset([Welcome, Run, RunGenerate, CancelRun, Ping, Stop, Reply])
 
-_SCALARS: dict[str, type | tuple[type, ...]] = {
-    "int": int, "str": str, "float": (int, float), "dict": dict, "list": list, "bool": bool}
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    read: Any  # records.Reader
+    required: bool
+    plain: bool  # a record: written as plain data
 
 
-def _check_type(cls: type[Message], name: str, annotation: str, value: Any) -> None:
-    """Check a header field against its annotation string ("int", "str | None", ...)."""
-    options = [a.strip() for a in annotation.split("|")]
-    if value is None and "None" in options:
-        return
-    for opt in options:
-        py = _SCALARS.get(opt)
-        if py is None:
-            continue
-        if isinstance(value, py) and not (isinstance(value, bool) and opt in ("int", "float")):
-            if opt == "float" and not math.isfinite(value):  # type: ignore[arg-type]
-                continue
-            return
-    raise ProtocolError(f"{cls.TYPE}.{name}: expected {annotation}, got {type(value).__name__}")
+_FIELDS: dict[str, tuple[_Field, ...]] = {}
+
+
+def _fields(cls: type[Message]) -> tuple[_Field, ...]:
+    """How each header field of ``cls`` is checked and written (worked out once per type)."""
+    plan = _FIELDS.get(cls.TYPE)
+    if plan is None:
+        plan = _FIELDS[cls.TYPE] = _plan(cls)
+    return plan
+
+
+def _plan(cls: type[Message]) -> tuple[_Field, ...]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        tp = hints[f.name]
+        out.append(_Field(f.name, reader(tp),
+                          f.default is MISSING and f.default_factory is MISSING,
+                          not (tp in (int, float, str, bool, dict, list)
+                               or typing.get_args(tp) in ((str, type(None)),
+                                                          (float, type(None)),
+                                                          (int, type(None))))))
+    return tuple(out)
 
 
 # ---- encoding ----------------------------------------------------------------------------
@@ -300,7 +300,7 @@ def encode(msg: Message) -> list:
     arrays)."""
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": msg.TYPE}
     buffers: list = []
-    for f in fields(msg):
+    for f in _fields(type(msg)):
         value = getattr(msg, f.name)
         if f.name == msg.ARRAYS:
             specs = []
@@ -317,7 +317,7 @@ def encode(msg: Message) -> list:
                 buffers.append(arr.reshape(-1).view(np.uint8).data if arr.size else b"")
             header[f.name] = specs
         else:
-            header[f.name] = value
+            header[f.name] = plain(value) if f.plain else value
     return [msgpack.packb(header, use_bin_type=True)] + buffers
 
 
@@ -328,9 +328,6 @@ class RawArray:
     dtype: str
     shape: tuple[int, ...]
     frame: Any  # zmq.Frame or bytes
-
-    def nbytes(self) -> int:
-        return _frame_len(self.frame)
 
     def to_numpy(self) -> np.ndarray:
         buf = self.frame.buffer if hasattr(self.frame, "buffer") else self.frame
@@ -345,6 +342,13 @@ def _frame_len(frame) -> int:
 
 def frames_size(frames: list) -> int:
     return sum(_frame_len(f) for f in frames)
+
+
+def result_bytes(outputs: dict[str, np.ndarray]) -> int:
+    """At least the size of the ``Done`` that carries ``outputs``: their bytes, plus the most
+    the header can take (its fixed fields, then each array's name, dtype and shape)."""
+    return 128 + sum(arr.nbytes + len(name.encode()) + 24 + 9 * arr.ndim
+                     for name, arr in outputs.items())
 
 
 class Decoder:
@@ -397,16 +401,16 @@ class Decoder:
         if cls is None:
             raise ProtocolError(f"unexpected message type {header.get('t')!r} on this socket")
         kwargs: dict[str, Any] = {}
-        for f in fields(cls):
+        for f in _fields(cls):
             if f.name not in header:
-                if f.default is MISSING and f.default_factory is MISSING:
+                if f.required:
                     raise ProtocolError(f"{cls.TYPE}: missing field {f.name!r}")
                 continue
             value = header[f.name]
             if f.name == cls.ARRAYS:
                 value = self._arrays(cls, value, frames[1:])
             else:
-                _check_type(cls, f.name, str(f.type), value)
+                value = f.read(value, f"{cls.TYPE}.{f.name}")
             kwargs[f.name] = value
         if cls.ARRAYS is None and len(frames) > 1:
             raise ProtocolError(f"{cls.TYPE}: unexpected {len(frames) - 1} data frames")
@@ -442,7 +446,5 @@ class Decoder:
 
 
 def error_reply(req_id: str | None, exc: Exception) -> Reply:
-    from ..errors import FanoutError
-    if isinstance(exc, FanoutError):
-        return Reply(req_id=req_id, error=exc.to_wire())
-    return Reply(req_id=req_id, error={"kind": "error", "message": str(exc), "attempts": []})
+    return Reply(req_id=req_id,
+                 error=exc if isinstance(exc, FanoutError) else FanoutError(str(exc)))

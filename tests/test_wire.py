@@ -1,0 +1,176 @@
+"""Typed records on the wire: every message, the status and the error tree survive a round trip,
+and anything malformed is a ``ProtocolError`` that says where, not a ``KeyError`` later."""
+from __future__ import annotations
+
+import json
+
+import msgpack
+import numpy as np
+import pytest
+
+from runtime import errors
+from runtime.errors import ERROR_KINDS, Attempt, DeviceError, ProtocolError, error_from_wire
+from runtime.wire import protocol as p
+from runtime.wire.status import (
+    ClusterInfo,
+    Histogram,
+    ModelLoad,
+    ModelStatus,
+    Status,
+    WorkerStatus,
+)
+
+SAMPLES = [
+    p.Hello(version=p.PROTOCOL_VERSION, role="client", token="t", keepalive_s=1.0),
+    p.KeepAlive(),
+    p.Welcome(version=p.PROTOCOL_VERSION, cluster=ClusterInfo("tcp://h:1", models=("m",))),
+    p.Submit(task_id="t1", model="m", inputs={"x": np.arange(4, dtype=np.int64)}),
+    p.Generate(task_id="t2", model="m", request={"prompt": "hi"}, stream=True),
+    p.Chunk(task_id="t2", text="Hel", device="cpu0", previous_device="npu0"),
+    p.Completion(task_id="t2", text="Hello", finish_reason="stop", device="cpu0",
+                 usage={"prompt_tokens": 1}, attempts=[Attempt("npu0", "device", "boom")]),
+    p.Cancel(task_id="t1"),
+    p.StatusRequest(req_id="r1"),
+    p.Shutdown(req_id="r2"),
+    p.Result(task_id="t1", device="cpu0", outputs={"y": np.ones((1, 2), np.float32)},
+             attempts=[Attempt("npu0", "unsupported", "static shape")], service_s=0.5),
+    p.Failure(task_id="t1", error=DeviceError("boom", [Attempt("npu0", "device", "x")])),
+    p.Reply(req_id="r1", body={"stopping": True}),
+    p.Register(version=p.PROTOCOL_VERSION, device="cpu0", epoch=1, pid=2, node="n",
+               models={"m": ModelLoad("ready", load_s=0.5)}),
+    p.ModelState(model="m", load=ModelLoad("unavailable", error="QNN: no memory")),
+    p.Heartbeat(in_flight=1, peak_running=2),
+    p.Run(attempt=1, model="m", inputs={"x": np.zeros(3, np.uint8)}, timeout_s=2.0),
+    p.RunGenerate(attempt=2, model="m", request={"prompt": "hi"}, prefix_ids=[1, 2],
+                  prefix_text="a"),
+    p.Tokens(attempt=2, ids=[3], text="b"),
+    p.Generated(attempt=2, finish_reason="length", prompt_tokens=3, completion_tokens=4),
+    p.CancelRun(attempt=1),
+    p.Done(attempt=1, outputs={"y": np.ones(2, np.float64)}, service_s=0.1),
+    p.Failed(attempt=1, kind="model_unavailable", message="gone"),
+    p.Ping(),
+    p.Stop(),
+]
+EVERY_TYPE = (p.CLIENT_TO_SCHEDULER | p.SCHEDULER_TO_CLIENT | p.WORKER_TO_SCHEDULER
+              | p.SCHEDULER_TO_WORKER)
+
+
+def round_trip(msg: p.Message) -> p.Message:
+    frames = [bytes(f) for f in p.encode(msg)]
+    return p.Decoder(EVERY_TYPE, 1 << 20).decode(frames)
+
+
+def same(a, b) -> bool:
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b) and a.dtype == b.dtype
+    if isinstance(a, errors.FanoutError):
+        return type(a) is type(b) and a.to_wire() == b.to_wire()
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def test_every_message_type_has_a_sample_here():
+    assert {type(m) for m in SAMPLES} == set(EVERY_TYPE)
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: m.TYPE)
+def test_every_message_survives_encode_and_decode_with_its_types(msg):
+    back = round_trip(msg)
+    assert type(back) is type(msg)
+    for name in vars(msg):
+        assert same(getattr(msg, name), getattr(back, name)), name
+
+
+def raw(**fields) -> list[bytes]:
+    return [msgpack.packb({"v": p.PROTOCOL_VERSION, **fields})]
+
+
+@pytest.mark.parametrize("fields, where", [
+    ({"t": "result", "task_id": "t9", "device": "cpu0",
+      "attempts": [{"kind": "device", "message": "m"}]}, "result.attempts[0]"),
+    ({"t": "failure", "task_id": "t9", "error": {"kind": "melted", "message": "m"}},
+     "unknown error kind 'melted'"),
+    ({"t": "failure", "task_id": "t9", "error": "device"}, "failure.error"),
+    ({"t": "completion", "task_id": "t9", "text": "a", "finish_reason": "stop",
+      "device": 3}, "completion.device: expected str, got int"),
+    ({"t": "model_state", "task_id": "t9", "model": "m", "load": {"state": "cooking"}},
+     "model_state.load.state"),
+    ({"t": "failed", "task_id": "t9", "attempt": 1, "kind": "??", "message": "m"},
+     "failed.kind"),
+])
+def test_a_malformed_nested_field_is_a_protocol_error_naming_it_and_its_task(fields, where):
+    with pytest.raises(ProtocolError) as info:
+        p.Decoder(EVERY_TYPE, 1 << 20).decode(raw(**fields))
+    assert where in str(info.value)
+    assert info.value.ref == "t9" and info.value.msg_type == fields["t"]
+
+
+def a_status() -> Status:
+    latency = Histogram()
+    for seconds in (0.002, 0.02, 0.02, 120.0):
+        latency.observe(seconds)
+    model = ModelStatus("ready", detail="ready", load_s=1.5, done=4, expected_s=0.01,
+                        breaker="half-open", latency=latency, tokens=7, tokens_per_s=0.7)
+    return Status(
+        workers=(WorkerStatus("npu0", "npu", "up", 41, "host", 1, models={"m": model}),
+                 WorkerStatus("cpu0", "cpu", "gone", last_exit="node left",
+                              models={"m": ModelStatus("gone", detail="node left")})),
+        queued=2, unanswered=3, max_queue=10, queued_by_model={"m": 2},
+        cluster=ClusterInfo("tcp://h:1", ready=True, models=("m",)))
+
+
+def test_a_status_survives_msgpack_and_json_and_reads_by_attribute():
+    status = a_status()
+    for codec in (lambda d: msgpack.unpackb(msgpack.packb(d)),
+                  lambda d: json.loads(json.dumps(d))):
+        back = Status.from_wire(codec(status.to_wire()))
+        assert back == status
+    assert back.worker("npu0").models["m"].latency.count == 4
+    assert back.worker("npu0").models["m"].latency.buckets()[-1] == ("+Inf", 4)
+
+
+def test_the_status_keeps_its_plain_form_for_json_users():
+    wire = a_status().to_wire()
+    model = wire["workers"][0]["models"]["m"]
+    assert model["latency"]["buckets"][:3] == [[0.005, 1], [0.01, 1], [0.025, 3]]
+    assert model["latency"]["count"] == 4 and model["state"] == "ready"
+    assert wire["cluster"]["ready"] is True and wire["counters"]["completed"] == 0
+
+
+@pytest.mark.parametrize("change, where", [
+    (lambda w: w["workers"][0].pop("device"), "status.workers[0]: missing field 'device'"),
+    (lambda w: w["workers"][1].update(state="sleeping"), "status.workers[1].state"),
+    (lambda w: w["workers"][0]["models"]["m"].update(done="4"), "models.m.done"),
+    (lambda w: w["workers"][0]["models"]["m"]["latency"]["buckets"].pop(), "latency.buckets"),
+    (lambda w: w.update(counters=[]), "status.counters"),
+    (lambda w: w.update(workers={}), "status.workers"),
+])
+def test_a_malformed_status_is_a_protocol_error_saying_where(change, where):
+    wire = a_status().to_wire()
+    change(wire)
+    with pytest.raises(ProtocolError, match=where.replace("[", r"\[").replace("]", r"\]")):
+        Status.from_wire(wire)
+
+
+def test_error_kinds_are_the_kinds_of_the_error_classes():
+    classes = [c for c in vars(errors).values()
+               if isinstance(c, type) and issubclass(c, errors.FanoutError)]
+    assert {c.kind for c in classes} == ERROR_KINDS
+    assert len(classes) == len(ERROR_KINDS)  # one class per kind
+
+
+@pytest.mark.parametrize("bad", [
+    None, [], {"message": "m"}, {"kind": "device"}, {"kind": "nope", "message": "m"},
+    {"kind": "device", "message": "m", "attempts": [{"device": "x"}]},
+    {"kind": "device", "message": "m", "attempts": "x"},
+])
+def test_an_error_from_the_wire_that_is_not_one_is_a_protocol_error(bad):
+    with pytest.raises(ProtocolError):
+        error_from_wire(bad)
+
+
+def test_an_error_survives_the_wire_with_its_class_and_attempts():
+    error = errors.NoDeviceAvailable("none", [Attempt("npu0", "worker_gone", "left")])
+    back = error_from_wire(error.to_wire())
+    assert type(back) is errors.NoDeviceAvailable and back.attempts == error.attempts
