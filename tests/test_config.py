@@ -211,6 +211,18 @@ def test_env_address_on_a_public_host_still_needs_a_token(write):
     assert "FANOUT_TOKEN" in message and "'tcp://0.0.0.0:8471'" in message
 
 
+@pytest.mark.parametrize("var, field, bad", [
+    ("FANOUT_TOKEN", "scheduler.token", "  "),
+    ("FANOUT_ADDRESS", "scheduler.address", "udp://x"),
+    ("FANOUT_API_KEY", "http.api_key", " "),
+    ("FANOUT_KEYS", "cluster.keys", "/nowhere/cluster.keys"),
+])
+def test_every_env_override_is_named_with_its_field_when_its_value_is_bad(write, var, field,
+                                                                          bad):
+    message = load_error(write(ISSUE_EXAMPLE), env={var: bad})
+    assert f"my.yaml: {field} (from env {var})" in message
+
+
 # -- errors: each names the file, the field and the bad value --------------------------------
 
 @pytest.mark.parametrize("text, field, shown", [

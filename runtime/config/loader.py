@@ -2,19 +2,19 @@
 
 Validation errors are ``ConfigError`` and quote the file, the field path and the bad value.
 The environment is read here (from the mapping the caller passes), through one override
-helper, and in ``runtime.env``; nowhere else.
+helper (``_Parser.overridden``: the file's value unless an env var is set, and which it was),
+and in ``runtime.env``; nowhere else. Key files are read by ``keys.read_keys`` only.
 """
 from __future__ import annotations
 
 import difflib
 import importlib.resources
-import json
 import logging
 import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import yaml
 
 from ..env import ENV_ADDRESS, ENV_API_KEY, ENV_HOME, ENV_KEYS, ENV_TOKEN
 from ..errors import ConfigError
-from .keys import check_keys
+from .keys import check_keys, read_keys
 from .schema import (
     AUTO_DEVICES,
     BACKENDS,
@@ -49,6 +49,15 @@ _NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
 _MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _TCP_RE = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.*_-]+):([0-9]{1,5})")
 _MISSING = object()
+
+
+@dataclass(frozen=True)
+class Sourced:
+    """A config value and where it came from: the field, or the env var that overrode it."""
+
+    value: Any
+    where: str  # "scheduler.token" or "scheduler.token (from env FANOUT_TOKEN)"
+    from_env: bool
 
 _TOP_KEYS = ("cluster", "scheduler", "http", "devices", "models", "model_cache")
 _DEVICE_KEYS = tuple(f.name for f in fields(DeviceConfig))
@@ -231,7 +240,7 @@ class _Parser:
         scheduler = self.scheduler(raw.get("scheduler", {}))
         devices = self.devices(raw.get("devices", _MISSING))
         models = self.models(raw.get("models", []))
-        model_cache = self.model_cache(raw.get("model_cache"))
+        model_cache = self.model_cache(raw)
         http = self.http(raw.get("http", {}))
         cluster = self.cluster(raw.get("cluster", {}))
         if devices is not None and models is not None:
@@ -315,9 +324,17 @@ class _Parser:
                 ok = False
         return dict(d) if ok else None
 
-    def address(self, path: str, v: Any, origin: str | None) -> tuple[str, str | None] | None:
-        """(address, host) with host None for ipc://; origin names the env var it came from."""
-        where = f"{path} (from env {origin})" if origin else path
+    def overridden(self, section: str, d: Mapping, key: str, env_name: str | None,
+                   default: Any = None) -> Sourced:
+        """``key`` of the section ``d`` (or ``default``), unless the env var ``env_name`` is
+        set; with where it came from, for error messages."""
+        path = f"{section}.{key}" if section else key
+        if env_name is not None and self.env.get(env_name):
+            return Sourced(self.env[env_name], f"{path} (from env {env_name})", True)
+        return Sourced(d.get(key, default), path, False)
+
+    def address(self, where: str, v: Any) -> tuple[str, str | None] | None:
+        """(address, host) with host None for ipc://."""
         if isinstance(v, str) and v.startswith("ipc://") and len(v) > len("ipc://"):
             return v, None
         m = _TCP_RE.fullmatch(v) if isinstance(v, str) else None
@@ -349,32 +366,22 @@ class _Parser:
                        f"heartbeat_interval_s = {_fmt_num(2 * interval)}", timeout)
             ok = False
 
-        token, token_origin = d.get("token"), None
-        if self.env.get(ENV_TOKEN):
-            token, token_origin = self.env[ENV_TOKEN], ENV_TOKEN
-        if token is not None and not (isinstance(token, str) and token.strip()):
-            where = (f"scheduler.token (from env {token_origin})" if token_origin
-                     else "scheduler.token")
-            # never echo a secret: name only its type
-            self.error(where, f"must be a non-empty string, got a {type(token).__name__}")
-            ok = False
-            token = None
-        values["token"] = token
+        token = self.secret(self.overridden("scheduler", d, "token", ENV_TOKEN))
+        ok = ok and token is not _MISSING
+        values["token"] = token = None if token is _MISSING else token
 
         for key in ("address", "worker_address"):
-            address: Any = d.get(key, getattr(defaults, key))
-            origin: str | None = None
-            if key == "address" and self.env.get(ENV_ADDRESS):
-                address, origin = self.env[ENV_ADDRESS], ENV_ADDRESS
-            parsed = self.address(f"scheduler.{key}", address, origin)
+            address = self.overridden("scheduler", d, key,
+                                      ENV_ADDRESS if key == "address" else None,
+                                      getattr(defaults, key))
+            parsed = self.address(address.where, address.value)
             if parsed is None:
                 ok = False
                 continue
             values[key], host = parsed
             if host is not None and not is_loopback(host) and token is None:
-                where = f"scheduler.{key} (from env {origin})" if origin else f"scheduler.{key}"
-                self.error(where, f"binds non-loopback host {host} and so needs a token: "
-                           f"set scheduler.token or env {ENV_TOKEN}", address)
+                self.error(address.where, f"binds non-loopback host {host} and so needs a "
+                           f"token: set scheduler.token or env {ENV_TOKEN}", address.value)
                 ok = False
         return SchedulerConfig(**values) if ok else None
 
@@ -392,14 +399,9 @@ class _Parser:
         size = self.integer("http.max_body_bytes", d.get("max_body_bytes",
                                                           defaults.max_body_bytes),
                             1024, 1 << 30)
-        key, origin = d.get("api_key"), None
-        if self.env.get(ENV_API_KEY):
-            key, origin = self.env[ENV_API_KEY], ENV_API_KEY
-        if key is not None and not (isinstance(key, str) and key.strip()):
-            where = f"http.api_key (from env {origin})" if origin else "http.api_key"
-            self.error(where, f"must be a non-empty string, got a {type(key).__name__}")
-            ok = False
-            key = None
+        key = self.secret(self.overridden("http", d, "api_key", ENV_API_KEY))
+        ok = ok and key is not _MISSING
+        key = None if key is _MISSING else key
         address = d.get("address", defaults.address)
         m = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+|\*):(\d{1,5})", address) \
             if isinstance(address, str) else None
@@ -432,32 +434,30 @@ class _Parser:
         name = d.get("name", ClusterConfig.name)
         if not (isinstance(name, str) and _NAME_RE.fullmatch(name)):
             self.error("cluster.name", "must match [a-z0-9_-]{1,32}", name)
-        keys, origin = d.get("keys"), None
-        if self.env.get(ENV_KEYS):
-            keys, origin = self.env[ENV_KEYS], ENV_KEYS
-        where = f"cluster.keys (from env {origin})" if origin else "cluster.keys"
+        sourced = self.overridden("cluster", d, "keys", ENV_KEYS)
+        keys, where = sourced.value, sourced.where
         parsed_keys = None
         if isinstance(keys, Mapping) and self.from_dict:
             parsed_keys = self.curve_keys(where, keys)
         elif keys is not None:
             path = self.string(where, keys, "the path of a key file")
             if path is not None:
-                path = self.path(path)
                 try:
-                    with open(path, encoding="utf-8") as f:
-                        text = f.read()
-                except (OSError, UnicodeDecodeError) as exc:
-                    self.error(where, f"cannot read the key file ({exc}); write one with "
-                               f"`fanout keys {path}`", path)
-                else:
-                    try:
-                        data = json.loads(text)
-                    except ValueError:
-                        data = None
-                    parsed_keys = self.curve_keys(f"{where} ({path})", data)
+                    parsed_keys = read_keys(self.path(path))
+                except ConfigError as exc:  # names the file, never the key material
+                    self.errors.append(f"{self.label}: {where}: {exc.message}")
         if len(self.errors) > before:
             return None
         return ClusterConfig(launcher=launcher, address=address, name=name, keys=parsed_keys)
+
+    def secret(self, sourced: Sourced) -> Any:
+        """A token or API key: None, a non-empty string, or _MISSING after an error that
+        names only its type (a secret is never echoed)."""
+        value = sourced.value
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            self.error(sourced.where, f"must be a non-empty string, got a {type(value).__name__}")
+            return _MISSING
+        return value
 
     def curve_keys(self, where: str, data: Any) -> CurveKeys | None:
         try:
@@ -656,13 +656,14 @@ class _Parser:
             ok = False
         return opts if ok else None
 
-    def model_cache(self, raw: Any) -> str | None:
-        if self.env.get(ENV_HOME):
-            return os.path.abspath(os.path.expanduser(self.env[ENV_HOME]))
-        if raw is None:
+    def model_cache(self, raw: Mapping) -> str | None:
+        cache = self.overridden("", raw, "model_cache", ENV_HOME)
+        if cache.value is None:
             return None
-        value = self.string("model_cache", raw, "a path")
-        return None if value is None else self.path(value)
+        value = self.string(cache.where, cache.value, "a path")
+        if value is None or cache.from_env:  # a path from env is the caller's, not the file's
+            return None if value is None else os.path.abspath(os.path.expanduser(value))
+        return self.path(value)
 
     # -- references between sections ----------------------------------------------------------
 
