@@ -48,6 +48,8 @@ class FakeScheduler:
         self.script: queue.SimpleQueue[Callable[[str], list[list[bytes]]]] = \
             queue.SimpleQueue()
         self.decoder = p.Decoder(p.CLIENT_TO_SCHEDULER, 1 << 20)
+        self.calls: list[str] = []  # the ids of the calls answered, in order
+        self.cancelled: list[str] = []  # task ids the client cancelled
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -69,8 +71,11 @@ class FakeScheduler:
                     welcome = [msgpack.packb({"v": self.welcome_version, "t": "welcome",
                                               "version": self.welcome_version})]
                 self.sock.send_multipart([ident, *welcome])
+            elif isinstance(msg, p.Cancel):
+                self.cancelled.append(msg.task_id)
             elif isinstance(msg, p.Submit | p.Generate | p.StatusRequest):
                 ref = msg.req_id if isinstance(msg, p.StatusRequest) else msg.task_id
+                self.calls.append(ref)
                 for reply in self.script.get(timeout=5)(ref):
                     self.sock.send_multipart([ident, *reply])
 
@@ -138,7 +143,7 @@ def test_a_malformed_completion_fails_its_generation(fake, client):
     assert client.infer("m", X).device == "cpu0"
 
 
-def test_a_malformed_chunk_ends_its_stream_with_a_protocol_error(fake, client):
+def test_a_malformed_chunk_ends_its_stream_with_a_protocol_error_and_cancels_it(fake, client):
     fake.answer(lambda ref: p.encode(p.Chunk(task_id=ref, text="Hel", device="cpu0")),
                 lambda ref: header(t="chunk", task_id=ref, text=["lo"], device="cpu0"))
     chunks = []
@@ -146,6 +151,11 @@ def test_a_malformed_chunk_ends_its_stream_with_a_protocol_error(fake, client):
         for chunk in client.stream("m", "hi"):
             chunks.append(chunk.text)
     assert chunks == ["Hel"]
+    # the generation goes on over there: the client tells the scheduler to stop it
+    deadline = time.monotonic() + PROMPT_S
+    while not fake.cancelled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fake.cancelled == fake.calls[-1:]
     fake.answer(good_result)
     assert client.infer("m", X).device == "cpu0"
 

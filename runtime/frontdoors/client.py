@@ -142,7 +142,7 @@ class AsyncClient:
         self._closed = False
         self.unmatched = 0  # answers for tasks not waiting (late or duplicate): should stay 0
         self.unreadable = 0  # replies that could not be read: should stay 0
-        self._unreadable_logged = (-BAD_REPLY_LOG_S, 0)  # (when, count) of the last log line
+        self._unreadable_logged_at = -BAD_REPLY_LOG_S
 
     async def connect(self, timeout: float = 10.0) -> AsyncClient:
         self._hello = asyncio.get_running_loop().create_future()
@@ -236,11 +236,10 @@ class AsyncClient:
         while one is waiting); log it, at most once per ``BAD_REPLY_LOG_S``."""
         self.unreadable += 1
         now = time.monotonic()
-        last, count = self._unreadable_logged
-        if now - last >= BAD_REPLY_LOG_S:
+        if now - self._unreadable_logged_at >= BAD_REPLY_LOG_S:
             log.warning("a reply from the scheduler at %s could not be read (%d such "
                         "replies so far): %s", self.address, self.unreadable, exc)
-            self._unreadable_logged = (now, self.unreadable)
+            self._unreadable_logged_at = now
         error = ProtocolError(f"the scheduler's reply{f' to {ref}' if ref else ''} could not "
                               f"be read: {exc.message}")
         error.ref, error.msg_type = ref, msg_type
@@ -353,7 +352,8 @@ class AsyncClient:
                     finished = True
                     return
                 if isinstance(item, BaseException):
-                    finished = True
+                    # An unreadable chunk ends the stream here, not the generation there.
+                    finished = not isinstance(item, ProtocolError)
                     raise item
                 yield item
         finally:
