@@ -6,14 +6,17 @@ message type) and the type's fields; arrays are described in the header as
 ``[name, dtype, shape]`` in frame order. No pickle, ever.
 
 Each socket has one decoder that knows the message types allowed on it: a wrong message
-fails at decode with ``ProtocolError``, not deep in a handler. New fields get defaults;
-existing ones never change meaning.
+fails at decode with ``ProtocolError``, not deep in a handler. Every field is checked against
+its type hint (``records.py``), nested records too (attempts, errors, model load states), so
+a handler never meets a malformed one. New fields get defaults; existing ones never change
+meaning.
 """
 from __future__ import annotations
 
 import math
 import typing
 from dataclasses import MISSING, dataclass, field, fields
+from types import UnionType
 from typing import Any, ClassVar, Literal
 
 import msgpack
@@ -279,17 +282,19 @@ def _fields(cls: type[Message]) -> tuple[_Field, ...]:
     return plan
 
 
+_AS_IS = (int, float, str, bool, dict, list, type(None))  # msgpack writes these unchanged
+
+
 def _plan(cls: type[Message]) -> tuple[_Field, ...]:
     hints = typing.get_type_hints(cls)
     out = []
     for f in fields(cls):
         tp = hints[f.name]
+        args = typing.get_args(tp)
+        as_is = (tp in _AS_IS or typing.get_origin(tp) is Literal
+                 or typing.get_origin(tp) is UnionType and all(a in _AS_IS for a in args))
         out.append(_Field(f.name, reader(tp),
-                          f.default is MISSING and f.default_factory is MISSING,
-                          not (tp in (int, float, str, bool, dict, list)
-                               or typing.get_args(tp) in ((str, type(None)),
-                                                          (float, type(None)),
-                                                          (int, type(None))))))
+                          f.default is MISSING and f.default_factory is MISSING, not as_is))
     return tuple(out)
 
 
