@@ -6,6 +6,7 @@ still owes must be exactly those the test never saw answered, and none was answe
 """
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from runtime.core.scheduler import (
     CancelAttempt,
     Deliver,
     Dispatch,
+    Event,
     KillWorker,
     ModelStateChanged,
     Reject,
@@ -805,6 +807,25 @@ def test_cancelling_an_unknown_or_answered_task_does_nothing(h):
     h.succeed("t1")
     assert h.cancel("t1") == []
     assert h.cancel("never") == []
+
+
+# ---- events --------------------------------------------------------------------------------
+
+def test_an_event_the_scheduler_has_no_handler_for_fails_loudly(h):
+    @dataclass
+    class WorkerRegistred:  # a misspelt event
+        device: str
+
+    with pytest.raises(TypeError, match="no handler for WorkerRegistred"):
+        h.state.handle(WorkerRegistred("npu0"))
+
+
+def test_every_event_type_has_its_own_handler():
+    """``Event`` is what ``handle`` accepts (mypy holds the shells to it); each has a handler."""
+    registry = vars(SchedulerState)["_on"].dispatcher.registry
+    events = typing.get_args(Event)
+    missing = [event.__name__ for event in events if event not in registry]
+    assert not missing, f"events without a handler: {missing}"
 
 
 # ---- max_attempts --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ Rules:
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -315,6 +316,11 @@ class Task:
     generation: Generation | None = None
 
 
+Event = (WorkerRegistered | ModelStateChanged | WorkerHeartbeat | WorkerExited | WorkerAdded
+         | WorkerGone | TaskSubmitted | TaskTokens | TaskSucceeded | TaskFailed | TaskCancelled
+         | Tick)
+
+
 class SchedulerState:
     """The scheduler's decisions. Feed events to ``handle``; carry out what it returns."""
 
@@ -363,13 +369,16 @@ class SchedulerState:
             actions.append(self._start_worker(view, now))
         return actions
 
-    def handle(self, *events) -> list:
+    def handle(self, *events: Event) -> list:
         actions: list = []
         for event in events:
-            handler = getattr(self, "_on_" + type(event).__name__)
-            handler(event, actions)
+            self._on(event, actions)
         self._place(actions)
         return actions
+
+    @functools.singledispatchmethod
+    def _on(self, event: object, actions: list) -> None:
+        raise TypeError(f"the scheduler has no handler for {type(event).__name__}: {event!r:.200}")
 
     # -- worker lifecycle --
 
@@ -389,6 +398,7 @@ class SchedulerState:
             return None  # a message from an old incarnation of the worker
         return view
 
+    @_on.register
     def _on_WorkerRegistered(self, ev: WorkerRegistered, actions: list) -> None:
         view = self._current(ev.device, ev.epoch)
         if view is None:
@@ -401,6 +411,7 @@ class SchedulerState:
                 self._set_model(view, model, info.get("state", "loading"), info.get("error"),
                                 info.get("detail", ""), float(info.get("load_s", 0.0)), actions)
 
+    @_on.register
     def _on_ModelStateChanged(self, ev: ModelStateChanged, actions: list) -> None:
         view = self._current(ev.device, ev.epoch)
         if view is None or ev.model not in view.models:
@@ -415,17 +426,20 @@ class SchedulerState:
         if state == "unavailable":
             self._reject_hopeless(model, actions)
 
+    @_on.register
     def _on_WorkerHeartbeat(self, ev: WorkerHeartbeat, actions: list) -> None:
         view = self._current(ev.device, ev.epoch)
         if view is not None:
             view.last_seen = self.clock()
             view.peak_running = max(view.peak_running, ev.peak_running)
 
+    @_on.register
     def _on_WorkerExited(self, ev: WorkerExited, actions: list) -> None:
         view = self._current(ev.device, ev.epoch)
         if view is not None:
             self._lose_worker(view, f"worker process exited ({ev.reason})", actions, kill=False)
 
+    @_on.register
     def _on_WorkerAdded(self, ev: WorkerAdded, actions: list) -> None:
         view = self.workers.get(ev.device)
         if view is None:
@@ -441,6 +455,7 @@ class SchedulerState:
         view.node = ev.node or view.node
         actions.append(self._start_worker(view, self.clock()))
 
+    @_on.register
     def _on_WorkerGone(self, ev: WorkerGone, actions: list) -> None:
         view = self.workers.get(ev.device)
         if view is None or view.state == "gone":
@@ -478,6 +493,7 @@ class SchedulerState:
 
     # -- tasks --
 
+    @_on.register
     def _on_TaskSubmitted(self, ev: TaskSubmitted, actions: list) -> None:
         order = self.orders.get(ev.model)
         if order is None:
@@ -506,6 +522,7 @@ class SchedulerState:
         self.queue.append(task)
         self.queued_models[task.model] += 1
 
+    @_on.register
     def _on_TaskSucceeded(self, ev: TaskSucceeded, actions: list) -> None:
         view, task = self._finish_attempt(ev.device, ev.epoch, ev.attempt)
         if view is None:
@@ -526,6 +543,7 @@ class SchedulerState:
                                self._with_skipped(task, before=view.device), ev.service_s,
                                task.generation))
 
+    @_on.register
     def _on_TaskTokens(self, ev: TaskTokens, actions: list) -> None:
         view = self._current(ev.device, ev.epoch)
         if view is None:
@@ -546,6 +564,7 @@ class SchedulerState:
         if gen.stream and (ev.text or moved):
             actions.append(StreamChunk(task.key, ev.text, ev.device, moved))
 
+    @_on.register
     def _on_TaskFailed(self, ev: TaskFailed, actions: list) -> None:
         view, task = self._finish_attempt(ev.device, ev.epoch, ev.attempt)
         if view is None or task is None:
@@ -577,12 +596,14 @@ class SchedulerState:
             slot.failed_over += 1
         self._retry_or_fail(task, actions)
 
+    @_on.register
     def _on_TaskCancelled(self, ev: TaskCancelled, actions: list) -> None:
         task = self.tasks.get(ev.key)
         if task is None:
             return
         self._abandon(task, actions, Cancelled("cancelled by the caller", task.attempts))
 
+    @_on.register
     def _on_Tick(self, ev: Tick, actions: list) -> None:
         now = self.clock()
         heard = now if ev.heard_all_until is None else min(now, ev.heard_all_until)
