@@ -828,6 +828,17 @@ def test_every_event_type_has_its_own_handler():
     assert not missing, f"events without a handler: {missing}"
 
 
+def test_a_registration_with_a_malformed_model_entry_changes_nothing(make):
+    h = make(models=[model("m", "npu0"), model("n", "npu0")])
+    bad = {"m": {"state": "ready"}, "n": {"state": "ready", "load_s": "slow"}}
+    with pytest.raises(ValueError):
+        h.handle(WorkerRegistered("npu0", 1, pid=7, node="x", models=bad))
+    view = h.state.workers["npu0"]
+    assert (view.state, view.pid) == ("starting", None)
+    assert {name: slot.state for name, slot in view.models.items()} == {"m": "loading",
+                                                                      "n": "loading"}
+
+
 # ---- max_attempts --------------------------------------------------------------------------
 
 def test_max_attempts_bounds_reruns_across_lost_workers(make):

@@ -403,13 +403,16 @@ class SchedulerState:
         view = self._current(ev.device, ev.epoch)
         if view is None:
             return
+        # Every entry is read before anything changes: a malformed one raises with the
+        # worker still "starting", never half up (the wire decoder refuses such a Register).
+        reports = [(model, info["state"], info.get("error"), info.get("detail", ""),
+                    float(info.get("load_s", 0.0)))
+                   for model, info in ev.models.items() if model in view.models]
         now = self.clock()
         view.state, view.pid, view.node = "up", ev.pid, ev.node
         view.up_since = view.last_seen = now
-        for model, info in ev.models.items():
-            if model in view.models:
-                self._set_model(view, model, info.get("state", "loading"), info.get("error"),
-                                info.get("detail", ""), float(info.get("load_s", 0.0)), actions)
+        for model, state, error, detail, load_s in reports:
+            self._set_model(view, model, state, error, detail, load_s, actions)
 
     @_on.register
     def _on_ModelStateChanged(self, ev: ModelStateChanged, actions: list) -> None:

@@ -35,6 +35,9 @@ class Message:
     TYPE: ClassVar[str] = ""
     ARRAYS: ClassVar[str | None] = None  # name of the field that holds arrays, if any
 
+    def check(self) -> None:
+        """What the field types cannot say; raises ``ProtocolError``. Run at decode."""
+
 
 _REGISTRY: dict[str, type[Message]] = {}
 
@@ -173,7 +176,20 @@ class Register(Message):
     pid: int
     node: str
     token: str | None = None
-    models: dict = field(default_factory=dict)  # model -> {"state", "error", "detail"}
+    models: dict = field(default_factory=dict)  # model -> {"state", "error", "detail", "load_s"}
+
+    def check(self) -> None:
+        for name, info in self.models.items():
+            where = f"{self.TYPE}.models[{name!r:.80}]"
+            if not isinstance(info, dict):
+                raise ProtocolError(f"{where}: expected a map, got {type(info).__name__}")
+            if info.get("state") not in MODEL_STATES:
+                raise ProtocolError(f"{where}.state: expected one of {', '.join(MODEL_STATES)}, "
+                                    f"got {info.get('state')!r:.80}")
+            for key, annotation in (("error", "str | None"), ("detail", "str"),
+                                    ("load_s", "float")):
+                if key in info:
+                    _check_type(type(self), f"models[{name!r:.80}].{key}", annotation, info[key])
 
 
 @message
@@ -265,6 +281,8 @@ class Ping(Message):
 class Stop(Message):
     TYPE = "stop"
 
+
+MODEL_STATES = ("loading", "ready", "unavailable")  # of a model on a worker, as it reports
 
 CLIENT_TO_SCHEDULER = frozenset([Hello, KeepAlive, Submit, Generate, Cancel, StatusRequest,
                                  Shutdown])
@@ -412,7 +430,9 @@ class Decoder:
             raise ProtocolError(f"{cls.TYPE}: unexpected {len(frames) - 1} data frames")
         if cls.ARRAYS is not None and cls.ARRAYS not in header and len(frames) > 1:
             raise ProtocolError(f"{cls.TYPE}: data frames without array descriptions")
-        return cls(**kwargs)
+        msg = cls(**kwargs)
+        msg.check()
+        return msg
 
     def _arrays(self, cls, specs, data: list) -> dict:
         if not isinstance(specs, list) or len(specs) != len(data):
