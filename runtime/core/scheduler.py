@@ -15,7 +15,10 @@ Rules:
 - every task is answered exactly once: late results of re-run or finished tasks are dropped;
 - under a launcher that tracks nodes, workers come and go with them: ``WorkerAdded`` starts
   one (a ``per_node`` device's instance on a node that joined, or a device whose node is
-  back), ``WorkerGone`` re-runs its tasks elsewhere and leaves it "gone", not restarted.
+  back), ``WorkerGone`` re-runs its tasks elsewhere and leaves it "gone", not restarted;
+- a client that said hello with a keepalive and then stays silent past
+  ``CLIENT_SILENCE_FACTOR`` keepalives (at least ``CLIENT_SILENCE_FLOOR_S``) has its tasks
+  cancelled on ``Tick`` and is forgotten (``ForgetClient``); a goodbye does the same at once.
 """
 from __future__ import annotations
 
@@ -42,6 +45,8 @@ BREAKER_KINDS = frozenset(["device"])  # only real device faults open a breaker
 EWMA = 0.3
 MAX_RESTART_BACKOFF_S = 30.0
 STABLE_AFTER_S = 30.0  # a worker up this long has its restart backoff reset
+CLIENT_SILENCE_FACTOR = 5  # missed keepalives before a client counts as gone
+CLIENT_SILENCE_FLOOR_S = 2.0  # however often it promised to ping: a GC pause is not a death
 
 
 # ---- events ------------------------------------------------------------------------------
@@ -107,6 +112,7 @@ class TaskSubmitted:
     timeout_s: float | None = None
     generate: bool = False  # a generation: tokens stream back and a failover continues them
     stream: bool = False  # the caller wants the tokens as they come, not only the completion
+    client: Any = None  # who submitted it (opaque): its tasks end when it says bye or vanishes
 
 
 @dataclass
@@ -142,6 +148,29 @@ class TaskFailed:
 @dataclass
 class TaskCancelled:
     key: Any
+
+
+@dataclass
+class ClientHello:
+    """A client connected; it promised to send something every ``keepalive_s`` (None: it
+    promised nothing, so its silence is never held against it)."""
+
+    client: Any
+    keepalive_s: float | None = None
+
+
+@dataclass
+class ClientHeard:
+    """Any message from a client: it is still there."""
+
+    client: Any
+
+
+@dataclass
+class ClientBye:
+    """A client closed normally: its unfinished tasks are cancelled, quietly."""
+
+    client: Any
 
 
 @dataclass
@@ -206,6 +235,17 @@ class StreamChunk:
 class Reject:
     key: Any
     error: FanoutError
+
+
+@dataclass
+class ForgetClient:
+    """A client is gone (it said bye, or went silent); its unfinished tasks were cancelled.
+    It must say hello again to be known."""
+
+    client: Any
+    reason: str
+    cancelled: int  # how many of its tasks were still unanswered
+    goodbye: bool = False  # it closed normally: nothing to warn about
 
 
 # ---- state -------------------------------------------------------------------------------
@@ -293,6 +333,14 @@ class WorkerView:
 
 
 @dataclass
+class ClientView:
+    """A client that said hello."""
+
+    silence_limit_s: float | None  # None: it promised no keepalives
+    last_heard: float
+
+
+@dataclass
 class Generation:
     """What a generation has produced so far, over all its attempts."""
 
@@ -314,11 +362,12 @@ class Task:
     running: tuple[str, int] | None = None  # (device, attempt)
     finished: bool = False
     generation: Generation | None = None
+    client: Any = None
 
 
 Event = (WorkerRegistered | ModelStateChanged | WorkerHeartbeat | WorkerExited | WorkerAdded
          | WorkerGone | TaskSubmitted | TaskTokens | TaskSucceeded | TaskFailed | TaskCancelled
-         | Tick)
+         | ClientHello | ClientHeard | ClientBye | Tick)
 
 
 class SchedulerState:
@@ -347,6 +396,8 @@ class SchedulerState:
         self.queue: collections.deque[Task] = collections.deque()
         self.queued_models: collections.Counter[str] = collections.Counter()  # of self.queue
         self.tasks: dict[Any, Task] = {}  # every unanswered task
+        self.clients: dict[Any, ClientView] = {}  # those that said hello
+        self.client_tasks: dict[Any, dict[Any, Task]] = {}  # client -> its unanswered tasks
         self._attempt_ids = itertools.count(1)
         self.counters: collections.Counter[str] = collections.Counter()
 
@@ -509,9 +560,9 @@ class SchedulerState:
             return
         timeout = ev.timeout_s if ev.timeout_s and ev.timeout_s > 0 else self.sc.task_timeout_s
         task = Task(ev.key, ev.model, ev.payload, self.clock() + timeout, timeout,
-                    generation=Generation(ev.stream) if ev.generate else None)
+                    generation=Generation(ev.stream) if ev.generate else None, client=ev.client)
         if self._hopeless(task):  # says more than Overloaded would, so it is checked first
-            self.tasks[ev.key] = task
+            self._accept(task)
             self._fail(task, actions)
             return
         if len(self.queue) >= self.sc.max_queue:
@@ -520,7 +571,7 @@ class SchedulerState:
                 f"queue is full ({self.sc.max_queue} tasks waiting); retry later or raise "
                 f"scheduler.max_queue")))
             return
-        self.tasks[ev.key] = task
+        self._accept(task)
         self.counters["submitted"] += 1
         self.queue.append(task)
         self.queued_models[task.model] += 1
@@ -606,9 +657,50 @@ class SchedulerState:
             return
         self._abandon(task, actions, Cancelled("cancelled by the caller", task.attempts))
 
+    # -- clients --
+
+    @_on.register
+    def _on_ClientHello(self, ev: ClientHello, actions: list) -> None:
+        limit = None
+        if ev.keepalive_s is not None and ev.keepalive_s > 0:
+            limit = max(CLIENT_SILENCE_FACTOR * ev.keepalive_s, CLIENT_SILENCE_FLOOR_S)
+        self.clients[ev.client] = ClientView(limit, self.clock())
+
+    @_on.register
+    def _on_ClientHeard(self, ev: ClientHeard, actions: list) -> None:
+        view = self.clients.get(ev.client)
+        if view is not None:
+            view.last_heard = self.clock()
+
+    @_on.register
+    def _on_ClientBye(self, ev: ClientBye, actions: list) -> None:
+        known = self.clients.pop(ev.client, None) is not None
+        cancelled = self._cancel_client(ev.client, "the client closed its connection", actions)
+        if known or cancelled:
+            actions.append(ForgetClient(ev.client, "said goodbye", cancelled, goodbye=True))
+
+    def _forget_silent_clients(self, now: float, actions: list) -> None:
+        silent = [(c, v) for c, v in self.clients.items() if v.silence_limit_s is not None
+                  and now - v.last_heard > v.silence_limit_s]
+        for client, view in silent:
+            del self.clients[client]
+            why = (f"went silent for {now - view.last_heard:.1f} s (more than "
+                   f"{view.silence_limit_s:g} s)")
+            cancelled = self._cancel_client(client, f"the client {why}", actions)
+            actions.append(ForgetClient(client, why, cancelled))
+
+    def _cancel_client(self, client: Any, why: str, actions: list) -> int:
+        tasks = list(self.client_tasks.get(client, {}).values())  # in the order submitted
+        for task in tasks:
+            self._abandon(task, actions, Cancelled(why, task.attempts))
+        return len(tasks)
+
+    # -- time --
+
     @_on.register
     def _on_Tick(self, ev: Tick, actions: list) -> None:
         now = self.clock()
+        self._forget_silent_clients(now, actions)
         heard = now if ev.heard_all_until is None else min(now, ev.heard_all_until)
         for view in self.workers.values():
             if view.state == "lost" and view.restart_at is not None and now >= view.restart_at:
@@ -650,9 +742,19 @@ class SchedulerState:
             task.running = None
         return view, task
 
+    def _accept(self, task: Task) -> None:
+        self.tasks[task.key] = task
+        if task.client is not None:
+            self.client_tasks.setdefault(task.client, {})[task.key] = task
+
     def _finish(self, task: Task) -> None:
         task.finished = True
         self.tasks.pop(task.key, None)
+        own = self.client_tasks.get(task.client)
+        if own is not None:
+            own.pop(task.key, None)
+            if not own:
+                del self.client_tasks[task.client]
 
     def _abandon(self, task: Task, actions: list, error: FanoutError) -> None:
         """Answer a task that will not complete (cancel, deadline) and stop its run."""
@@ -833,7 +935,8 @@ class SchedulerState:
             s.state != "loading" for s in v.models.values()) for v in self.workers.values())
 
     def validate(self) -> None:
-        """Invariants, for tests: capacity honoured, no task both queued and running."""
+        """Invariants, for tests: capacity honoured, no task both queued and running, every
+        client's tasks indexed under it."""
         for v in self.workers.values():
             assert len(v.in_flight) <= v.capacity, (v.device, len(v.in_flight), v.capacity)
         for t in self.queue:
@@ -843,3 +946,6 @@ class SchedulerState:
         assert nonzero == dict(counted), (self.queued_models, counted)
         for t in self.tasks.values():
             assert not t.finished
+        indexed = {k: t for own in self.client_tasks.values() for k, t in own.items()}
+        assert indexed == {k: t for k, t in self.tasks.items() if t.client is not None}
+        assert all(self.client_tasks.values()), "a client with no tasks is left indexed"

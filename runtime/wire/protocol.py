@@ -68,6 +68,13 @@ class KeepAlive(Message):
 
 
 @message
+class Bye(Message):
+    """The client closes: the scheduler cancels its unfinished tasks and forgets it."""
+
+    TYPE = "bye"
+
+
+@message
 class Welcome(Message):
     TYPE = "welcome"
     version: int
@@ -284,8 +291,8 @@ class Stop(Message):
 
 MODEL_STATES = ("loading", "ready", "unavailable")  # of a model on a worker, as it reports
 
-CLIENT_TO_SCHEDULER = frozenset([Hello, KeepAlive, Submit, Generate, Cancel, StatusRequest,
-                                 Shutdown])
+CLIENT_TO_SCHEDULER = frozenset([Hello, KeepAlive, Bye, Submit, Generate, Cancel,
+                                 StatusRequest, Shutdown])
 SCHEDULER_TO_CLIENT = frozenset([Welcome, Result, Chunk, Completion, Failure, Reply])
 WORKER_TO_SCHEDULER = frozenset([Register, ModelState, Heartbeat, Done, Tokens, Generated,
                                  Failed])
