@@ -41,6 +41,7 @@ from ..env import setup_logging
 from ..errors import ClusterUnavailable
 from ..frontdoors.client import Client
 from ..shells.scheduler_process import SchedulerProcess
+from ..shells.supervisor import Supervisor
 from ..shells.worker_process import WorkerProcess
 from ..wire.security import generate_keys
 from .handle import ClusterHandle
@@ -165,7 +166,7 @@ class DeviceWorker:
         return WorkerProcess(cfg, device, epoch, scheduler, node=node_label()).run()
 
 
-class RaySupervisor:
+class RaySupervisor(Supervisor):
     """``LocalSupervisor``'s interface over Ray actors, one per device, owned by the scheduler,
     plus node membership: workers added and gone as Ray nodes join and leave."""
 
@@ -251,8 +252,7 @@ class RaySupervisor:
         """No node's discovery is still running (until then the cluster is not ready)."""
         return not self._probes and not self._unprobed
 
-    def membership(self) -> list:
-        """``WorkerAdded``/``WorkerGone`` events since the last call."""
+    def node_events(self) -> list:
         if time.monotonic() - self._last_nodes >= NODE_POLL_S:
             self._refresh_nodes()
         if self._probes:

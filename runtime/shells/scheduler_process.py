@@ -29,7 +29,7 @@ from ..env import setup_logging
 from ..errors import ClusterUnavailable, ProtocolError, Unauthorized
 from ..wire import protocol as p
 from ..wire.security import Gate
-from .supervisor import LocalSupervisor
+from .supervisor import LocalSupervisor, Supervisor
 
 log = logging.getLogger("fanout.scheduler")
 TICK_S = 0.05
@@ -46,7 +46,7 @@ class SchedulerProcess:
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
                  on_change: Callable[[SchedulerProcess, object], None] | None = None,
-                 supervisor_factory=LocalSupervisor):
+                 supervisor_factory: Callable[[str, str], Supervisor] = LocalSupervisor):
         self.config = config
         sc = config.scheduler
         self.clock = clock
@@ -73,8 +73,7 @@ class SchedulerProcess:
         config_file.write_text(json.dumps(config_to_dict(config)))
         self.supervisor = supervisor_factory(self.worker_address, str(config_file))
         # A supervisor that tracks nodes (Ray) adds and removes workers as nodes come and go.
-        self.state = s.SchedulerState(config, clock,
-                                      track_nodes=getattr(self.supervisor, "tracks_nodes", False))
+        self.state = s.SchedulerState(config, clock, track_nodes=self.supervisor.tracks_nodes)
         self._stopping = False
         self._last_ping = 0.0
         self.started = time.time()
@@ -103,7 +102,7 @@ class SchedulerProcess:
 
     def serve(self, watch_parent: int | None = None) -> None:
         self._execute(self.state.start())
-        self._feed(*self._membership())
+        self._feed(*self.supervisor.node_events())
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
@@ -120,7 +119,7 @@ class SchedulerProcess:
                 if now - last_tick >= TICK_S:
                     last_tick = now
                     events: list = [s.WorkerExited(d, e, r) for d, e, r in self.supervisor.poll()]
-                    events += self._membership()
+                    events += self.supervisor.node_events()
                     self._feed(*events, s.Tick(heard_all_until))
                     self._ping_workers(now)
                     if watch_parent is not None and os.getppid() != watch_parent:
@@ -150,11 +149,6 @@ class SchedulerProcess:
             for ev in events:
                 if not isinstance(ev, (s.Tick, s.ClientHeard)):
                     self.on_change(self, ev)
-
-    def _membership(self) -> list:
-        """Workers added and gone as nodes join and leave (only a node-tracking supervisor)."""
-        membership = getattr(self.supervisor, "membership", None)
-        return membership() if membership is not None else []
 
     def _ping_workers(self, now: float) -> None:
         if now - self._last_ping < self.config.scheduler.heartbeat_interval_s:
@@ -223,7 +217,7 @@ class SchedulerProcess:
         return {"address": self.address, "worker_address": self.worker_address,
                 "pid": os.getpid(), "node": socket.gethostname(), "launcher": "local",
                 "started": self.started,
-                "ready": self.state.ready() and getattr(self.supervisor, "settled", True),
+                "ready": self.state.ready() and self.supervisor.settled,
                 "max_message_bytes": self.config.scheduler.max_message_bytes,
                 "models": sorted(self.state.orders)}
 
