@@ -182,6 +182,30 @@ def test_a_fake_worker_with_an_unknown_device_is_refused(cluster):
     assert {w["device"] for w in cluster.status()["workers"]} == {"npu0", "cpu0"}
 
 
+def test_a_worker_registration_with_a_malformed_model_entry_is_refused_and_changes_nothing(
+        cluster):
+    before = worker(cluster.status(), "cpu0")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.setsockopt(zmq.IDENTITY, f"cpu0:{uuid.uuid4().hex}".encode())
+    sock.connect(cluster.status()["cluster"]["worker_address"])
+    try:
+        sock.send_multipart(p.encode(p.Register(  # the live worker's epoch: it would count
+            version=p.PROTOCOL_VERSION, device="cpu0", epoch=before["epoch"], pid=1, node="x",
+            models={"minilm": {"state": "ready", "load_s": "fast"}})))
+        reply = p.Decoder(p.SCHEDULER_TO_WORKER, 1 << 20).decode(sock.recv_multipart())
+    finally:
+        sock.close()
+        ctx.term()
+    assert reply.error.kind == "protocol"
+    assert "register.models.minilm.load_s: expected float, got str" in reply.error.message
+    after = worker(cluster.status(), "cpu0")
+    assert (after["state"], after["pid"], after["epoch"]) == ("up", before["pid"],
+                                                              before["epoch"])
+
+
 def test_a_cluster_with_a_token_refuses_clients_without_it(clusters):
     cluster = clusters.start("""
         scheduler: {token: "s3cret-token"}

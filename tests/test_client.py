@@ -10,7 +10,7 @@ import pytest
 import runtime
 from runtime.errors import ClusterUnavailable, FanoutError, InvalidInput
 
-from .conftest import sentences, wait_for
+from .conftest import sentences, wait_for, worker
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +140,30 @@ def test_ctrl_c_during_a_sync_map_cancels_its_tasks_and_the_client_goes_on(modul
     assert client.infer("minilm", sentences(1)[0]).device == "cpu0"
     client.close()
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+def test_closing_a_client_says_goodbye_and_its_unfinished_tasks_end_at_once_quietly(
+        clusters, capfd, monkeypatch):
+    monkeypatch.setenv("FANOUT_LOG", "DEBUG")  # the scheduler then logs the goodbye it heard
+    cluster = clusters.start("""
+        devices:
+          - {name: cpu0, kind: cpu, backend: onnxruntime, capacity: 1, faults: {hang_s: 1.0}}
+        models:
+          - {name: minilm, source: "packaged:minilm"}
+    """)
+    client = runtime.connect(cluster.address)
+    futures = [client.submit("minilm", x) for x in sentences(4)]
+    wait_for(lambda: worker(cluster.status(), "cpu0")["in_flight"] == 1, what="a task to run")
+    client.close()
+    log: list[str] = []
+    wait_for(lambda: log.append(capfd.readouterr().err) or "said goodbye" in "".join(log),
+             timeout=3.0, what="the scheduler to hear the goodbye")  # silence would take 5 s
+    text = "".join(log)
+    assert "said goodbye (4 unfinished tasks cancelled)" in text
+    assert "went silent" not in text and " WARNING " not in text
+    status = wait_for(lambda: (s := cluster.status())["unanswered"] == 0 and s, timeout=3.0,
+                      what="the goodbye's cancels to be counted")
+    assert status["counters"]["cancelled"] == 4
+    for future in futures:
+        with pytest.raises(ClusterUnavailable, match="client was closed"):
+            future.result(timeout=1)

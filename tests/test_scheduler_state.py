@@ -6,6 +6,7 @@ still owes must be exactly those the test never saw answered, and none was answe
 """
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +15,13 @@ import pytest
 from runtime.config.schema import Config, DeviceConfig, ModelConfig, SchedulerConfig
 from runtime.core.scheduler import (
     CancelAttempt,
+    ClientBye,
+    ClientHeard,
+    ClientHello,
     Deliver,
     Dispatch,
+    Event,
+    ForgetClient,
     KillWorker,
     ModelStateChanged,
     Reject,
@@ -129,12 +135,14 @@ class Harness:
         self.clock.advance(advance)
         return self.handle(Tick())
 
-    def submit(self, key: Any, name: str = "m", timeout_s: float | None = None) -> list:
+    def submit(self, key: Any, name: str = "m", timeout_s: float | None = None,
+               client: Any = None) -> list:
         duplicate = key in self.pending
         self.pending.add(key)
         self._refusing = key if duplicate else None
         try:
-            return self.handle(TaskSubmitted(key, name, payload=key, timeout_s=timeout_s))
+            return self.handle(TaskSubmitted(key, name, payload=key, timeout_s=timeout_s,
+                                             client=client))
         finally:
             self._refusing = None
 
@@ -855,6 +863,139 @@ def test_cancelling_an_unknown_or_answered_task_does_nothing(h):
     h.succeed("t1")
     assert h.cancel("t1") == []
     assert h.cancel("never") == []
+
+
+# ---- clients -------------------------------------------------------------------------------
+
+def test_a_client_silent_past_five_keepalives_has_its_tasks_cancelled_and_is_forgotten(h):
+    h.handle(ClientHello("c1", keepalive_s=1.0))
+    h.submit("running", client="c1", timeout_s=100.0)
+    h.submit("queued", client="c1", timeout_s=100.0)
+    h.submit("waiting", client="c1", timeout_s=100.0)
+    h.heartbeat("npu0", "cpu0")
+    h.clock.advance(5.0)
+    h.heartbeat("npu0", "cpu0")
+    assert h.tick() == []  # five keepalives missed: not yet more than five
+    h.clock.advance(0.1)
+    actions = h.tick()
+    assert actions[-1] == ForgetClient("c1", "went silent for 5.1 s (more than 5 s)", 3)
+    rejects = of(Reject, actions)
+    assert [r.key for r in rejects] == ["running", "queued", "waiting"]  # in submission order
+    assert all(isinstance(r.error, Cancelled) and "went silent" in r.error.message
+               for r in rejects)
+    assert len(of(CancelAttempt, actions)) == 3  # all three ran (npu0: 1 slot, cpu0: 2)
+    assert "c1" not in h.state.clients and h.state.client_tasks == {}
+    assert of(ForgetClient, h.tick(10.0)) == []  # forgotten once
+
+
+def test_a_client_heard_within_its_limit_keeps_its_tasks(h):
+    h.handle(ClientHello("c1", keepalive_s=1.0))
+    h.submit("t1", client="c1", timeout_s=100.0)
+    for _ in range(20):
+        h.clock.advance(1.0)
+        h.heartbeat("npu0", "cpu0")
+        h.handle(ClientHeard("c1"))
+        assert of(ForgetClient, h.tick()) == []
+    h.succeed("t1")
+
+
+def test_the_silence_limit_is_at_least_the_floor_however_often_a_client_pings(make):
+    h = make()
+    h.handle(ClientHello("fast", keepalive_s=0.01))  # five of them: 0.05 s
+    assert h.tick(1.9) == []
+    (forget,) = h.tick(0.2)
+    assert forget.client == "fast" and "more than 2 s" in forget.reason
+
+
+def test_a_client_that_promised_no_keepalives_is_never_forgotten_for_silence(make):
+    h = make()
+    h.up()
+    h.handle(ClientHello("quiet", keepalive_s=None), ClientHello("zero", keepalive_s=0))
+    h.submit("t1", client="quiet", timeout_s=7200.0)
+    h.heartbeat("npu0", "cpu0")
+    h.clock.advance(3600.0)
+    h.heartbeat("npu0", "cpu0")
+    assert h.tick() == []
+    assert set(h.state.clients) == {"quiet", "zero"}
+    h.succeed("t1")
+
+
+def test_a_goodbye_cancels_the_clients_unfinished_tasks_at_once_and_quietly(make):
+    h = make(models=[model("m", "npu0")])
+    h.up()
+    h.handle(ClientHello("c1", keepalive_s=1.0))
+    h.submit("running", client="c1")
+    h.submit("queued", client="c1")
+    run = h.dispatch_of("running")
+    actions = h.handle(ClientBye("c1"))
+    assert actions[0] == CancelAttempt("npu0", 1, run.attempt)
+    assert [r.key for r in of(Reject, actions)] == ["running", "queued"]
+    assert all(isinstance(r.error, Cancelled) for r in of(Reject, actions))
+    assert actions[-1] == ForgetClient("c1", "said goodbye", 2, goodbye=True)
+    assert h.in_flight("npu0") == 1  # the slot stays held until the worker confirms
+    assert h.fail("running", "cancelled", "cancelled") == []
+    assert h.in_flight("npu0") == 0 and not h.state.queue
+    assert of(ForgetClient, h.tick(60.0)) == []  # no silence to notice later
+
+
+def test_one_clients_goodbye_leaves_the_other_clients_tasks_running(h):
+    h.handle(ClientHello("c1", 1.0), ClientHello("c2", 1.0))
+    h.submit("mine", client="c1")
+    h.submit("theirs", client="c2")
+    h.submit("anonymous")  # a client that never said hello: indexed all the same
+    assert [r.key for r in of(Reject, h.handle(ClientBye("c1")))] == ["mine"]
+    assert set(h.state.tasks) == {"theirs", "anonymous"}
+    assert set(h.state.clients) == {"c2"}
+    h.succeed("theirs")
+    h.succeed("anonymous")
+
+
+def test_a_goodbye_from_a_client_that_never_said_hello_cancels_its_tasks(h):
+    h.submit("t1", client="raw")
+    actions = h.handle(ClientBye("raw"))
+    assert [r.key for r in of(Reject, actions)] == ["t1"]
+    assert actions[-1] == ForgetClient("raw", "said goodbye", 1, goodbye=True)
+    assert h.handle(ClientBye("raw"), ClientBye("stranger")) == []  # nothing left to end
+
+
+def test_a_forgotten_client_is_not_watched_again_until_it_says_hello(make):
+    h = make()
+    h.handle(ClientHello("c1", 1.0))
+    assert of(ForgetClient, h.tick(6.0))
+    h.handle(ClientHeard("c1"))  # it was only stalled, but it is a stranger now
+    assert "c1" not in h.state.clients
+    h.handle(ClientHello("c1", 1.0))
+    assert h.tick(5.0) == [] and of(ForgetClient, h.tick(0.1))
+
+
+def test_a_task_answered_normally_leaves_its_clients_index(h):
+    h.handle(ClientHello("c1", 1.0))
+    h.submit("t1", client="c1")
+    h.submit("t2", client="c1")
+    h.succeed("t1")
+    assert list(h.state.client_tasks["c1"]) == ["t2"]
+    h.cancel("t2")
+    assert h.state.client_tasks == {}
+    assert h.handle(ClientBye("c1")) == [ForgetClient("c1", "said goodbye", 0, goodbye=True)]
+
+
+# ---- events --------------------------------------------------------------------------------
+
+def test_an_event_the_scheduler_has_no_handler_for_fails_loudly(h):
+    @dataclass
+    class WorkerRegistred:  # a misspelt event
+        device: str
+
+    with pytest.raises(TypeError, match="no handler for WorkerRegistred"):
+        h.state.handle(WorkerRegistred("npu0"))
+
+
+def test_every_event_type_has_its_own_handler():
+    """``Event`` is what ``handle`` accepts (mypy holds the shells to it); each has a handler."""
+    registry = vars(SchedulerState)["_on"].dispatcher.registry
+    events = typing.get_args(Event)
+    missing = [event.__name__ for event in events if event not in registry]
+    assert not missing, f"events without a handler: {missing}"
 
 
 # ---- max_attempts --------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from runtime.wire.status import (
 SAMPLES = [
     p.Hello(version=p.PROTOCOL_VERSION, role="client", token="t", keepalive_s=1.0),
     p.KeepAlive(),
+    p.Bye(),
     p.Welcome(version=p.PROTOCOL_VERSION, cluster=ClusterInfo("tcp://h:1", models=("m",))),
     p.Submit(task_id="t1", model="m", inputs={"x": np.arange(4, dtype=np.int64)}),
     p.Generate(task_id="t2", model="m", request={"prompt": "hi"}, stream=True),

@@ -15,12 +15,16 @@ Rules:
 - every task is answered exactly once: late results of re-run or finished tasks are dropped;
 - under a launcher that tracks nodes, workers come and go with them: ``WorkerAdded`` starts
   one (a ``per_node`` device's instance on a node that joined, or a device whose node is
-  back), ``WorkerGone`` re-runs its tasks elsewhere and leaves it "gone", not restarted.
+  back), ``WorkerGone`` re-runs its tasks elsewhere and leaves it "gone", not restarted;
+- a client that said hello with a keepalive and then stays silent past
+  ``CLIENT_SILENCE_FACTOR`` keepalives (at least ``CLIENT_SILENCE_FLOOR_S``) has its tasks
+  cancelled on ``Tick`` and is forgotten (``ForgetClient``); a goodbye does the same at once.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +60,8 @@ from . import placement
 EWMA = 0.3
 MAX_RESTART_BACKOFF_S = 30.0
 STABLE_AFTER_S = 30.0  # a worker up this long has its restart backoff reset
+CLIENT_SILENCE_FACTOR = 5  # missed keepalives before a client counts as gone
+CLIENT_SILENCE_FLOOR_S = 2.0  # however often it promised to ping: a GC pause is not a death
 
 
 # ---- events ------------------------------------------------------------------------------
@@ -118,6 +124,7 @@ class TaskSubmitted:
     timeout_s: float | None = None
     generate: bool = False  # a generation: tokens stream back and a failover continues them
     stream: bool = False  # the caller wants the tokens as they come, not only the completion
+    client: Any = None  # who submitted it (opaque): its tasks end when it says bye or vanishes
 
 
 @dataclass
@@ -153,6 +160,29 @@ class TaskFailed:
 @dataclass
 class TaskCancelled:
     key: Any
+
+
+@dataclass
+class ClientHello:
+    """A client connected; it promised to send something every ``keepalive_s`` (None: it
+    promised nothing, so its silence is never held against it)."""
+
+    client: Any
+    keepalive_s: float | None = None
+
+
+@dataclass
+class ClientHeard:
+    """Any message from a client: it is still there."""
+
+    client: Any
+
+
+@dataclass
+class ClientBye:
+    """A client closed normally: its unfinished tasks are cancelled, quietly."""
+
+    client: Any
 
 
 @dataclass
@@ -217,6 +247,17 @@ class StreamChunk:
 class Reject:
     key: Any
     error: FanoutError
+
+
+@dataclass
+class ForgetClient:
+    """A client is gone (it said bye, or went silent); its unfinished tasks were cancelled.
+    It must say hello again to be known."""
+
+    client: Any
+    reason: str
+    cancelled: int  # how many of its tasks were still unanswered
+    goodbye: bool = False  # it closed normally: nothing to warn about
 
 
 # ---- state -------------------------------------------------------------------------------
@@ -286,6 +327,14 @@ class WorkerView:
 
 
 @dataclass
+class ClientView:
+    """A client that said hello."""
+
+    silence_limit_s: float | None  # None: it promised no keepalives
+    last_heard: float
+
+
+@dataclass
 class Generation:
     """What a generation has produced so far, over all its attempts."""
 
@@ -307,6 +356,12 @@ class Task:
     running: tuple[str, int] | None = None  # (device, attempt)
     finished: bool = False
     generation: Generation | None = None
+    client: Any = None
+
+
+Event = (WorkerRegistered | ModelStateChanged | WorkerHeartbeat | WorkerExited | WorkerAdded
+         | WorkerGone | TaskSubmitted | TaskTokens | TaskSucceeded | TaskFailed | TaskCancelled
+         | ClientHello | ClientHeard | ClientBye | Tick)
 
 
 class SchedulerState:
@@ -335,6 +390,8 @@ class SchedulerState:
         self.queue: collections.deque[Task] = collections.deque()
         self.queued_models: collections.Counter[str] = collections.Counter()  # of self.queue
         self.tasks: dict[Any, Task] = {}  # every unanswered task
+        self.clients: dict[Any, ClientView] = {}  # those that said hello
+        self.client_tasks: dict[Any, dict[Any, Task]] = {}  # client -> its unanswered tasks
         self._attempt_ids = itertools.count(1)
         self.counters: collections.Counter[str] = collections.Counter()
 
@@ -357,13 +414,19 @@ class SchedulerState:
             actions.append(self._start_worker(view, now))
         return actions
 
-    def handle(self, *events) -> list:
+    def handle(self, *events: Event) -> list:
         actions: list = []
         for event in events:
-            handler = getattr(self, "_on_" + type(event).__name__)
-            handler(event, actions)
+            self._handler(type(event))(self, event, actions)
         self._place(actions)
         return actions
+
+    @functools.singledispatchmethod
+    def _on(self, event: object, actions: list) -> None:
+        raise TypeError(f"the scheduler has no handler for {type(event).__name__}: {event!r:.200}")
+
+    # Looked up by type directly: self._on(...) builds a bound method per call, ~1 us an event.
+    _handler = staticmethod(_on.dispatcher.dispatch)
 
     # -- worker lifecycle --
 
@@ -383,10 +446,13 @@ class SchedulerState:
             return None  # a message from an old incarnation of the worker
         return view
 
+    @_on.register
     def _on_WorkerRegistered(self, ev: WorkerRegistered, actions: list) -> None:
         view = self._current(ev.device, ev.epoch)
         if view is None:
             return
+        # The entries are ModelLoad records the wire decoder checked whole: nothing here can
+        # fail half-way through, with the worker half up.
         now = self.clock()
         view.state, view.pid, view.node = "up", ev.pid, ev.node
         view.up_since = view.last_seen = now
@@ -394,6 +460,7 @@ class SchedulerState:
             if model in view.models:
                 self._set_model(view, model, load, actions)
 
+    @_on.register
     def _on_ModelStateChanged(self, ev: ModelStateChanged, actions: list) -> None:
         view = self._current(ev.device, ev.epoch)
         if view is None or ev.model not in view.models:
@@ -406,17 +473,20 @@ class SchedulerState:
         if load.state == "unavailable":
             self._reject_hopeless(model, actions)
 
+    @_on.register
     def _on_WorkerHeartbeat(self, ev: WorkerHeartbeat, actions: list) -> None:
         view = self._current(ev.device, ev.epoch)
         if view is not None:
             view.last_seen = self.clock()
             view.peak_running = max(view.peak_running, ev.peak_running)
 
+    @_on.register
     def _on_WorkerExited(self, ev: WorkerExited, actions: list) -> None:
         view = self._current(ev.device, ev.epoch)
         if view is not None:
             self._lose_worker(view, f"worker process exited ({ev.reason})", actions, kill=False)
 
+    @_on.register
     def _on_WorkerAdded(self, ev: WorkerAdded, actions: list) -> None:
         view = self.workers.get(ev.device)
         if view is None:
@@ -432,6 +502,7 @@ class SchedulerState:
         view.node = ev.node or view.node
         actions.append(self._start_worker(view, self.clock()))
 
+    @_on.register
     def _on_WorkerGone(self, ev: WorkerGone, actions: list) -> None:
         view = self.workers.get(ev.device)
         if view is None or view.state == "gone":
@@ -469,6 +540,7 @@ class SchedulerState:
 
     # -- tasks --
 
+    @_on.register
     def _on_TaskSubmitted(self, ev: TaskSubmitted, actions: list) -> None:
         order = self.orders.get(ev.model)
         if order is None:
@@ -481,9 +553,9 @@ class SchedulerState:
             return
         timeout = ev.timeout_s if ev.timeout_s and ev.timeout_s > 0 else self.sc.task_timeout_s
         task = Task(ev.key, ev.model, ev.payload, self.clock() + timeout, timeout,
-                    generation=Generation(ev.stream) if ev.generate else None)
+                    generation=Generation(ev.stream) if ev.generate else None, client=ev.client)
         if self._hopeless(task):  # says more than Overloaded would, so it is checked first
-            self.tasks[ev.key] = task
+            self._accept(task)
             self._fail(task, actions)
             return
         if len(self.queue) >= self.sc.max_queue:
@@ -492,11 +564,12 @@ class SchedulerState:
                 f"queue is full ({self.sc.max_queue} tasks waiting); retry later or raise "
                 f"scheduler.max_queue")))
             return
-        self.tasks[ev.key] = task
+        self._accept(task)
         self.counters["submitted"] += 1
         self.queue.append(task)
         self.queued_models[task.model] += 1
 
+    @_on.register
     def _on_TaskSucceeded(self, ev: TaskSucceeded, actions: list) -> None:
         view, task = self._finish_attempt(ev.device, ev.epoch, ev.attempt)
         if view is None:
@@ -517,6 +590,7 @@ class SchedulerState:
                                self._with_skipped(task, before=view.device), ev.service_s,
                                task.generation))
 
+    @_on.register
     def _on_TaskTokens(self, ev: TaskTokens, actions: list) -> None:
         view = self._current(ev.device, ev.epoch)
         if view is None:
@@ -537,6 +611,7 @@ class SchedulerState:
         if gen.stream and (ev.text or moved):
             actions.append(StreamChunk(task.key, ev.text, ev.device, moved))
 
+    @_on.register
     def _on_TaskFailed(self, ev: TaskFailed, actions: list) -> None:
         view, task = self._finish_attempt(ev.device, ev.epoch, ev.attempt)
         if view is None or task is None:
@@ -569,14 +644,57 @@ class SchedulerState:
             slot.failed_over += 1
         self._retry_or_fail(task, actions)
 
+    @_on.register
     def _on_TaskCancelled(self, ev: TaskCancelled, actions: list) -> None:
         task = self.tasks.get(ev.key)
         if task is None:
             return
         self._abandon(task, actions, Cancelled("cancelled by the caller", task.attempts))
 
+    # -- clients --
+
+    @_on.register
+    def _on_ClientHello(self, ev: ClientHello, actions: list) -> None:
+        limit = None
+        if ev.keepalive_s is not None and ev.keepalive_s > 0:
+            limit = max(CLIENT_SILENCE_FACTOR * ev.keepalive_s, CLIENT_SILENCE_FLOOR_S)
+        self.clients[ev.client] = ClientView(limit, self.clock())
+
+    @_on.register
+    def _on_ClientHeard(self, ev: ClientHeard, actions: list) -> None:
+        view = self.clients.get(ev.client)
+        if view is not None:
+            view.last_heard = self.clock()
+
+    @_on.register
+    def _on_ClientBye(self, ev: ClientBye, actions: list) -> None:
+        known = self.clients.pop(ev.client, None) is not None
+        cancelled = self._cancel_client(ev.client, "the client closed its connection", actions)
+        if known or cancelled:
+            actions.append(ForgetClient(ev.client, "said goodbye", cancelled, goodbye=True))
+
+    def _forget_silent_clients(self, now: float, actions: list) -> None:
+        silent = [(c, v) for c, v in self.clients.items() if v.silence_limit_s is not None
+                  and now - v.last_heard > v.silence_limit_s]
+        for client, view in silent:
+            del self.clients[client]
+            why = (f"went silent for {now - view.last_heard:.1f} s (more than "
+                   f"{view.silence_limit_s:g} s)")
+            cancelled = self._cancel_client(client, f"the client {why}", actions)
+            actions.append(ForgetClient(client, why, cancelled))
+
+    def _cancel_client(self, client: Any, why: str, actions: list) -> int:
+        tasks = list(self.client_tasks.get(client, {}).values())  # in the order submitted
+        for task in tasks:
+            self._abandon(task, actions, Cancelled(why, task.attempts))
+        return len(tasks)
+
+    # -- time --
+
+    @_on.register
     def _on_Tick(self, ev: Tick, actions: list) -> None:
         now = self.clock()
+        self._forget_silent_clients(now, actions)
         heard = now if ev.heard_all_until is None else min(now, ev.heard_all_until)
         for view in self.workers.values():
             if view.state == "lost" and view.restart_at is not None and now >= view.restart_at:
@@ -618,9 +736,19 @@ class SchedulerState:
             task.running = None
         return view, task
 
+    def _accept(self, task: Task) -> None:
+        self.tasks[task.key] = task
+        if task.client is not None:
+            self.client_tasks.setdefault(task.client, {})[task.key] = task
+
     def _finish(self, task: Task) -> None:
         task.finished = True
         self.tasks.pop(task.key, None)
+        own = self.client_tasks.get(task.client)
+        if own is not None:
+            own.pop(task.key, None)
+            if not own:
+                del self.client_tasks[task.client]
 
     def _abandon(self, task: Task, actions: list, error: FanoutError) -> None:
         """Answer a task that will not complete (cancel, deadline) and stop its run."""
@@ -799,7 +927,8 @@ class SchedulerState:
             s.state != "loading" for s in v.models.values()) for v in self.workers.values())
 
     def validate(self) -> None:
-        """Invariants, for tests: capacity honoured, no task both queued and running."""
+        """Invariants, for tests: capacity honoured, no task both queued and running, every
+        client's tasks indexed under it."""
         for v in self.workers.values():
             assert len(v.in_flight) <= v.capacity, (v.device, len(v.in_flight), v.capacity)
         for t in self.queue:
@@ -809,3 +938,6 @@ class SchedulerState:
         assert nonzero == dict(counted), (self.queued_models, counted)
         for t in self.tasks.values():
             assert not t.finished
+        indexed = {k: t for own in self.client_tasks.values() for k, t in own.items()}
+        assert indexed == {k: t for k, t in self.tasks.items() if t.client is not None}
+        assert all(self.client_tasks.values()), "a client with no tasks is left indexed"

@@ -48,6 +48,7 @@ log = logging.getLogger("fanout.client")
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 KEEPALIVE_S = 1.0  # how often a client says it is still there
 BAD_REPLY_LOG_S = 10.0  # at most one log line this often about replies that cannot be read
+BYE_LINGER_MS = 250  # how long closing may wait for the goodbye to leave
 
 
 @dataclass
@@ -139,6 +140,7 @@ class AsyncClient:
         self._hello: asyncio.Future | None = None
         self._handshakes: asyncio.Task | None = None
         self.cluster: ClusterInfo | None = None  # the scheduler's, once connected
+        self._welcomed = False
         self._closed = False
         self.unmatched = 0  # answers for tasks not waiting (late or duplicate): should stay 0
         self.unreadable = 0  # replies that could not be read: should stay 0
@@ -156,6 +158,7 @@ class AsyncClient:
         try:
             cluster: ClusterInfo = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
             self.cluster = cluster
+            self._welcomed = True
             await self._stop_watching_handshakes()
             self.max_message_bytes = min(self.max_message_bytes,
                                          cluster.max_message_bytes or 2**62)
@@ -434,9 +437,11 @@ class AsyncClient:
     async def close(self) -> None:
         if self._closed:
             return
-        # Tell the scheduler to stop our unfinished work, so it frees the slots at once.
-        for task_id in [*self._pending, *self._streams]:
-            await self._send_quietly(p.Cancel(task_id=task_id))
+        # Goodbye: the scheduler stops our unfinished work at once, frees its slots, and
+        # does not wait for our keepalives to stop before it forgets us.
+        said_bye = self._welcomed  # a client never welcomed has nothing to end
+        if said_bye:
+            await self._send_quietly(p.Bye())
         self._closed = True
         for fut in self._pending.values():
             if not fut.done():
@@ -453,7 +458,7 @@ class AsyncClient:
                 await self._reader
             except BaseException:
                 pass
-        self.sock.close(linger=0)
+        self.sock.close(linger=BYE_LINGER_MS if said_bye else 0)
         self.ctx.term()
 
 

@@ -10,10 +10,11 @@ reaches workers and clients through Ray, never through a file or argv.
 Ray restarts no actor itself (``max_restarts=0``): the scheduler already restarts a lost worker
 with a new epoch and a backoff, and Ray re-running the same incarnation would bypass both.
 
-Node membership: the supervisor watches Ray's node table. Each node that joins runs device
-discovery (a Ray task pinned to it) and gets one instance of every ``per_node`` device it can
-host; an instance whose node leaves is reported gone, not restarted. A device whose
-resources no live node has is gone too, until a node that has them joins.
+Node membership: the supervisor feeds Ray's node table and the answers of device discovery
+(a Ray task pinned to a node) to the pure ``core.membership.Membership``, and carries out what
+it decides: probes started and cancelled, workers added (an instance of every ``per_node``
+device a joining node can host) and gone (a node that left; a device whose resources no live
+node has, until one that has them joins).
 """
 from __future__ import annotations
 
@@ -36,11 +37,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from .. import env
 from ..config.loader import config_from_dict, load_cluster_section, load_config
 from ..config.schema import Config, CurveKeys, DeviceConfig, config_to_dict, instantiate
+from ..core import membership
 from ..core import scheduler as s
 from ..env import setup_logging
 from ..errors import ClusterUnavailable
 from ..frontdoors.client import Client
 from ..shells.scheduler_process import SchedulerProcess
+from ..shells.supervisor import Supervisor
 from ..shells.worker_process import WorkerProcess
 from ..wire.security import generate_keys
 from ..wire.status import ClusterInfo, Status
@@ -51,24 +54,17 @@ log = logging.getLogger("fanout.ray")
 NAMESPACE = "fanout"
 SCHEDULER_NAME = "fanout-scheduler"
 NODE_POLL_S = 1.0  # how often the supervisor reads Ray's node table
-DISCOVERY_TIMEOUT_S = 120.0
+DISCOVERY_TIMEOUT_S = membership.PROBE_TIMEOUT_S
 
 
 def node_label() -> str:
     """This Ray node as status shows it: its IP (shared by nodes on one host) and node id."""
-    return _label(ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id())
-
-
-def _label(ip: str, node_id: str) -> str:
-    return f"{_bracket(ip)}/{node_id[:8]}"
+    return membership.label_of(ray.util.get_node_ip_address(),
+                               ray.get_runtime_context().get_node_id())
 
 
 def _ip() -> str:
-    return _bracket(ray.util.get_node_ip_address())
-
-
-def _bracket(ip: str) -> str:
-    return f"[{ip}]" if ":" in ip else ip
+    return membership.bracket(ray.util.get_node_ip_address())
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -80,33 +76,6 @@ def _discover_here() -> list[dict]:
 
 def _pinned(node_id: str) -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(node_id, soft=False)
-
-
-def _fits(resources: dict[str, float], node: dict) -> bool:
-    """Whether a node's total resources cover a device's (CPU/GPU are Ray's own names)."""
-    have = node.get("Resources") or {}
-    return all(have.get(k, 0.0) >= v for k, v in resources.items())
-
-
-def _hosted(device: DeviceConfig, found: list[dict]) -> dict | None:
-    """The discovered device of a node that can host a per-node ``device``, or None.
-
-    A device named as discovery names it (``devices: auto``) needs that device; one listed by
-    hand needs a discovered device of its kind and backend (and OpenVINO device). A CPU device
-    on onnxruntime or OpenVINO needs nothing more than a node.
-    """
-    for d in found:
-        if d.get("name") == device.name and d.get("backend") == device.backend:
-            return d
-    for d in found:
-        if d.get("kind") != device.kind or d.get("backend") != device.backend:
-            continue
-        want = device.options.get("device")
-        if want is None or (d.get("options") or {}).get("device") == want:
-            return {}
-    if device.kind == "cpu" and device.backend in ("onnxruntime", "openvino"):
-        return {}
-    return None
 
 
 def discover_cluster(timeout: float = DISCOVERY_TIMEOUT_S) -> list[dict]:
@@ -166,9 +135,9 @@ class DeviceWorker:
         return WorkerProcess(cfg, device, epoch, scheduler, node=node_label()).run()
 
 
-class RaySupervisor:
-    """``LocalSupervisor``'s interface over Ray actors, one per device, owned by the scheduler,
-    plus node membership: workers added and gone as Ray nodes join and leave."""
+class RaySupervisor(Supervisor):
+    """Worker actors, one per device, owned by the scheduler; and node membership: Ray's node
+    table and discovery answers fed to ``Membership``, its decisions carried out."""
 
     tracks_nodes = True
 
@@ -177,21 +146,12 @@ class RaySupervisor:
         self.config = json.loads(Path(config_file).read_text())
         cfg = config_from_dict(self.config)
         self.devices = {d.name: d for d in cfg.devices}
-        # Per-node devices no model names would be idle workers on every node: left out.
-        used = {d for m in cfg.models for d in cfg.device_order(m.name)}
-        self.templates = {n: d for n, d in self.devices.items() if d.per_node and n in used}
         self.prefix = prefix
         self.actors: dict[str, tuple[int, Any, ray.ObjectRef]] = {}  # device -> (epoch, actor, run)
         self._exited: list[tuple[str, int, str]] = []
-        # membership
-        self.nodes: dict[str, dict] = {}  # live node id -> its row of ray.nodes()
-        self.instances: dict[str, tuple[str, str, int | None]] = {}  # name -> (template, node, cap)
-        self._found: dict[str, list[dict]] = {}  # node IP -> the devices discovery found there
-        # discovery in flight -> (node IP, the node it runs on, when it started)
-        self._probes: dict[ray.ObjectRef, tuple[str, str, float]] = {}
-        self._unprobed: dict[str, str] = {}  # node id -> IP, waiting for that IP's discovery
-        self._waiting: dict[str, str] = {}  # fixed device gone for want of a node -> why
-        self._events: list = []
+        self.members = membership.Membership(cfg, time.monotonic, DISCOVERY_TIMEOUT_S)
+        self._probes: dict[int, ray.ObjectRef] = {}  # discovery in flight, by probe id
+        self._events: list = []  # WorkerAdded/WorkerGone for the scheduler
         self._last_nodes = 0.0
         self._refresh_nodes()
 
@@ -200,21 +160,15 @@ class RaySupervisor:
     def start(self, device: str, epoch: int) -> None:
         self._reap(device)
         self._refresh_nodes()  # a restart often follows a node's death: act on the latest table
-        instance = self.instances.get(device)
-        options = actor_options(self.devices[instance[0] if instance else device])
+        if not self.members.can_start(device):
+            return  # membership has told the scheduler it is gone
+        instance = self.members.instances.get(device)
+        options = actor_options(self.devices[instance.template if instance else device])
         args: tuple = ()
         if instance is not None:
-            template, node_id, capacity = instance
-            if node_id not in self.nodes:
-                self._events.append(s.WorkerGone(device, f"node {node_id[:8]} left the Ray "
-                                                         f"cluster"))
-                return
             options = {k: v for k, v in options.items() if k != "scheduling_strategy"}
-            options["scheduling_strategy"] = _pinned(node_id)
-            args = (template, capacity)
-        elif not self._hostable(device):
-            self._wait_for_node(device, "no live Ray node")
-            return
+            options["scheduling_strategy"] = _pinned(instance.node)
+            args = (instance.template, instance.capacity)
         actor = DeviceWorker.options(  # type: ignore[attr-defined]
             name=f"{self.prefix}-{device}-{epoch}", namespace=NAMESPACE, **options).remote()
         self.actors[device] = (epoch, actor, actor.run.remote(self.config, device, epoch,
@@ -249,119 +203,53 @@ class RaySupervisor:
 
     @property
     def settled(self) -> bool:
-        """No node's discovery is still running (until then the cluster is not ready)."""
-        return not self._probes and not self._unprobed
+        return self.members.settled
 
-    def membership(self) -> list:
-        """``WorkerAdded``/``WorkerGone`` events since the last call."""
+    def node_events(self) -> list:
         if time.monotonic() - self._last_nodes >= NODE_POLL_S:
             self._refresh_nodes()
-        if self._probes:
-            self._collect_probes()  # after the refresh: it retries probes of nodes that left
+        self._feed(*self._probe_answers(), membership.Tick())  # after the refresh, on purpose
         out, self._events = self._events, []
         return out
 
     def _refresh_nodes(self) -> None:
         self._last_nodes = time.monotonic()
-        alive = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
-        for node_id, node in self.nodes.items():
-            if node_id not in alive:
-                self._node_left(node_id, node)
-        joined = [nid for nid in alive if nid not in self.nodes]
-        self.nodes = alive
-        for node_id in joined:
-            self._node_joined(node_id)
-        for device, why in list(self._waiting.items()):
-            if self._hostable(device):
-                del self._waiting[device]
-                log.info("a node can host %s again (%s): restarting it", device, why)
-                self._events.append(s.WorkerAdded(device, device))
-        # A fixed device whose every fitting node left: gone, not a restart loop.
-        for device in list(self.actors):
-            if device not in self.instances and device not in self._waiting \
-                    and self.devices[device].resources and not self._hostable(device):
-                self._wait_for_node(device, "its node left and no live Ray node")
+        self._feed(membership.NodesSeen([
+            membership.Node(n["NodeID"], n["NodeManagerAddress"], n.get("Resources") or {})
+            for n in ray.nodes() if n.get("Alive")]))
 
-    def _hostable(self, device: str) -> bool:
-        """Whether a live node has the resources of the fixed device ``device``."""
-        return any(_fits(self.devices[device].resources, n) for n in self.nodes.values())
-
-    def _wait_for_node(self, device: str, who: str) -> None:
-        why = (f"{who} has the resources {self.devices[device].resources}; waiting for one "
-               f"to join")
-        self._waiting[device] = why
-        self._events.append(s.WorkerGone(device, why))
-
-    def _node_joined(self, node_id: str) -> None:
-        if not self.templates:
-            return
-        ip = self.nodes[node_id]["NodeManagerAddress"]
-        log.info("node %s joined", _label(ip, node_id))
-        if ip in self._found:
-            self._place_templates(node_id)
-            return
-        self._unprobed[node_id] = ip
-        if all(probe[0] != ip for probe in self._probes.values()):
-            self._probe(ip, node_id)
-
-    def _probe(self, ip: str, node_id: str) -> None:
-        ref = _discover_here.options(scheduling_strategy=_pinned(node_id)).remote()
-        self._probes[ref] = (ip, node_id, time.monotonic())
-
-    def _collect_probes(self) -> None:
-        done, _ = ray.wait(list(self._probes), num_returns=len(self._probes), timeout=0)
-        now = time.monotonic()
-        for ref, (ip, node_id, started) in list(self._probes.items()):
-            if ref not in done and node_id in self.nodes \
-                    and now - started < DISCOVERY_TIMEOUT_S:
-                continue
-            del self._probes[ref]
-            if ref not in done:
-                try:
-                    ray.cancel(ref, force=True)
-                except Exception:  # already finished or its node gone: nothing to stop
-                    pass
+    def _probe_answers(self) -> list:
+        """Answers of the probes that ended. A probe whose node left was cancelled by the
+        refresh before: its failure is not mistaken for its host's."""
+        if not self._probes:
+            return []
+        ids = {ref: probe for probe, ref in self._probes.items()}
+        done, _ = ray.wait(list(ids), num_returns=len(ids), timeout=0)
+        answers: list = []
+        for ref in done:
+            probe = ids[ref]
+            del self._probes[probe]
             try:
-                if ref not in done:
-                    raise TimeoutError(f"no answer in {now - started:.0f} s" if node_id in
-                                       self.nodes else "its node left")
-                self._found[ip] = ray.get(ref)
-            except (ray.exceptions.RayError, TimeoutError) as exc:
-                waiting = [n for n, i in self._unprobed.items() if i == ip and n in self.nodes
-                           and n != node_id]
-                if waiting and node_id not in self.nodes:  # ask another node of that host
-                    self._probe(ip, waiting[0])
-                    continue
-                log.warning("device discovery on %s failed (%s); its nodes get only the CPU "
-                            "devices that need nothing else", ip, exc)
-                self._found[ip] = []
-            for nid in [n for n, i in self._unprobed.items() if i == ip]:
-                del self._unprobed[nid]
-                if nid in self.nodes:
-                    self._place_templates(nid)
+                answers.append(membership.ProbeDone(probe, ray.get(ref)))
+            except ray.exceptions.RayError as exc:
+                answers.append(membership.ProbeFailed(probe, _last_line(exc)))
+        return answers
 
-    def _place_templates(self, node_id: str) -> None:
-        node = self.nodes[node_id]
-        label = _label(node["NodeManagerAddress"], node_id)
-        found = self._found.get(node["NodeManagerAddress"], [])
-        for name, template in self.templates.items():
-            instance = f"{name}@{node_id[:8]}"
-            hosted = _hosted(template, found)
-            if instance in self.instances or hosted is None \
-                    or not _fits(template.resources, node):
-                continue
-            capacity = hosted.get("capacity")
-            self.instances[instance] = (name, node_id, capacity)
-            log.info("node %s hosts %s", label, instance)
-            self._events.append(s.WorkerAdded(instance, name, label, capacity))
-
-    def _node_left(self, node_id: str, node: dict) -> None:
-        label = _label(node["NodeManagerAddress"], node_id)
-        log.warning("node %s left the Ray cluster", label)
-        self._unprobed.pop(node_id, None)  # a probe running there is retried by _collect_probes
-        for instance, (_, nid, _) in self.instances.items():
-            if nid == node_id:
-                self._events.append(s.WorkerGone(instance, f"node {label} left the Ray cluster"))
+    def _feed(self, *events: membership.Event) -> None:
+        for action in self.members.handle(*events):
+            match action:
+                case membership.StartProbe():
+                    self._probes[action.probe] = _discover_here.options(
+                        scheduling_strategy=_pinned(action.node)).remote()
+                case membership.CancelProbe():
+                    ref = self._probes.pop(action.probe, None)
+                    try:
+                        if ref is not None:
+                            ray.cancel(ref, force=True)
+                    except Exception:  # already finished or its node gone: nothing to stop
+                        pass
+                case s.WorkerAdded() | s.WorkerGone():
+                    self._events.append(action)
 
     def stop_all(self, timeout: float = 5.0) -> None:
         """Wait for workers told to stop; then kill every actor, done or not."""
@@ -373,15 +261,20 @@ class RaySupervisor:
         self.actors.clear()
 
 
+def _last_line(exc: BaseException) -> str:
+    """Ray's errors embed the remote traceback: its last line is the error itself."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
 def _exit_reason(ref: ray.ObjectRef) -> str:
     try:
         return f"exit code {ray.get(ref, timeout=5)}"
     except ray.exceptions.RayActorError as exc:
         # Ray's message ends with the cause, e.g. "killed by `ray.kill`" or the node's death.
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        return f"Ray actor died: {lines[-1] if lines else type(exc).__name__}"
+        return f"Ray actor died: {_last_line(exc)}"
     except ray.exceptions.RayError as exc:
-        return f"worker failed: {str(exc).strip().splitlines()[-1]}"
+        return f"worker failed: {_last_line(exc)}"
 
 
 class RaySchedulerProcess(SchedulerProcess):

@@ -30,11 +30,10 @@ from ..errors import ClusterUnavailable, ProtocolError, Unauthorized
 from ..wire import protocol as p
 from ..wire.security import Gate
 from ..wire.status import ClusterInfo, Status
-from .supervisor import LocalSupervisor
+from .supervisor import LocalSupervisor, Supervisor
 
 log = logging.getLogger("fanout.scheduler")
 TICK_S = 0.05
-CLIENT_SILENCE_FACTOR = 5  # missed keepalives before a client counts as gone
 
 
 def _token_ok(expected: str | None, given: str | None) -> bool:
@@ -48,7 +47,7 @@ class SchedulerProcess:
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
                  on_change: Callable[[SchedulerProcess, object], None] | None = None,
-                 supervisor_factory=LocalSupervisor):
+                 supervisor_factory: Callable[[str, str], Supervisor] = LocalSupervisor):
         self.config = config
         sc = config.scheduler
         self.clock = clock
@@ -69,17 +68,13 @@ class SchedulerProcess:
                                        decode_arrays=False)
         self.back_decoder = p.Decoder(p.WORKER_TO_SCHEDULER, sc.max_message_bytes,
                                       decode_arrays=False)
-        self._clients: set[bytes] = set()  # identities that said hello with the right token
-        self._keepalive: dict[bytes, float] = {}  # client -> its promised ping interval
-        self._seen: dict[bytes, float] = {}  # client -> when it last sent anything
         self._workers: dict[bytes, tuple[str, int]] = {}  # identity -> (device, epoch)
         self._tmp = tempfile.TemporaryDirectory(prefix="fanout-")
         config_file = Path(self._tmp.name) / "config.json"
         config_file.write_text(json.dumps(config_to_dict(config)))
         self.supervisor = supervisor_factory(self.worker_address, str(config_file))
         # A supervisor that tracks nodes (Ray) adds and removes workers as nodes come and go.
-        self.state = s.SchedulerState(config, clock,
-                                      track_nodes=getattr(self.supervisor, "tracks_nodes", False))
+        self.state = s.SchedulerState(config, clock, track_nodes=self.supervisor.tracks_nodes)
         self._stopping = False
         self._last_ping = 0.0
         self.started = time.time()
@@ -108,7 +103,7 @@ class SchedulerProcess:
 
     def serve(self, watch_parent: int | None = None) -> None:
         self._execute(self.state.start())
-        self._feed(*self._membership())
+        self._feed(*self.supervisor.node_events())
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
@@ -125,8 +120,8 @@ class SchedulerProcess:
                 if now - last_tick >= TICK_S:
                     last_tick = now
                     events: list = [s.WorkerExited(d, e, r) for d, e, r in self.supervisor.poll()]
-                    events += self._membership()
-                    self._feed(*events, *self._vanished_clients(now), s.Tick(heard_all_until))
+                    events += self.supervisor.node_events()
+                    self._feed(*events, s.Tick(heard_all_until))
                     self._ping_workers(now)
                     if watch_parent is not None and os.getppid() != watch_parent:
                         log.error("parent process died; shutting the cluster down")
@@ -149,31 +144,12 @@ class SchedulerProcess:
                 log.exception("error while handling a message")
         return False
 
-    def _feed(self, *events) -> None:
+    def _feed(self, *events: s.Event) -> None:
         self._execute(self.state.handle(*events))
         if self.on_change is not None:
             for ev in events:
-                if not isinstance(ev, s.Tick):
+                if not isinstance(ev, (s.Tick, s.ClientHeard)):
                     self.on_change(self, ev)
-
-    def _membership(self) -> list:
-        """Workers added and gone as nodes join and leave (only a node-tracking supervisor)."""
-        membership = getattr(self.supervisor, "membership", None)
-        return membership() if membership is not None else []
-
-    def _vanished_clients(self, now: float) -> list:
-        """Cancels for the tasks of clients that stopped pinging: their slots are freed."""
-        gone = [i for i, every in self._keepalive.items()
-                if now - self._seen.get(i, now) > max(CLIENT_SILENCE_FACTOR * every, 2.0)]
-        events = []
-        for ident in gone:
-            log.warning("client %s went silent; cancelling its tasks", ident.hex()[:16])
-            for key in [k for k in self.state.tasks if k[0] == ident]:
-                events.append(s.TaskCancelled(key))
-            self._keepalive.pop(ident, None)
-            self._seen.pop(ident, None)
-            self._clients.discard(ident)
-        return events
 
     def _ping_workers(self, now: float) -> None:
         if now - self._last_ping < self.config.scheduler.heartbeat_interval_s:
@@ -206,38 +182,42 @@ class SchedulerProcess:
                     "this cluster needs a token: pass token= to runtime.connect() or set "
                     "FANOUT_TOKEN")))
                 return
-            self._clients.add(ident)
-            if msg.keepalive_s:
-                self._keepalive[ident] = max(0.05, float(msg.keepalive_s))
-                self._seen[ident] = self.clock()
+            self._feed(s.ClientHello(ident, msg.keepalive_s))
             self._reply(ident, p.Welcome(version=p.PROTOCOL_VERSION, cluster=self.info()))
             return
-        if sc.token and ident not in self._clients:
+        if sc.token and ident not in self.state.clients:  # they said hello with the token
             self._reply(ident, p.error_reply(getattr(msg, "req_id", None), Unauthorized(
                 "say hello with the cluster token first")))
             return
-        if ident in self._keepalive:
-            self._seen[ident] = self.clock()
+        if isinstance(msg, p.Bye):
+            self._feed(s.ClientBye(ident))
+            return
+        heard = s.ClientHeard(ident)  # fed with the message's own event: one handle() each
         match msg:
             case p.Submit():
-                self._feed(s.TaskSubmitted((ident, msg.task_id), msg.model, msg.inputs,
-                                           msg.timeout_s))
+                self._feed(heard, s.TaskSubmitted((ident, msg.task_id), msg.model, msg.inputs,
+                                                  msg.timeout_s, client=ident))
             case p.Generate():
-                self._feed(s.TaskSubmitted((ident, msg.task_id), msg.model, msg.request,
-                                           msg.timeout_s, generate=True, stream=msg.stream))
+                self._feed(heard, s.TaskSubmitted((ident, msg.task_id), msg.model, msg.request,
+                                                  msg.timeout_s, generate=True,
+                                                  stream=msg.stream, client=ident))
             case p.Cancel():
-                self._feed(s.TaskCancelled((ident, msg.task_id)))
+                self._feed(heard, s.TaskCancelled((ident, msg.task_id)))
             case p.StatusRequest():
+                self._feed(heard)
                 self._reply(ident, p.Reply(req_id=msg.req_id, body=self.status().to_wire()))
             case p.Shutdown():
+                self._feed(heard)
                 self._reply(ident, p.Reply(req_id=msg.req_id, body={"stopping": True}))
                 self.stop()
+            case _:  # KeepAlive
+                self._feed(heard)
 
     def info(self) -> ClusterInfo:
         return ClusterInfo(
             address=self.address, worker_address=self.worker_address, pid=os.getpid(),
             node=socket.gethostname(), launcher="local", started=self.started,
-            ready=self.state.ready() and getattr(self.supervisor, "settled", True),
+            ready=self.state.ready() and self.supervisor.settled,
             max_message_bytes=self.config.scheduler.max_message_bytes,
             models=tuple(sorted(self.state.orders)))
 
@@ -334,6 +314,14 @@ class SchedulerProcess:
                 case s.Reject():
                     ident, task_id = a.key
                     self._reply(ident, p.Failure(task_id=task_id, error=a.error))
+                case s.ForgetClient():
+                    who = a.client.hex()[:16]
+                    if a.goodbye:
+                        log.debug("client %s said goodbye (%d unfinished tasks cancelled)", who,
+                                  a.cancelled)
+                    else:
+                        log.warning("client %s %s; cancelled its %d unfinished tasks", who,
+                                    a.reason, a.cancelled)
                 case s.StartWorker():
                     self.supervisor.start(a.device, a.epoch)
                 case s.KillWorker():

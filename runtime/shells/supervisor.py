@@ -1,4 +1,5 @@
-"""Starting, killing and watching worker processes on this machine (the local launcher)."""
+"""What the scheduler shell asks of a launcher (``Supervisor``), and the local launcher's:
+worker processes on this machine (``LocalSupervisor``)."""
 from __future__ import annotations
 
 import logging
@@ -7,11 +8,52 @@ import signal
 import subprocess
 import sys
 import time
+from abc import abstractmethod
+from typing import ClassVar, Protocol
 
 log = logging.getLogger("fanout.supervisor")
 
 
-class LocalSupervisor:
+class Supervisor(Protocol):
+    """Starts, kills and watches the workers the scheduler asks for; under a launcher that
+    tracks nodes, also reports workers added and gone as nodes join and leave.
+
+    Built as ``factory(worker_address, config_file)``: where workers connect, and the
+    resolved config as a JSON file."""
+
+    tracks_nodes: ClassVar[bool] = False  # True: workers come and go with nodes
+
+    @abstractmethod
+    def start(self, device: str, epoch: int) -> None:
+        """Start incarnation ``epoch`` of ``device``'s worker (replacing any older one)."""
+        ...
+
+    @abstractmethod
+    def kill(self, device: str, epoch: int) -> None:
+        """Kill incarnation ``epoch`` of ``device``'s worker, if it still runs."""
+        ...
+
+    @abstractmethod
+    def poll(self) -> list[tuple[str, int, str]]:
+        """Workers that exited since the last call: (device, epoch, reason)."""
+        ...
+
+    def node_events(self) -> list:
+        """``WorkerAdded``/``WorkerGone`` events since the last call (none without nodes)."""
+        return []
+
+    @property
+    def settled(self) -> bool:
+        """False while the launcher still learns what its nodes can host (not ready yet)."""
+        return True
+
+    @abstractmethod
+    def stop_all(self, timeout: float = 5.0) -> None:
+        """Wait up to ``timeout`` for workers told to stop; kill whatever is left."""
+        ...
+
+
+class LocalSupervisor(Supervisor):
     """One ``runtime.shells.worker_process`` per device, started with the resolved config file."""
 
     def __init__(self, worker_address: str, config_file: str):
@@ -40,7 +82,6 @@ class LocalSupervisor:
                 log.error("worker %s pid %d did not die after SIGKILL", device, entry[1].pid)
 
     def poll(self) -> list[tuple[str, int, str]]:
-        """Workers that exited since the last call: (device, epoch, reason)."""
         for device, (epoch, proc) in list(self.procs.items()):
             code = proc.poll()
             if code is not None:
@@ -57,7 +98,6 @@ class LocalSupervisor:
             entry[1].wait()
 
     def stop_all(self, timeout: float = 5.0) -> None:
-        """Wait for workers told to stop; kill what is left after ``timeout``."""
         deadline = time.monotonic() + timeout
         for device, (_, proc) in list(self.procs.items()):
             try:

@@ -58,6 +58,13 @@ class KeepAlive(Message):
 
 
 @dataclass
+class Bye(Message):
+    """The client closes: the scheduler cancels its unfinished tasks and forgets it."""
+
+    TYPE = "bye"
+
+
+@dataclass
 class Welcome(Message):
     TYPE = "welcome"
     version: int
@@ -256,8 +263,8 @@ class Stop(Message):
     TYPE = "stop"
 
 
-CLIENT_TO_SCHEDULER = frozenset([Hello, KeepAlive, Submit, Generate, Cancel, StatusRequest,
-                                 Shutdown])
+CLIENT_TO_SCHEDULER = frozenset([Hello, KeepAlive, Bye, Submit, Generate, Cancel,
+                                 StatusRequest, Shutdown])
 SCHEDULER_TO_CLIENT = frozenset([Welcome, Result, Chunk, Completion, Failure, Reply])
 WORKER_TO_SCHEDULER = frozenset([Register, ModelState, Heartbeat, Done, Tokens, Generated,
                                  Failed])
