@@ -16,7 +16,7 @@ from typing import Any
 
 from . import env, errors
 from .config.loader import load_cluster_section
-from .config.schema import LAUNCHERS, Config
+from .config.schema import LAUNCHERS, Config, client_address
 from .errors import ConfigError
 from .frontdoors.client import AsyncClient, Client, TaskResult, TextChunk, TextCompletion
 from .launchers import local
@@ -26,7 +26,17 @@ from .wire.status import Status
 
 __all__ = ["AsyncClient", "Client", "Cluster", "ClusterHandle", "Status", "TaskResult",
            "TextChunk", "TextCompletion", "connect", "errors", "start"]
-__version__ = "0.1.0"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("fanout-runtime")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 RAY_SCHEDULER_NAME = "fanout-scheduler"
 
@@ -90,4 +100,4 @@ def connect(address: str | None = None, token: str | None = None, timeout: float
     if launcher == "ray" or address == "auto" or address.startswith("ray://"):
         return _ray_launcher(f"connecting through Ray ({address})").connect(name, address,
                                                                             timeout)
-    return Client(address, token, timeout, keys)
+    return Client(client_address(address, "address"), token, timeout, keys)

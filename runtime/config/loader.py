@@ -24,6 +24,7 @@ from ..env import ENV_ADDRESS, ENV_API_KEY, ENV_HOME, ENV_KEYS, ENV_TOKEN
 from ..errors import ConfigError
 from .keys import check_keys, read_keys
 from .schema import (
+    ADDRESS_FORMS,
     AUTO_DEVICES,
     BACKENDS,
     DEVICE_KINDS,
@@ -38,6 +39,7 @@ from .schema import (
     ModelConfig,
     SchedulerConfig,
     is_loopback,
+    split_address,
 )
 
 log = logging.getLogger("fanout.config")
@@ -47,7 +49,6 @@ DiscoverFn = Callable[[], "list[dict[str, Any]]"]
 
 _NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
 _MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_TCP_RE = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.*_-]+):([0-9]{1,5})")
 _MISSING = object()
 
 
@@ -335,13 +336,10 @@ class _Parser:
 
     def address(self, where: str, v: Any) -> tuple[str, str | None] | None:
         """(address, host) with host None for ipc://."""
-        if isinstance(v, str) and v.startswith("ipc://") and len(v) > len("ipc://"):
-            return v, None
-        m = _TCP_RE.fullmatch(v) if isinstance(v, str) else None
-        if m is None or int(m.group(2)) > 65535:
-            self.error(where, "must be tcp://HOST:PORT (port 0..65535) or ipc://PATH", v)
-            return None
-        return v, m.group(1)
+        parsed = split_address(v)
+        if parsed is None:
+            self.error(where, f"must be {ADDRESS_FORMS}", v)
+        return parsed
 
     # -- sections -------------------------------------------------------------------------------
 

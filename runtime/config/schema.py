@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..env import DEFAULT_ADDRESS
+from ..errors import ConfigError
 
 DEVICE_KINDS = ("npu", "gpu", "cpu")
 BACKENDS = ("qnn", "onnxruntime", "openvino", "openvino-genai")
@@ -228,6 +230,31 @@ class Config:
             i += 1
         return order
 
+
+
+TCP_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.*_-]+):([0-9]{1,5})")
+ADDRESS_FORMS = "tcp://HOST:PORT (port 0..65535) or ipc://PATH"
+
+
+def split_address(value: Any) -> tuple[str, str | None] | None:
+    """(address, host) of a ZMQ address: host for tcp://HOST:PORT, None for ipc://PATH;
+    None if it is neither."""
+    if isinstance(value, str) and value.startswith("ipc://") and len(value) > len("ipc://"):
+        return value, None
+    m = TCP_ADDRESS.fullmatch(value) if isinstance(value, str) else None
+    if m is None or int(m.group(2)) > 65535:
+        return None
+    return value, m.group(1)
+
+
+def client_address(value: str, where: str) -> str:
+    """An address as a user types it: tcp://HOST:PORT, ipc://PATH, or HOST:PORT (taken as
+    tcp://HOST:PORT); ``ConfigError`` naming ``where`` for anything else."""
+    if "://" not in value and split_address(f"tcp://{value}") is not None:
+        value = f"tcp://{value}"
+    if split_address(value) is None:
+        raise ConfigError(f"{where}: must be {ADDRESS_FORMS} (or HOST:PORT), got {value!r}")
+    return value
 
 
 def is_loopback(host: str) -> bool:

@@ -49,6 +49,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 KEEPALIVE_S = 1.0  # how often a client says it is still there
 BAD_REPLY_LOG_S = 10.0  # at most one log line this often about replies that cannot be read
 BYE_LINGER_MS = 250  # how long closing may wait for the goodbye to leave
+# Refused this long from the first try: nothing listens (a scheduler that is restarting binds
+# again within this), so connect() says so instead of waiting out its whole timeout.
+REFUSED_FOR_S = 0.5
 
 
 @dataclass
@@ -149,7 +152,8 @@ class AsyncClient:
     async def connect(self, timeout: float = 10.0) -> AsyncClient:
         self._hello = asyncio.get_running_loop().create_future()
         # A refused CurveZMQ handshake is silent on the data socket: its monitor tells.
-        monitor = self.sock.get_monitor_socket(security.HANDSHAKE_EVENTS)
+        monitor = self.sock.get_monitor_socket(
+            security.HANDSHAKE_EVENTS | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED)
         self._handshakes = asyncio.create_task(self._watch_handshakes(monitor))
         self.sock.connect(self.address)
         self._reader = asyncio.create_task(self._read())
@@ -176,20 +180,37 @@ class AsyncClient:
         """Fail the hello with a typed error when the handshake is refused; ends at the
         first handshake that succeeds."""
         have_keys, hung_up, asked = self.keys is not None, 0, False
+        loop = asyncio.get_running_loop()
+        refused_since: float | None = None
         try:
             while True:
-                event = parse_monitor_message(await monitor.recv_multipart())
+                wait = None if refused_since is None else max(
+                    0.0, refused_since + REFUSED_FOR_S - loop.time())
+                try:
+                    event = parse_monitor_message(
+                        await asyncio.wait_for(monitor.recv_multipart(), wait))
+                except TimeoutError:
+                    self._fail_hello(ClusterUnavailable(
+                        f"nothing is running at {self.address} (connection refused); start "
+                        f"a cluster with `fanout up`, or check the address"))
+                    return
                 kind, value = int(event["event"]), int(event["value"])
                 if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     return
+                if kind == zmq.EVENT_CONNECTED:
+                    refused_since = None
+                    continue
+                if kind == zmq.EVENT_CONNECT_RETRIED:
+                    refused_since = refused_since or loop.time()
+                    continue
                 err = security.handshake_error(kind, value, self.address, have_keys)
                 hung_up += kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                 if err is None and hung_up >= security.NO_DETAIL_TRIES and not asked:
                     asked = True  # once per connect: the answer will not change
                     mechanism = await security.server_mechanism(self.address)
                     err = security.mechanism_error(mechanism, self.address, have_keys)
-                if err is not None and self._hello is not None and not self._hello.done():
-                    self._hello.set_exception(err)
+                if err is not None:
+                    self._fail_hello(err)
                     return
         except (zmq.ZMQError, asyncio.CancelledError):
             return
@@ -197,6 +218,10 @@ class AsyncClient:
             if not self.sock.closed:
                 self.sock.disable_monitor()
             monitor.close(linger=0)
+
+    def _fail_hello(self, err: FanoutError) -> None:
+        if self._hello is not None and not self._hello.done():
+            self._hello.set_exception(err)
 
     async def _stop_watching_handshakes(self) -> None:
         task, self._handshakes = self._handshakes, None

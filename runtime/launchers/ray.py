@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 import weakref
@@ -488,7 +489,7 @@ def connect(name: str = SCHEDULER_NAME, address: str | None = "auto",
             timeout: float = 10.0) -> Client:
     """A client of a scheduler found through Ray by its actor name (address and token included)."""
     if not ray.is_initialized():
-        _join_ray(address)
+        _join_ray(address, timeout)
     try:
         actor = ray.get_actor(name, namespace=NAMESPACE)
     except ValueError as exc:
@@ -501,12 +502,15 @@ def connect(name: str = SCHEDULER_NAME, address: str | None = "auto",
 CLIENT_SERVER_TRIES = 3
 
 
-def _join_ray(address: str | None) -> None:
+def _join_ray(address: str | None, timeout: float = 10.0) -> None:
     """``ray.init`` for a client, with errors that say what to check.
 
-    Through ``ray://`` the head's Ray Client proxy forks a server per client; on a busy head
-    that fork sometimes dies at once ("Starting Ray client server failed", seen 1 in ~4 full
-    test runs here), and a new connection gets a new one: that is tried again."""
+    Ray waits about a minute for a GCS that is not there, so an address that refuses or
+    does not answer a TCP connection within ``timeout`` fails first, here. Through ``ray://``
+    the head's Ray Client proxy forks a server per client; on a busy head that fork sometimes
+    dies at once ("Starting Ray client server failed", seen 1 in ~4 full test runs here), and
+    a new connection gets a new one: that is tried again."""
+    _probe_ray_address(address, timeout)
     for attempt in range(1, CLIENT_SERVER_TRIES + 1):
         try:
             ray.init(address=address, namespace=NAMESPACE)
@@ -523,6 +527,26 @@ def _join_ray(address: str | None) -> None:
                 f"cannot reach the Ray cluster at {address} ({_first_words(exc)}); if it "
                 f"uses Ray's token authentication, set RAY_AUTH_MODE=token and its token "
                 f"(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)") from exc
+
+
+def _probe_ray_address(address: str | None, timeout: float) -> None:
+    """``ClusterUnavailable`` at once if a ``ray://HOST:PORT`` or ``HOST:PORT`` address takes
+    no TCP connection; "auto" and unset are Ray's to find."""
+    if not address or address in ("auto", "local"):
+        return
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterUnavailable(f"{address!r} is not a Ray address: use auto, ray://HOST:PORT "
+                                 f"or the head's HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=min(timeout, 3.0)
+                                 ).close()
+    except OSError as exc:
+        why = "connection refused" if isinstance(exc, ConnectionRefusedError) else \
+            (exc.strerror or type(exc).__name__)
+        raise ClusterUnavailable(f"no Ray cluster answers at {address} ({why}); start one "
+                                 f"with `ray start --head`, or check the address") from None
 
 
 def _first_words(exc: BaseException) -> str:

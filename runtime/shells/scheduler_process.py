@@ -8,6 +8,7 @@ sends can stop this process.
 from __future__ import annotations
 
 import argparse
+import errno
 import hmac
 import json
 import logging
@@ -26,7 +27,7 @@ from ..config.loader import config_from_dict
 from ..config.schema import Config, config_to_dict
 from ..core import scheduler as s
 from ..env import setup_logging
-from ..errors import ClusterUnavailable, ProtocolError, Unauthorized
+from ..errors import ClusterUnavailable, ConfigError, ProtocolError, Unauthorized
 from ..wire import protocol as p
 from ..wire.security import Gate
 from ..wire.status import ClusterInfo, Status
@@ -40,6 +41,17 @@ def _token_ok(expected: str | None, given: str | None) -> bool:
     if not expected:
         return True
     return given is not None and hmac.compare_digest(expected.encode(), given.encode())
+
+
+def _bind_error(address: str, exc: zmq.ZMQError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (f"{address} is already in use: another `fanout up` (or another program) "
+                f"listens there. `fanout status --address {address}` tells; stop it with "
+                f"`fanout down`, or choose another address (--address, scheduler.address)")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"cannot listen on {address}: no interface of this machine has that address; "
+                f"use 127.0.0.1, or one of this machine's IP addresses")
+    return f"cannot listen on {address}: {exc.strerror or exc}"
 
 
 class SchedulerProcess:
@@ -88,12 +100,16 @@ class SchedulerProcess:
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker reuses its identity
         if self._gate is not None:
             self._gate.serve(sock)
-        if address.startswith("tcp://") and address.rsplit(":", 1)[1] in ("0", "*"):
-            host = address[len("tcp://"):].rsplit(":", 1)[0]
-            port = sock.bind_to_random_port(f"tcp://{host}")
-            log.debug("bound %s:%d", host, port)
-        else:
-            sock.bind(address)
+        try:
+            if address.startswith("tcp://") and address.rsplit(":", 1)[1] in ("0", "*"):
+                host = address[len("tcp://"):].rsplit(":", 1)[0]
+                port = sock.bind_to_random_port(f"tcp://{host}")
+                log.debug("bound %s:%d", host, port)
+            else:
+                sock.bind(address)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ConfigError(_bind_error(address, exc)) from None
         return sock
 
     # -- loop --
