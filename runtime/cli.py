@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import signal
 import sys
 import threading
@@ -403,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(see `fanout {args.cmd} --help`)", file=sys.stderr)
         return 2
     setup_logging()
+    if args.cmd == "up" and not env.get(env.ENV_LOG):  # a server shows its access log
+        logging.getLogger("fanout.http.access").setLevel(logging.INFO)
     handlers = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "logs": cmd_logs,
                 "keys": cmd_keys, "models": cmd_models, "bench": cmd_bench}
     try:

@@ -435,3 +435,26 @@ def test_fanout_up_serves_the_http_api_and_stops_on_ctrl_c(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_each_request_gets_one_access_log_line_and_a_refused_one_says_why(client, server, caplog):
+    caplog.set_level("INFO", logger="fanout.http.access")
+    list(client.chat.completions.create(model="smollm2", messages=chat("Hi"), max_tokens=4,
+                                        stream=True))
+    client.chat.completions.create(model="smollm2", messages=chat("Hi"), max_tokens=2)
+    status, _, _ = call(f"{server.url}/chat/completions", {"model": "nosuch",
+                                                           "messages": chat("Hi")})
+    assert status == 404
+    assert call(f"{server.url}/chat/completions", b"{not json")[0] == 400
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "fanout.http.access"]
+    assert len(lines) == 4, lines
+    streamed, plain, unknown, garbage = lines
+    for line in (streamed, plain):
+        assert re.search(r"POST /v1/chat/completions model=smollm2 status=200 device=llmcpu "
+                         r"ttft=\S+ duration=\d+\.\d{3}s$", line), line
+    assert re.search(r"ttft=\d+\.\d{3}s", streamed) and "ttft=-" in plain
+    assert "model=nosuch status=404 device=-" in unknown
+    assert unknown.endswith("refused: the model 'nosuch' does not exist; this cluster serves "
+                            "['minilm', 'smollm2']")
+    assert "status=400" in garbage and "refused: the request body is not valid JSON" in garbage

@@ -58,6 +58,9 @@ from .openai_api import (
 )
 
 log = logging.getLogger("fanout.http")
+access_log = logging.getLogger("fanout.http.access")  # INFO: one line per request
+MODEL_KEY = web.RequestKey("fanout_model", str)
+FIRST_BYTE_KEY = web.RequestKey("fanout_first_byte", float)
 
 CONNECT_RETRY_S = 1.0
 SHUTDOWN_TIMEOUT_S = 2.0  # open requests were answered by the scheduler's shutdown already
@@ -218,35 +221,43 @@ class HttpServer:
     async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
         endpoint = request.path if request.path in ENDPOINTS else "other"
         status = 499  # the client went away before an answer
+        started = time.perf_counter()
+        refused: str | None = None
+        response: web.StreamResponse | None = None
         try:
             self._authorize(request)
             response = await handler(request)
             status = response.status
             return response
         except HttpError as exc:
-            status = exc.status
-            return exc.response()
+            status, refused = exc.status, exc.message
+            response = exc.response()
+            return response
         except FanoutError as exc:
             err = http_error_from(exc)
-            status = err.status
-            return err.response()
+            status, refused = err.status, err.message
+            response = err.response()
+            return response
         except web.HTTPException as exc:  # aiohttp's own 404 / 405 / 413, reworded
             status = exc.status
-            message = ("the request body is larger than http.max_body_bytes "
+            refused = ("the request body is larger than http.max_body_bytes "
                        f"({self.http.max_body_bytes} bytes)" if exc.status == 413
                        else f"{exc.reason}: {request.method} {request.path}")
-            return HttpError(exc.status, message, code=exc.reason.lower().replace(" ", "_"),
-                             headers={k: v for k, v in exc.headers.items()
-                                      if k == "Allow"}).response()
+            response = HttpError(exc.status, refused, code=exc.reason.lower().replace(" ", "_"),
+                                 headers={k: v for k, v in exc.headers.items()
+                                          if k == "Allow"}).response()
+            return response
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception:
             log.exception("error while answering %s %s", request.method, request.path)
-            status = 500
-            return HttpError(500, "internal server error; see the server's log",
-                             "server_error").response()
+            status, refused = 500, "internal server error"
+            response = HttpError(500, "internal server error; see the server's log",
+                                 "server_error").response()
+            return response
         finally:
             self.requests[(endpoint, str(status))] += 1
+            _access(request, status, started, response, refused)
 
     def _authorize(self, request: web.Request) -> None:
         key = self.http.api_key
@@ -266,6 +277,8 @@ class HttpServer:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise HttpError(400, f"the request body is not valid JSON: {exc}") from None
+        if isinstance(data, dict) and isinstance(data.get("model"), str):
+            request[MODEL_KEY] = data["model"][:64]  # for the access log
         return Body(data, known, unsupported or {},
                     lambda name: self._warn_unknown(request.path, name))
 
@@ -359,6 +372,7 @@ class HttpServer:
                                   any(c.previous_device or c.attempts
                                       for c in opening.values()))})
             await response.prepare(request)
+            request[FIRST_BYTE_KEY] = time.perf_counter()
             try:
                 await self._write_events(response, shape, pumps, items, first, prompts,
                                          usage_chunk)
@@ -487,6 +501,23 @@ def _serving(status: Status, model: str) -> list[str]:
     """The devices whose worker is up with ``model`` ready."""
     return [w.device for w in status.workers if w.state == "up"
             and model in w.models and w.models[model].state == "ready"]
+
+
+def _access(request: web.Request, status: int, started: float,
+            response: web.StreamResponse | None, refused: str | None) -> None:
+    """One access-log line per request: what was asked, the answer, where it ran, how fast
+    (ttft: until a stream's first event); a refused request also says why."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    device = response.headers.get("X-Fanout-Device", "-") if response is not None else "-"
+    first = request.get(FIRST_BYTE_KEY)
+    ttft = f"{first - started:.3f}s" if first else "-"
+    line = (f"{request.remote or '-'} {request.method} {request.path} "
+            f"model={request.get(MODEL_KEY, '-')} status={status} device={device} "
+            f"ttft={ttft} duration={time.perf_counter() - started:.3f}s")
+    if refused:
+        line += f" refused: {refused}"
+    access_log.info("%s", line)
 
 
 def _dumps(obj: Any) -> str:
