@@ -364,34 +364,53 @@ def test_health_is_live_and_ready_with_the_devices_per_model(server):
     assert json.loads(raw)["models"] == {"minilm": ["cpu0"], "smollm2": ["llmcpu"]}
 
 
-def metric(text: str, name: str, **labels) -> float:
-    for line in text.splitlines():
-        m = re.fullmatch(r"(\w+)\{(.*)\} (\S+)", line)
-        if m and m[1] == name and dict(re.findall(r'(\w+)="([^"]*)"', m[2])) == labels:
-            return float(m[3])
-    raise AssertionError(f"no {name} {labels} in the metrics")
-
-
 def test_metrics_show_per_device_histograms_and_counters_that_grow(server, client):
-    def scrape() -> str:
+    """A real scrape, read with prometheus_client's own text parser: latency histograms per
+    device and model (service, request, TTFT, inter-token, queue wait) and token counters
+    that grow by what the requests used."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
         status, headers, raw = call(f"{base(server)}/metrics")
         assert status == 200 and headers["Content-Type"].startswith("text/plain")
-        return raw.decode()
+        samples = {}
+        for family in text_string_to_metric_families(raw.decode()):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return samples
 
+    def value(samples: dict, name: str, **labels) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    on = dict(device="llmcpu", model="smollm2")
     before = scrape()
-    client.chat.completions.create(model="smollm2", messages=chat("Hi"), max_tokens=2)
+    plain = client.chat.completions.create(model="smollm2", messages=chat("Hi"), max_tokens=6,
+                                           temperature=0, extra_body={"ignore_eos": True})
+    streamed = list(client.chat.completions.create(
+        model="smollm2", messages=chat("Hello"), max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
     after = scrape()
-    assert "# TYPE fanout_task_seconds histogram" in after
-    assert "# TYPE fanout_tasks_completed_total counter" in after
-    done = dict(device="llmcpu", model="smollm2")
-    assert metric(after, "fanout_tasks_completed_total", **done) == (
-        metric(before, "fanout_tasks_completed_total", **done) + 1)
-    assert metric(after, "fanout_task_seconds_bucket", **done, le="+Inf") == metric(
-        after, "fanout_task_seconds_count", **done)
-    assert metric(after, "fanout_generated_tokens_total", **done) > 0
-    assert metric(after, "fanout_queue_depth", model="smollm2") == 0
-    assert metric(after, "fanout_http_requests_total", endpoint="/v1/chat/completions",
-                  status="200") >= 1
+
+    def grew(name: str, **labels) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    usage = [plain.usage, streamed[-1].usage]
+    assert grew("fanout_tasks_completed_total", **on) == 2
+    assert grew("fanout_prompt_tokens_total", **on) == sum(u.prompt_tokens for u in usage)
+    assert grew("fanout_completion_tokens_total", **on) == sum(u.completion_tokens
+                                                               for u in usage) == 12
+    for name in ("fanout_task_seconds", "fanout_request_seconds",
+                 "fanout_time_to_first_token_seconds", "fanout_queue_wait_seconds"):
+        assert grew(f"{name}_count", **on) == 2, name
+        assert value(after, f"{name}_bucket", **on, le="+Inf") == value(after, f"{name}_count",
+                                                                        **on)
+    assert grew("fanout_inter_token_seconds_count", **on) >= 2 * 5 - 4  # tokens after the 1st
+    ttft = grew("fanout_time_to_first_token_seconds_sum", **on)
+    request = grew("fanout_request_seconds_sum", **on)
+    assert 0 < ttft < request
+    assert value(after, "fanout_queue_depth", model="smollm2") == 0
+    assert grew("fanout_http_requests_total", endpoint="/v1/chat/completions", status="200") >= 2
+    assert not any(name == "fanout_tokens_per_second" for name, _ in after)  # a counter + rate()
 
 
 # -- fanout up ---------------------------------------------------------------------------------

@@ -1135,10 +1135,48 @@ def test_generated_tokens_are_counted_per_device_and_model(make):
     (chunk,) = [a for a in actions if type(a).__name__ == "StreamChunk"]
     assert chunk.text == "abc" and chunk.previous_device is None
     model = h.state.snapshot().worker(d.device).models["m"]
-    assert model.tokens == 3 and model.tokens_per_s == pytest.approx(0.3)
-    h.clock.advance(11)
+    assert model.completion_tokens == 3 and model.prompt_tokens == 0
+    h.handle(TaskSucceeded(d.device, d.epoch, d.attempt,
+                           {"finish_reason": "stop", "prompt_tokens": 11}, 0.1))
+    h.pending.discard("g1")
     model = h.state.snapshot().worker(d.device).models["m"]
-    assert model.tokens == 3 and model.tokens_per_s == 0
+    assert (model.prompt_tokens, model.completion_tokens) == (11, 3)
+
+
+def test_a_generation_is_timed_from_submit_queue_first_token_gaps_and_answer(make):
+    """Queue wait until each dispatch; TTFT at the task's first tokens; each later batch of n
+    tokens is n gaps of (its wait / n); the request at the answer. After a failover the next
+    device's first tokens are no gap, and TTFT is counted once per task."""
+    from runtime.core.scheduler import TaskTokens
+    h = make()
+    h.up()
+    h.handle(TaskSubmitted("g", "m", payload="g", generate=True, stream=True))
+    h.pending.add("g")
+    d = h.dispatch_of("g")
+    assert d.device == "npu0"
+    h.clock.advance(0.5)
+    h.handle(TaskTokens(d.device, d.epoch, d.attempt, [1], "a"))  # TTFT 0.5
+    h.clock.advance(0.03)
+    h.handle(TaskTokens(d.device, d.epoch, d.attempt, [2, 3, 4], "bcd"))  # 3 gaps of 0.01
+    h.handle(TaskFailed(d.device, d.epoch, d.attempt, "device", "boom"))
+    d2 = h.dispatch_of("g")
+    assert d2.device == "cpu0"
+    h.clock.advance(0.2)
+    h.handle(TaskTokens(d2.device, d2.epoch, d2.attempt, [5], "e"))  # neither a gap nor TTFT
+    h.clock.advance(0.02)
+    h.handle(TaskTokens(d2.device, d2.epoch, d2.attempt, [6], "f"))  # one gap of 0.02
+    h.handle(TaskSucceeded(d2.device, d2.epoch, d2.attempt,
+                           {"finish_reason": "stop", "prompt_tokens": 4}, 0.3))
+    h.pending.discard("g")
+    npu = h.state.snapshot().worker("npu0").models["m"]
+    cpu = h.state.snapshot().worker("cpu0").models["m"]
+    assert (npu.ttft.count, npu.ttft.total, cpu.ttft.count) == (1, pytest.approx(0.5), 0)
+    assert (npu.itl.count, npu.itl.total) == (3, pytest.approx(0.03))
+    assert (cpu.itl.count, cpu.itl.total) == (1, pytest.approx(0.02))
+    assert (cpu.request.count, cpu.request.total, npu.request.count) == (
+        1, pytest.approx(0.75), 0)
+    assert (npu.completion_tokens, cpu.completion_tokens, cpu.prompt_tokens) == (4, 2, 4)
+    assert (npu.queue_wait.count, cpu.queue_wait.count) == (1, 1)
 
 
 def test_silence_while_the_scheduler_had_messages_unread_does_not_count_against_a_worker(make):

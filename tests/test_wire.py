@@ -112,7 +112,8 @@ def a_status() -> Status:
     for seconds in (0.002, 0.02, 0.02, 120.0):
         latency.observe(seconds)
     model = ModelStatus("ready", detail="ready", load_s=1.5, done=4, expected_s=0.01,
-                        breaker="half-open", latency=latency, tokens=7, tokens_per_s=0.7)
+                        breaker="half-open", latency=latency, prompt_tokens=3,
+                        completion_tokens=7)
     return Status(
         workers=(WorkerStatus("npu0", "npu", "up", 41, "host", 1, models={"m": model}),
                  WorkerStatus("cpu0", "cpu", "gone", last_exit="node left",
@@ -143,7 +144,8 @@ def test_the_status_keeps_its_plain_form_for_json_users():
     (lambda w: w["workers"][0].pop("device"), "status.workers[0]: missing field 'device'"),
     (lambda w: w["workers"][1].update(state="sleeping"), "status.workers[1].state"),
     (lambda w: w["workers"][0]["models"]["m"].update(done="4"), "models.m.done"),
-    (lambda w: w["workers"][0]["models"]["m"]["latency"]["buckets"].pop(), "latency.buckets"),
+    (lambda w: w["workers"][0]["models"]["m"]["latency"]["buckets"].pop(),
+     "models.m.latency: buckets"),
     (lambda w: w.update(counters=[]), "status.counters"),
     (lambda w: w.update(workers={}), "status.workers"),
 ])

@@ -44,6 +44,7 @@ from ..errors import (
     error_class,
 )
 from ..wire.status import (
+    ITL_BUCKETS_S,
     BreakerState,
     ClusterInfo,
     Counters,
@@ -274,9 +275,13 @@ class ModelSlot:
     open_until: float | None = None  # breaker open until then; then one probe is let through
     probing: bool = False
     failed_over: int = 0  # tries that failed here and went on to another device
-    latency: Histogram = field(default_factory=Histogram)
-    tokens: int = 0  # generated tokens, all time
-    recent_tokens: collections.deque = field(default_factory=collections.deque)  # (t, n)
+    latency: Histogram = field(default_factory=Histogram)  # service time of a run here
+    request: Histogram = field(default_factory=Histogram)  # submit to answer, answered here
+    ttft: Histogram = field(default_factory=Histogram)  # submit to the first token, from here
+    itl: Histogram = field(default_factory=lambda: Histogram(bounds=ITL_BUCKETS_S))
+    queue_wait: Histogram = field(default_factory=Histogram)  # queued, until dispatched here
+    prompt_tokens: int = 0  # of generations answered here
+    completion_tokens: int = 0  # generated here, all time
 
     @property
     def state(self) -> LoadState:
@@ -287,13 +292,6 @@ class ModelSlot:
             return "closed"
         return "open" if now < self.open_until else "half-open"
 
-    def tokens_per_s(self, now: float) -> float:
-        while self.recent_tokens and self.recent_tokens[0][0] < now - TOKEN_RATE_WINDOW_S:
-            self.recent_tokens.popleft()
-        return sum(n for _, n in self.recent_tokens) / TOKEN_RATE_WINDOW_S
-
-
-TOKEN_RATE_WINDOW_S = 10.0
 
 
 @dataclass
@@ -357,6 +355,9 @@ class Task:
     finished: bool = False
     generation: Generation | None = None
     client: Any = None
+    submitted_at: float = 0.0
+    queued_at: float = 0.0  # when it (last) joined the queue
+    tokens_at: float | None = None  # when the running attempt last streamed tokens
 
 
 Event = (WorkerRegistered | ModelStateChanged | WorkerHeartbeat | WorkerExited | WorkerAdded
@@ -552,8 +553,10 @@ class SchedulerState:
             actions.append(Reject(ev.key, InvalidInput(f"task id {ev.key!r} is already in use")))
             return
         timeout = ev.timeout_s if ev.timeout_s and ev.timeout_s > 0 else self.sc.task_timeout_s
-        task = Task(ev.key, ev.model, ev.payload, self.clock() + timeout, timeout,
-                    generation=Generation(ev.stream) if ev.generate else None, client=ev.client)
+        now = self.clock()
+        task = Task(ev.key, ev.model, ev.payload, now + timeout, timeout,
+                    generation=Generation(ev.stream) if ev.generate else None, client=ev.client,
+                    submitted_at=now, queued_at=now)
         if self._hopeless(task):  # says more than Overloaded would, so it is checked first
             self._accept(task)
             self._fail(task, actions)
@@ -586,6 +589,10 @@ class SchedulerState:
             return  # answered already (deadline, cancel): drop the late result
         self._finish(task)
         self.counters["completed"] += 1
+        if slot is not None:
+            slot.request.observe(self.clock() - task.submitted_at)
+            if task.generation is not None and isinstance(ev.payload, dict):
+                slot.prompt_tokens += int(ev.payload.get("prompt_tokens") or 0)
         actions.append(Deliver(task.key, view.device, ev.payload,
                                self._with_skipped(task, before=view.device), ev.service_s,
                                task.generation))
@@ -601,15 +608,25 @@ class SchedulerState:
             return  # tokens of a cancelled, re-run or answered task: drop them
         gen = task.generation
         moved = gen.device if gen.device is not None and gen.device != ev.device else None
-        gen.ids.extend(ev.ids)
         slot = view.models.get(task.model)
         if slot is not None and ev.ids:
-            slot.tokens += len(ev.ids)
-            slot.recent_tokens.append((self.clock(), len(ev.ids)))
+            self._time_tokens(task, slot, len(ev.ids), not gen.ids)
+        gen.ids.extend(ev.ids)
         gen.text += ev.text
         gen.device = ev.device
         if gen.stream and (ev.text or moved):
             actions.append(StreamChunk(task.key, ev.text, ev.device, moved))
+
+    def _time_tokens(self, task: Task, slot: ModelSlot, n: int, first: bool) -> None:
+        """TTFT at a task's very first token; else the gap since the attempt's last tokens,
+        spread over the ``n`` tokens that came together (one engine step may yield several)."""
+        now = self.clock()
+        slot.completion_tokens += n
+        if first:
+            slot.ttft.observe(now - task.submitted_at)
+        elif task.tokens_at is not None:
+            slot.itl.observe((now - task.tokens_at) / n, times=n)
+        task.tokens_at = now
 
     @_on.register
     def _on_TaskFailed(self, ev: TaskFailed, actions: list) -> None:
@@ -768,6 +785,7 @@ class SchedulerState:
             self._fail(task, actions)
             return
         self.counters["retried"] += 1
+        task.queued_at = self.clock()
         self.queue.appendleft(task)  # a re-run goes before new work: it has waited already
         self.queued_models[task.model] += 1
 
@@ -881,6 +899,8 @@ class SchedulerState:
             slot = view.models[task.model]
             if slot.open_until is not None:
                 slot.probing = True  # half-open: this task is the probe
+            slot.queue_wait.observe(now - task.queued_at)
+            task.tokens_at = None  # the gap to this attempt's first tokens is no token gap
             attempt = next(self._attempt_ids)
             free -= 1
             self.queued_models[task.model] -= 1
@@ -918,8 +938,10 @@ class SchedulerState:
     def _model_status(s: ModelSlot, now: float) -> ModelStatus:
         return ModelStatus(**dataclasses.asdict(s.load), done=s.done, failed=s.failed,
                            failed_over=s.failed_over, expected_s=s.expected_s,
-                           breaker=s.breaker(now), latency=s.latency.copy(), tokens=s.tokens,
-                           tokens_per_s=s.tokens_per_s(now))
+                           breaker=s.breaker(now), latency=s.latency.copy(),
+                           request=s.request.copy(), ttft=s.ttft.copy(), itl=s.itl.copy(),
+                           queue_wait=s.queue_wait.copy(), prompt_tokens=s.prompt_tokens,
+                           completion_tokens=s.completion_tokens)
 
     def ready(self) -> bool:
         """Every worker is up (or gone with its node) and no model is still loading."""

@@ -5,7 +5,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from ..wire.status import Status
+from ..wire.status import Histogram, Status
 
 
 def _label(v: Any) -> str:
@@ -35,9 +35,24 @@ def prometheus_text(status: Status, requests: Counter, models: Sequence[str] = (
                     "Tries that failed, per device and model.")
     failed_over = family("fanout_tasks_failed_over_total", "counter",
                          "Tasks completed after failing on another device, per device and model.")
-    seconds = family("fanout_task_seconds", "histogram", "Service time of a task.")
-    tokens = family("fanout_generated_tokens_total", "counter", "Tokens generated.")
-    rate = family("fanout_tokens_per_second", "gauge", "Tokens generated per second, recently.")
+    histograms = {  # family -> (what it measures, how to read it off a model's status)
+        "fanout_task_seconds": ("Service time of a run on the device.",
+                                lambda m: m.latency),
+        "fanout_request_seconds": ("End to end: from submit to the answer, for tasks "
+                                   "answered by the device.", lambda m: m.request),
+        "fanout_time_to_first_token_seconds": ("From submit to a generation's first token, "
+                                               "for tokens from the device.", lambda m: m.ttft),
+        "fanout_inter_token_seconds": ("Between two tokens the device streamed for one "
+                                       "generation.", lambda m: m.itl),
+        "fanout_queue_wait_seconds": ("Time in the queue before a dispatch to the device.",
+                                      lambda m: m.queue_wait),
+    }
+    hist_samples = {name: family(name, "histogram", text)
+                    for name, (text, _) in histograms.items()}
+    prompt = family("fanout_prompt_tokens_total", "counter",
+                    "Prompt tokens of the generations the device answered.")
+    completion = family("fanout_completion_tokens_total", "counter",
+                        "Tokens the device generated (rate() gives tokens per second).")
     http = family("fanout_http_requests_total", "counter",
                   "HTTP requests answered, per endpoint and status.")
 
@@ -54,14 +69,10 @@ def prometheus_text(status: Status, requests: Counter, models: Sequence[str] = (
             done.append(f"fanout_tasks_completed_total{lab} {m.done}")
             failed.append(f"fanout_tasks_failed_total{lab} {m.failed}")
             failed_over.append(f"fanout_tasks_failed_over_total{lab} {m.failed_over}")
-            for le, count in m.latency.buckets():
-                le_text = le if isinstance(le, str) else repr(float(le))
-                seconds.append(f"fanout_task_seconds_bucket"
-                               f"{_labels(device=dev, model=model, le=le_text)} {count}")
-            seconds.append(f"fanout_task_seconds_sum{lab} {float(m.latency.total)}")
-            seconds.append(f"fanout_task_seconds_count{lab} {m.latency.count}")
-            tokens.append(f"fanout_generated_tokens_total{lab} {m.tokens}")
-            rate.append(f"fanout_tokens_per_second{lab} {float(m.tokens_per_s)}")
+            for name, (_, of) in histograms.items():
+                _histogram(hist_samples[name], name, dev, model, of(m))
+            prompt.append(f"fanout_prompt_tokens_total{lab} {m.prompt_tokens}")
+            completion.append(f"fanout_completion_tokens_total{lab} {m.completion_tokens}")
     for (endpoint, code), n in sorted(requests.items()):
         http.append(f"fanout_http_requests_total{_labels(endpoint=endpoint, status=code)} {n}")
 
@@ -69,3 +80,12 @@ def prometheus_text(status: Status, requests: Counter, models: Sequence[str] = (
     for name, kind, help_, samples in families:
         lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *samples]
     return "\n".join(lines) + "\n"
+
+
+def _histogram(samples: list[str], name: str, device: str, model: str, h: Histogram) -> None:
+    for le, count in h.buckets():
+        le_text = le if isinstance(le, str) else repr(float(le))
+        samples.append(f"{name}_bucket{_labels(device=device, model=model, le=le_text)} {count}")
+    lab = _labels(device=device, model=model)
+    samples.append(f"{name}_sum{lab} {float(h.total)}")
+    samples.append(f"{name}_count{lab} {h.count}")

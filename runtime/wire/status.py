@@ -19,6 +19,12 @@ LoadState = Literal["loading", "ready", "unavailable", "gone"]
 BreakerState = Literal["closed", "open", "half-open"]
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Between two tokens of one stream: milliseconds, not seconds.
+ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+def _itl() -> Histogram:
+    return Histogram(bounds=ITL_BUCKETS_S)
 
 
 @dataclass(frozen=True)
@@ -41,18 +47,23 @@ class ModelLoad:
 
 @dataclass
 class Histogram:
-    """Service times in Prometheus' cumulative-bucket form (``LATENCY_BUCKETS_S``, then +Inf)."""
+    """Observations in Prometheus' cumulative-bucket form: upper ``bounds``, then +Inf."""
 
-    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    counts: list[int] = field(default_factory=list)
     total: float = 0.0
+    bounds: tuple[float, ...] = LATENCY_BUCKETS_S
 
-    def observe(self, seconds: float) -> None:
-        self.total += seconds
-        for i, bound in enumerate(LATENCY_BUCKETS_S):
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, seconds: float, times: int = 1) -> None:
+        self.total += seconds * times
+        for i, bound in enumerate(self.bounds):
             if seconds <= bound:
-                self.counts[i] += 1
+                self.counts[i] += times
                 return
-        self.counts[-1] += 1
+        self.counts[-1] += times
 
     @property
     def count(self) -> int:
@@ -62,14 +73,14 @@ class Histogram:
         """(upper bound, observations at or below it), the last bound being "+Inf"."""
         cumulative: list[tuple[float | str, int]] = []
         running = 0
-        bounds: list[float | str] = [*LATENCY_BUCKETS_S, "+Inf"]
+        bounds: list[float | str] = [*self.bounds, "+Inf"]
         for bound, n in zip(bounds, self.counts):
             running += n
             cumulative.append((bound, running))
         return cumulative
 
     def copy(self) -> Histogram:
-        return Histogram(list(self.counts), self.total)
+        return Histogram(list(self.counts), self.total, self.bounds)
 
     def to_plain(self) -> dict:
         return {"buckets": [list(b) for b in self.buckets()], "sum": self.total,
@@ -77,15 +88,17 @@ class Histogram:
 
     @classmethod
     def from_plain(cls, d: Any) -> Histogram:
-        wire = read(_HistogramWire, d, "latency")
-        if [b for b, _ in wire.buckets] != [*LATENCY_BUCKETS_S, "+Inf"]:
-            raise ProtocolError("latency.buckets: expected the bounds of LATENCY_BUCKETS_S, "
-                                "then +Inf")
+        wire = read(_HistogramWire, d, "histogram")
+        bounds = [b for b, _ in wire.buckets]
+        finite = [b for b in bounds[:-1] if isinstance(b, float)]
+        if bounds[-1:] != ["+Inf"] or len(finite) != len(bounds) - 1 or any(
+                a >= b for a, b in zip(finite, finite[1:])):
+            raise ProtocolError("buckets: expected increasing bounds, then +Inf")
         totals = [n for _, n in wire.buckets]
         counts = [n - m for n, m in zip(totals, [0, *totals])]
         if any(n < 0 for n in counts) or totals[-1] != wire.count:
-            raise ProtocolError("latency.buckets: expected cumulative counts ending at count")
-        return cls(counts, wire.sum)
+            raise ProtocolError("buckets: expected cumulative counts ending at count")
+        return cls(counts, wire.sum, tuple(finite))
 
 
 @dataclass(frozen=True)
@@ -104,9 +117,14 @@ class ModelStatus(ModelLoad):
     failed_over: int = 0  # tries that failed here and went on to another device
     expected_s: float | None = None  # the measured service time (EWMA); None: no task yet
     breaker: BreakerState = "closed"
-    latency: Histogram = field(default_factory=Histogram)
-    tokens: int = 0  # generated tokens, all time
-    tokens_per_s: float = 0.0  # recently
+    latency: Histogram = field(default_factory=Histogram)  # service time of a run here
+    # For what finished here: from submit to the answer, and to the first token (generations).
+    request: Histogram = field(default_factory=Histogram)
+    ttft: Histogram = field(default_factory=Histogram)
+    itl: Histogram = field(default_factory=_itl)  # between tokens streamed from here
+    queue_wait: Histogram = field(default_factory=Histogram)  # queued, until dispatched here
+    prompt_tokens: int = 0  # of the generations finished here
+    completion_tokens: int = 0  # generated here, all time
 
 
 @dataclass(frozen=True)
