@@ -7,7 +7,7 @@ class of an engine's exception.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args
 
 ErrorKind = Literal["error", "invalid_input", "device", "unsupported", "model_unavailable",
@@ -18,26 +18,39 @@ ERROR_KINDS: frozenset[str] = frozenset(get_args(ErrorKind))
 
 @dataclass(frozen=True)
 class Attempt:
-    """One try of a task: the worker that ran it and why it did not succeed."""
+    """One try of a task: the worker that ran it and why it did not succeed.
+
+    ``started_at`` / ``ended_at``: when it was dispatched and when it failed, on the
+    scheduler's clock (0 for a device skipped without a try); not part of equality.
+    """
 
     device: str
     kind: ErrorKind
     message: str
+    started_at: float = field(default=0.0, compare=False)
+    ended_at: float = field(default=0.0, compare=False)
 
     def to_wire(self) -> dict:
-        return {"device": self.device, "kind": self.kind, "message": self.message}
+        return {"device": self.device, "kind": self.kind, "message": self.message,
+                "started_at": self.started_at, "ended_at": self.ended_at}
 
     @classmethod
     def from_wire(cls, d: Any) -> Attempt:
-        """The attempt in ``d``; ``ProtocolError`` naming what is wrong with it."""
+        """The attempt in ``d``; ``ProtocolError`` naming what is wrong with it. Its times
+        are optional (an older peer sends none)."""
         if not (isinstance(d, dict) and isinstance(d.get("device"), str)
                 and isinstance(d.get("message"), str)):
             raise ProtocolError(f"an attempt must have string fields device, kind and message, "
                                 f"got {d!r:.120}")
-        return cls(d["device"], _kind(d.get("kind")), d["message"])
+        return cls(d["device"], _kind(d.get("kind")), d["message"],
+                   _seconds(d.get("started_at")), _seconds(d.get("ended_at")))
 
     def __str__(self) -> str:
         return f"{self.device}: {self.kind}: {self.message}"
+
+
+def _seconds(v: object) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
 
 
 class FanoutError(Exception):

@@ -235,30 +235,38 @@ def test_first_task_goes_to_the_preferred_device_while_times_are_unmeasured(h):
     assert d.timeout_s == pytest.approx(120.0)
 
 
-def test_an_unmeasured_device_is_tried_before_a_measured_one(h):
+def test_an_unmeasured_device_counts_as_the_slowest_measured_one_not_as_instant(h):
     h.submit("t1")
     h.succeed("t1", service_s=0.05)
     h.submit("t2")
-    assert h.where("t2") == "cpu0"
+    assert h.where("t2") == "npu0"  # cpu0 is taken for as slow: a tie, the order decides
+    h.submit("t3")
+    assert h.where("t3") == "cpu0"  # npu0 busy: cpu0 finishes it 0.05 s sooner
 
 
 def test_once_measured_the_worker_expected_to_finish_first_wins(h):
     h.submit("t1")
-    h.succeed("t1", service_s=0.05)
     h.submit("t2")
+    h.succeed("t1", service_s=0.05)
     h.succeed("t2", service_s=0.01)
+    assert (h.where("t1"), h.where("t2")) == ("npu0", "cpu0")
     h.submit("t3")
     assert h.where("t3") == "cpu0"
 
 
-def test_the_faster_worker_wins_only_while_it_has_a_free_slot(h):
+def test_a_busy_faster_worker_is_waited_for_while_it_still_finishes_sooner(h):
     h.submit("t1")
-    h.succeed("t1", service_s=0.05)
     h.submit("t2")
+    h.succeed("t1", service_s=0.05)
     h.succeed("t2", service_s=0.01)
-    for key in ("t3", "t4", "t5"):
+    for key in ("t3", "t4", "t5", "t6", "t7", "t8"):
         h.submit(key)
-    assert [h.where(k) for k in ("t3", "t4", "t5")] == ["cpu0", "cpu0", "npu0"]
+    # cpu0 (2 slots, 10 ms) ends its fourth waiting task at 30 ms, before npu0 would end one
+    assert [d.payload for d in dispatches(h.log)][-2:] == ["t3", "t4"]
+    assert {h.where(k) for k in ("t3", "t4")} == {"cpu0"} and h.in_flight("npu0") == 0
+    assert [t.key for t in h.state.queue] == ["t5", "t6", "t7", "t8"]
+    (d,) = dispatches(h.succeed("t3", service_s=0.01))
+    assert (d.device, d.payload) == ("cpu0", "t5")
 
 
 def test_the_models_device_order_breaks_ties(h):

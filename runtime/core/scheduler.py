@@ -5,9 +5,10 @@ No sockets, no processes, no sleeping: the clock is injected. The process shell
 out the actions. Payloads (the task's input frames, a result's output frames) are opaque here.
 
 Rules:
-- a task goes to the worker expected to finish it first among those with a free slot, that
-  have the model ready and whose breaker for the model is closed; otherwise it waits in a
-  bounded FIFO queue (full queue -> ``Overloaded`` at once);
+- a task goes to the worker expected to finish it first (``placement.py``), counting the work
+  already committed to each worker, among those that have the model ready and whose breaker
+  for the model is closed; it waits in a bounded FIFO queue while that worker is busy, or
+  while none can take it (full queue -> ``Overloaded`` at once);
 - a device error re-runs the task on the next device of the model's order that it has not
   failed on; an input error is answered at once and never re-run;
 - a lost worker (exit, missed heartbeats, a run that ignores its deadline) has its in-flight
@@ -57,8 +58,16 @@ from ..wire.status import (
     WorkerStatus,
 )
 from . import placement
+from .estimates import EWMA, Calibration, Estimate
 
-EWMA = 0.3
+# Queued tasks of one kind (model, devices excluded) a placement pass may leave waiting for
+# busy workers before it passes over the rest of that kind: a device that cannot finish such
+# a task before the busy ones finish this many gets none from the pass (it would add under
+# 1/LOOKAHEAD), and tasks of other kinds further back are still placed.
+LOOKAHEAD = 256
+MIN_SAMPLE_S = 0.2  # CPU rates are measured over at least this long
+RISE, LOAD_HALF_LIFE_S = 0.6, 30.0  # how a node's other load follows what is measured
+DEFAULT_MAX_TOKENS = 256  # a generation's limit when its request sets none (as workers do)
 MAX_RESTART_BACKOFF_S = 30.0
 STABLE_AFTER_S = 30.0  # a worker up this long has its restart backoff reset
 CLIENT_SILENCE_FACTOR = 5  # missed keepalives before a client counts as gone
@@ -89,6 +98,9 @@ class WorkerHeartbeat:
     device: str
     epoch: int
     peak_running: int = 0
+    cpu_s: float | None = None  # the worker process's CPU seconds so far
+    cores: int = 0  # cores the worker's node lets it use (0 = not said)
+    node_cpu_s: float | None = None  # CPU seconds every process of its node has used so far
 
 
 @dataclass
@@ -126,6 +138,7 @@ class TaskSubmitted:
     generate: bool = False  # a generation: tokens stream back and a failover continues them
     stream: bool = False  # the caller wants the tokens as they come, not only the completion
     client: Any = None  # who submitted it (opaque): its tasks end when it says bye or vanishes
+    max_tokens: int | None = None  # a generation's limit, for its expected time
 
 
 @dataclass
@@ -234,6 +247,10 @@ class Deliver:
     attempts: list[Attempt]
     service_s: float
     generation: Generation | None = None  # for generations: the whole completion
+    # The scheduler's clock: when the task was accepted, its last attempt dispatched, answered.
+    submitted_at: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
 
 
 @dataclass
@@ -268,7 +285,7 @@ class ModelSlot:
     """One model on one worker: load state, measured service time, counters, breaker."""
 
     load: ModelLoad = ModelLoad()
-    expected_s: float | None = None
+    estimate: Estimate = field(default_factory=Estimate)
     done: int = 0
     failed: int = 0
     consecutive_errors: int = 0
@@ -292,6 +309,9 @@ class ModelSlot:
             return "closed"
         return "open" if now < self.open_until else "half-open"
 
+    @property
+    def expected_s(self) -> float | None:
+        return self.estimate.service_s
 
 
 @dataclass
@@ -318,6 +338,12 @@ class WorkerView:
     failed_over: int = 0
     lost: int = 0
     peak_running: int = 0  # as the worker measured it, over all its incarnations
+    cores: int = 0  # usable cores of its node, as the worker reports them
+    host_cores: float = 0.0  # host cores one of its runs keeps busy (CPU s per run s)
+    busy_s: float = 0.0  # run time of its finished attempts, summed
+    cpu_mark: tuple[float, float] | None = None  # (cpu_s, busy_s) when host_cores was sampled
+    cpu_rate: float = 0.0  # cores its process used between its last two heartbeats
+    beat: tuple[float, float] | None = None  # (time, cpu_s) of its last heartbeat
 
     @property
     def free(self) -> int:
@@ -330,6 +356,14 @@ class ClientView:
 
     silence_limit_s: float | None  # None: it promised no keepalives
     last_heard: float
+
+
+@dataclass
+class NodeLoad:
+    """A node's cores kept busy by what is not one of its workers, as heartbeats measure it."""
+
+    other_cores: float = 0.0
+    sample: tuple[float, float] | None = None  # (time, the node's CPU seconds) last sampled
 
 
 @dataclass
@@ -358,6 +392,13 @@ class Task:
     submitted_at: float = 0.0
     queued_at: float = 0.0  # when it (last) joined the queue
     tokens_at: float | None = None  # when the running attempt last streamed tokens
+    max_tokens: int | None = None
+    # The running attempt: when it was dispatched, its expected time, the batch it joined
+    # and the tokens already generated before it (a generation's earlier attempts).
+    started_at: float = 0.0
+    expected_s: float = 0.0
+    batch: int = 1
+    tokens_before: int = 0
 
 
 Event = (WorkerRegistered | ModelStateChanged | WorkerHeartbeat | WorkerExited | WorkerAdded
@@ -390,11 +431,15 @@ class SchedulerState:
         self._expand_orders()
         self.queue: collections.deque[Task] = collections.deque()
         self.queued_models: collections.Counter[str] = collections.Counter()  # of self.queue
+        self.queued_excluding: collections.Counter[str] = collections.Counter()  # ... that
+        # failed somewhere already: they may have other workers to go to than the rest
         self.tasks: dict[Any, Task] = {}  # every unanswered task
         self.clients: dict[Any, ClientView] = {}  # those that said hello
         self.client_tasks: dict[Any, dict[Any, Task]] = {}  # client -> its unanswered tasks
         self._attempt_ids = itertools.count(1)
         self.counters: collections.Counter[str] = collections.Counter()
+        self.typical_tokens: dict[str, float] = {}  # model -> EWMA of completion tokens
+        self.nodes: dict[str, NodeLoad] = {}  # what else keeps each node's cores busy
 
     def _view(self, device: str, template: str, capacity: int) -> WorkerView:
         view = WorkerView(device, self.config.device(template).kind, capacity, template=template)
@@ -437,6 +482,7 @@ class SchedulerState:
         view.started_at = view.last_seen = now
         view.restart_at = None
         view.pid = None
+        view.cpu_mark = None  # a new process counts its CPU time from zero
         for slot in view.models.values():
             slot.load = ModelLoad("loading", detail="starting worker")
         return StartWorker(view.device, view.epoch)
@@ -470,9 +516,19 @@ class SchedulerState:
         self._set_model(view, ev.model, ev.load, actions)
 
     def _set_model(self, view: WorkerView, model: str, load: ModelLoad, actions: list) -> None:
-        view.models[model].load = load
+        slot = view.models[model]
+        slot.load = load
+        if load.state == "ready" and load.calibration is not None:
+            self._calibrate(view, slot, load.calibration)
         if load.state == "unavailable":
             self._reject_hopeless(model, actions)
+
+    @staticmethod
+    def _calibrate(view: WorkerView, slot: ModelSlot, c: Calibration) -> None:
+        slot.estimate.calibrate(c)
+        if c.host_cores is not None:
+            view.host_cores = c.host_cores if not view.host_cores else (
+                (1 - EWMA) * view.host_cores + EWMA * c.host_cores)
 
     @_on.register
     def _on_WorkerHeartbeat(self, ev: WorkerHeartbeat, actions: list) -> None:
@@ -480,6 +536,50 @@ class SchedulerState:
         if view is not None:
             view.last_seen = self.clock()
             view.peak_running = max(view.peak_running, ev.peak_running)
+            view.cores = ev.cores or view.cores
+            if ev.cpu_s is not None:
+                self._sample_host_cores(view, ev.cpu_s)
+                self._sample_load(view, ev.cpu_s, ev.node_cpu_s)
+
+    def _sample_load(self, view: WorkerView, cpu_s: float, node_cpu_s: float | None) -> None:
+        """The cores of the worker's node kept busy by anything but its workers (this
+        scheduler, clients, other programs), from the node's CPU time and the workers'."""
+        now = self.clock()
+        if view.beat is not None and now - view.beat[0] >= MIN_SAMPLE_S:
+            view.cpu_rate = max(0.0, cpu_s - view.beat[1]) / (now - view.beat[0])
+        view.beat = (now, cpu_s)
+        if node_cpu_s is None:
+            return
+        load = self.nodes.setdefault(view.node, NodeLoad())
+        if load.sample is not None and now - load.sample[0] >= MIN_SAMPLE_S:
+            took = now - load.sample[0]
+            busy = max(0.0, node_cpu_s - load.sample[1]) / took
+            ours = sum(v.cpu_rate for v in self.workers.values()
+                       if v.node == view.node and v.state == "up")
+            other = max(0.0, busy - ours)
+            # Quick to rise, slow to fall: the load a fan-out brings (this scheduler, its
+            # clients) is there again from the first task of the next one.
+            faded = load.other_cores * 0.5 ** (took / LOAD_HALF_LIFE_S)
+            load.other_cores = max(faded, load.other_cores + RISE * (other - load.other_cores))
+        if load.sample is None or now - load.sample[0] >= MIN_SAMPLE_S:
+            load.sample = (now, node_cpu_s)
+
+    @staticmethod
+    def _sample_host_cores(view: WorkerView, cpu_s: float) -> None:
+        """Host cores a run keeps busy: the process's CPU time over its runs' time, measured
+        between heartbeats that saw runs (an idle spell starts the measure afresh)."""
+        if view.cpu_mark is None or any(s.state == "loading" for s in view.models.values()):
+            view.cpu_mark = (cpu_s, view.busy_s)
+            return
+        cpu0, busy0 = view.cpu_mark
+        ran = view.busy_s - busy0
+        if ran <= 0 and not view.in_flight:
+            view.cpu_mark = (cpu_s, view.busy_s)
+        elif ran >= 0.5:
+            sample = max(0.0, cpu_s - cpu0) / ran
+            view.host_cores = sample if not view.host_cores else (
+                (1 - EWMA) * view.host_cores + EWMA * sample)
+            view.cpu_mark = (cpu_s, view.busy_s)
 
     @_on.register
     def _on_WorkerExited(self, ev: WorkerExited, actions: list) -> None:
@@ -536,7 +636,7 @@ class SchedulerState:
             if task.finished:
                 continue
             task.running = None
-            task.attempts.append(Attempt(view.device, "worker_lost", reason))
+            task.attempts.append(Attempt(view.device, "worker_lost", reason, task.started_at, now))
             self._retry_or_fail(task, actions)
 
     # -- tasks --
@@ -556,7 +656,7 @@ class SchedulerState:
         now = self.clock()
         task = Task(ev.key, ev.model, ev.payload, now + timeout, timeout,
                     generation=Generation(ev.stream) if ev.generate else None, client=ev.client,
-                    submitted_at=now, queued_at=now)
+                    submitted_at=now, queued_at=now, max_tokens=ev.max_tokens)
         if self._hopeless(task):  # says more than Overloaded would, so it is checked first
             self._accept(task)
             self._fail(task, actions)
@@ -578,9 +678,9 @@ class SchedulerState:
         if view is None:
             return
         slot = view.models.get(task.model) if task else None
-        if slot is not None:
-            slot.expected_s = ev.service_s if slot.expected_s is None else (
-                (1 - EWMA) * slot.expected_s + EWMA * ev.service_s)
+        view.busy_s += ev.service_s
+        if slot is not None and task is not None:
+            self._observe(view, slot, task, ev.service_s)
             slot.consecutive_errors, slot.open_until, slot.probing = 0, None, False
             slot.done += 1
             slot.latency.observe(ev.service_s)
@@ -595,7 +695,22 @@ class SchedulerState:
                 slot.prompt_tokens += int(ev.payload.get("prompt_tokens") or 0)
         actions.append(Deliver(task.key, view.device, ev.payload,
                                self._with_skipped(task, before=view.device), ev.service_s,
-                               task.generation))
+                               task.generation, task.submitted_at, task.started_at,
+                               self.clock()))
+
+    def _observe(self, view: WorkerView, slot: ModelSlot, task: Task, service_s: float) -> None:
+        """Refine the estimate from a measured run; a generation's per token, at its batch."""
+        if task.generation is None:
+            slot.estimate.observe(service_s)
+            return
+        made = len(task.generation.ids) - task.tokens_before
+        batch = (task.batch + len(view.in_flight) + 1) / 2  # mean of at dispatch and at end
+        slot.estimate.observe(service_s, made, batch)
+        total = len(task.generation.ids)
+        if total:
+            old = self.typical_tokens.get(task.model)
+            self.typical_tokens[task.model] = total if old is None else (
+                (1 - EWMA) * old + EWMA * total)
 
     @_on.register
     def _on_TaskTokens(self, ev: TaskTokens, actions: list) -> None:
@@ -636,6 +751,7 @@ class SchedulerState:
         slot = view.models.get(task.model)
         rule = error_class(ev.kind)  # what this kind of failure means: errors.py says
         view.failed += 1
+        view.busy_s += ev.service_s
         if slot is not None:
             slot.failed += 1
             slot.probing = False
@@ -648,7 +764,8 @@ class SchedulerState:
                 self._reject_hopeless(task.model, actions)
         if task.finished:
             return
-        task.attempts.append(Attempt(view.device, ev.kind, ev.message))
+        task.attempts.append(Attempt(view.device, ev.kind, ev.message, task.started_at,
+                                     self.clock()))
         if not rule.retry_elsewhere:  # the task is wrong, not the device: never re-run
             self._finish(task)
             actions.append(Reject(task.key, rule(ev.message, task.attempts[:-1])))
@@ -788,13 +905,18 @@ class SchedulerState:
         task.queued_at = self.clock()
         self.queue.appendleft(task)  # a re-run goes before new work: it has waited already
         self.queued_models[task.model] += 1
+        self.queued_excluding[task.model] += bool(task.excluded)
 
     def _unqueue(self, task: Task) -> None:
         try:
             self.queue.remove(task)
         except ValueError:
             return  # not queued (running, or already taken off in _place)
+        self._dequeued(task)
+
+    def _dequeued(self, task: Task) -> None:
         self.queued_models[task.model] -= 1
+        self.queued_excluding[task.model] -= bool(task.excluded)
 
     def _hopeless(self, task: Task) -> bool:
         """True when no device left in the task's order can ever serve it."""
@@ -843,20 +965,97 @@ class SchedulerState:
         for task in [t for t in self.queue if t.model == model and self._hopeless(t)]:
             self._fail(task, actions)
 
-    def _candidates(self, task: Task, now: float) -> list[placement.Candidate]:
+    # -- placement --
+
+    def _lanes(self, now: float) -> placement.Lanes:
+        """Every up worker's slots, each free at once or when its running task should end."""
+        lanes = placement.Lanes()
+        for v in self.workers.values():
+            if v.state == "up":
+                lanes.add(v.device, v.capacity,
+                          [self._remaining(v, t, now) for t in v.in_flight.values()])
+        return lanes
+
+    def _remaining(self, view: WorkerView, task: Task, now: float) -> float:
+        gen, slot = task.generation, view.models.get(task.model)
+        elapsed = now - task.started_at
+        if gen is not None and slot is not None and slot.estimate.token_s is not None:
+            if len(gen.ids) > task.tokens_before:  # under way: the tokens it has left to make
+                left = max(0, self._tokens_total(task) - len(gen.ids))
+                late = elapsed - task.expected_s  # ... or as long again as it is overdue
+                return max(left * slot.estimate.step_s(len(view.in_flight)), late)
+        return placement.remaining_s(task.expected_s, elapsed)
+
+    def _tokens_total(self, task: Task) -> int:
+        """The tokens a generation is expected to end with: its limit, or fewer if this
+        model's completions usually stop sooner."""
+        limit = task.max_tokens or DEFAULT_MAX_TOKENS
+        typical = self.typical_tokens.get(task.model)
+        total = limit if typical is None else min(limit, round(typical))
+        return max(total, len(task.generation.ids) + 1 if task.generation else 1)
+
+    def _expected(self, view: WorkerView, slot: ModelSlot, task: Task, booked: int) -> float:
+        """The task's expected service time on ``view``, ``booked`` tasks already placed
+        there by this pass; a device not measured yet counts as the slowest measured one."""
+        if task.generation is not None:
+            batch = min(view.capacity, len(view.in_flight) + booked + 1)
+            left = self._tokens_total(task) - len(task.generation.ids)
+            expected = slot.estimate.expected(max(1, left), batch)
+        else:
+            expected = slot.estimate.expected()
+        if expected is not None:
+            return expected
+        known = [s.estimate.service_s for v in self.workers.values()
+                 if (s := v.models.get(task.model)) is not None and s.estimate.service_s]
+        return max(known, default=0.0)
+
+    def _eligible(self, task: Task, lanes: placement.Lanes,
+                  now: float) -> list[tuple[int, WorkerView, ModelSlot]]:
+        """(rank, worker, slot) of each worker that may run the task in this pass: up, not
+        failed on by the task, the model ready there, its breaker closed, and not a device
+        that would cost its node's CPU workers more than it adds (while another can run it)."""
         out = []
         for rank, device in enumerate(self.orders[task.model]):
-            if device in task.excluded:
+            if device in task.excluded or device not in lanes:
                 continue
             view = self.workers[device]
             slot = view.models.get(task.model)
-            if view.free <= 0 or slot is None or slot.state != "ready":
+            if slot is None or slot.state != "ready":
                 continue
             if slot.open_until is not None:
                 if now < slot.open_until or slot.probing:
                     continue
-            out.append(placement.Candidate(device, rank, slot.expected_s))
-        return out
+            out.append((rank, view, slot))
+        worth = [e for e in out if self._displaced(task, e, out) < 1.0]
+        return worth or out
+
+    def _displaced(self, task: Task, entry: tuple[int, WorkerView, ModelSlot],
+                   eligible: list[tuple[int, WorkerView, ModelSlot]]) -> float:
+        """How many tasks the other CPU workers of its node would not run while this task runs
+        here: its runs keep host cores busy (an accelerator's simulator or spinning driver,
+        a CPU worker's own compute), and while they run, CPU work on the node takes longer if
+        its cores are then oversubscribed (by the workers' own demand and whatever else the
+        node runs), the more so for a worker whose runs compute rather than wait."""
+        _, view, slot = entry
+        if view.host_cores <= 0 or view.cores <= 0:
+            return 0.0
+        mates = [(v, self._expected(v, s, task, 0)) for _, v, s in eligible
+                 if v is not view and v.kind == "cpu" and v.node == view.node]
+        if not mates:
+            return 0.0
+        load = self.nodes.get(view.node)
+        demand = sum(v.capacity * v.host_cores for v, _ in mates) + (
+            load.other_cores if load else 0.0)
+        stretch = placement.cpu_stretch(view.cores, demand, view.host_cores)
+        lost = sum(placement.throughput_lost(v.host_cores, stretch) * v.capacity / e
+                   for v, e in mates if e > 0)  # tasks per second
+        return lost * self._expected(view, slot, task, 0)
+
+    def _candidates(self, task: Task, eligible: list[tuple[int, WorkerView, ModelSlot]],
+                    lanes: placement.Lanes) -> list[placement.Candidate]:
+        return [placement.Candidate(v.device, rank, lanes.start_s(v.device),
+                                    self._expected(v, slot, task, lanes.booked[v.device]))
+                for rank, v, slot in eligible]
 
     def _any_queued(self, models: set[str]) -> bool:
         return any(self.queued_models[m] > 0 for m in models)
@@ -866,6 +1065,9 @@ class SchedulerState:
                 for m, slot in v.models.items() if slot.state == "ready"}
 
     def _place(self, actions: list) -> None:
+        """One pass over the queue in FIFO order: each task is booked on the worker the policy
+        expects to finish it first, counting the tasks booked before it; one with a free slot
+        runs it now, a busy one leaves it queued, waiting for that worker."""
         if not self.queue:
             return
         now = self.clock()
@@ -875,44 +1077,81 @@ class SchedulerState:
         servable = self._servable()
         if not self._any_queued(servable):
             return
-        blocked: set[tuple[str, frozenset]] = set()  # (model, excluded) that found no slot
+        lanes = self._lanes(now)
+        # Per kind of task (model, devices excluded): who may run it, how many wait in this
+        # pass, and the kinds that none of their workers can start now (the rest of such a
+        # kind waits too: booking it only makes the busy workers later).
+        eligible: dict[tuple[str, frozenset], list] = {}
+        waiting: collections.Counter[tuple] = collections.Counter()
+        stuck: set[tuple[str, frozenset]] = set()
         kept: collections.deque[Task] = collections.deque()
-        while self.queue and free > 0:
+        # Models whose queued tasks may still be placed by this pass, and how many of their
+        # tasks the pass has yet to see (those with exclusions apart): once a model's plain
+        # kind is stuck and none of its other kinds is left, the pass is done with it.
+        live = {m for m in servable if self.queued_models[m] > 0}
+        unseen = {m: [self.queued_models[m] - self.queued_excluding[m],
+                      self.queued_excluding[m]] for m in live}
+        while self.queue and free > 0 and live:
             task = self.queue.popleft()
-            if task.model not in servable and now < task.deadline:
-                kept.append(task)
-                continue
+            sig = (task.model, frozenset(task.excluded))
+            if task.model in unseen:
+                unseen[task.model][bool(task.excluded)] -= 1
             if now >= task.deadline:  # expired while queued: answer it, do not dispatch it
-                self.queued_models[task.model] -= 1
+                self._dequeued(task)
                 self._abandon(task, actions, DeadlineExceeded(
                     f"no result within {task.timeout_s:g} s", task.attempts))
                 continue
-            sig = (task.model, frozenset(task.excluded))
-            choice = None
-            if sig not in blocked:
-                choice = self.policy(self._candidates(task, now))
-            if choice is None:
-                blocked.add(sig)
+            if task.model not in live or sig in stuck or waiting[sig] >= LOOKAHEAD:
                 kept.append(task)
+                self._done_with(task.model, live, unseen, stuck, waiting)
                 continue
-            view = self.workers[choice.device]
-            slot = view.models[task.model]
-            if slot.open_until is not None:
-                slot.probing = True  # half-open: this task is the probe
-            slot.queue_wait.observe(now - task.queued_at)
-            task.tokens_at = None  # the gap to this attempt's first tokens is no token gap
-            attempt = next(self._attempt_ids)
+            if sig not in eligible:
+                eligible[sig] = self._eligible(task, lanes, now)
+            candidates = self._candidates(task, eligible[sig], lanes)
+            choice = self.policy(candidates)
+            if not any(c.free for c in candidates):
+                stuck.add(sig)
+            if choice is not None:
+                lanes.commit(choice.device, choice.service_s)
+            if choice is None or not choice.free:  # none, or a busy one: wait for it
+                waiting[sig] += choice is not None
+                kept.append(task)
+                self._done_with(task.model, live, unseen, stuck, waiting)
+                continue
+            self._dispatch(task, choice, now, actions)
             free -= 1
-            self.queued_models[task.model] -= 1
-            view.in_flight[attempt] = task
-            if view.free == 0:
+            if self.workers[choice.device].free == 0:
                 servable = self._servable()
-                if not self._any_queued(servable):
-                    free = 0  # nothing left in the queue that a free slot could take
-            task.running = (view.device, attempt)
-            actions.append(Dispatch(view.device, view.epoch, attempt, task.model, task.payload,
-                                    max(0.0, task.deadline - now), task.generation))
+                live &= servable  # nothing left for a model no free slot could take
         self.queue.extendleft(reversed(kept))  # the passed-over tasks, back in their order
+
+    @staticmethod
+    def _done_with(model: str, live: set[str], unseen: dict[str, list[int]],
+                   stuck: set[tuple[str, frozenset]], waiting: collections.Counter) -> None:
+        """Drop ``model`` from the pass once nothing of it that is left could be placed."""
+        left = unseen.get(model)
+        if left is None or left[1] > 0:
+            return
+        plain: tuple[str, frozenset] = (model, frozenset())
+        if left[0] <= 0 or plain in stuck or waiting[plain] >= LOOKAHEAD:
+            live.discard(model)
+
+    def _dispatch(self, task: Task, choice: placement.Candidate, now: float,
+                  actions: list) -> None:
+        view = self.workers[choice.device]
+        slot = view.models[task.model]
+        if slot.open_until is not None:
+            slot.probing = True  # half-open: this task is the probe
+        slot.queue_wait.observe(now - task.queued_at)
+        task.tokens_at = None  # the gap to this attempt's first tokens is no token gap
+        attempt = next(self._attempt_ids)
+        self._dequeued(task)
+        view.in_flight[attempt] = task
+        task.running = (view.device, attempt)
+        task.started_at, task.expected_s, task.batch = now, choice.service_s, len(view.in_flight)
+        task.tokens_before = len(task.generation.ids) if task.generation else 0
+        actions.append(Dispatch(view.device, view.epoch, attempt, task.model, task.payload,
+                                max(0.0, task.deadline - now), task.generation))
 
     # -- views --
 
@@ -927,16 +1166,20 @@ class SchedulerState:
             queued=sum(queued[m] for m in v.models), done=v.done, failed=v.failed,
             failed_over=v.failed_over, lost=v.lost, restarts=v.restarts,
             peak_running=v.peak_running, last_exit=v.last_exit, template=v.template,
-            epoch=v.epoch, models={name: self._model_status(s, now)
-                                   for name, s in v.models.items()})
+            epoch=v.epoch, cores=v.cores, host_cores=round(v.host_cores, 3),
+            models={name: self._model_status(s, now) for name, s in v.models.items()})
             for v in self.workers.values())
         return Status(workers=workers, queued=len(self.queue), unanswered=len(self.tasks),
                       counters=Counters(**self.counters), max_queue=self.sc.max_queue,
-                      queued_by_model=dict(queued), cluster=cluster)
+                      queued_by_model=dict(queued), cluster=cluster,
+                      other_cores={n: round(load.other_cores, 3)
+                                   for n, load in self.nodes.items()})
 
     @staticmethod
     def _model_status(s: ModelSlot, now: float) -> ModelStatus:
-        return ModelStatus(**dataclasses.asdict(s.load), done=s.done, failed=s.failed,
+        return ModelStatus(**{f.name: getattr(s.load, f.name)
+                              for f in dataclasses.fields(s.load)},
+                           done=s.done, failed=s.failed,
                            failed_over=s.failed_over, expected_s=s.expected_s,
                            breaker=s.breaker(now), latency=s.latency.copy(),
                            request=s.request.copy(), ttft=s.ttft.copy(), itl=s.itl.copy(),
@@ -958,6 +1201,9 @@ class SchedulerState:
         counted = collections.Counter(t.model for t in self.queue)
         nonzero = {m: n for m, n in self.queued_models.items() if n}
         assert nonzero == dict(counted), (self.queued_models, counted)
+        excluding = collections.Counter(t.model for t in self.queue if t.excluded)
+        nonzero = {m: n for m, n in self.queued_excluding.items() if n}
+        assert nonzero == dict(excluding), (self.queued_excluding, excluding)
         for t in self.tasks.values():
             assert not t.finished
         indexed = {k: t for own in self.client_tasks.values() for k, t in own.items()}

@@ -28,6 +28,32 @@ def _itl() -> Histogram:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """What a worker measured in the warm-up run(s) of a model it just loaded, which the
+    scheduler's estimates start from (``core/estimates.py``).
+
+    service_s: the warm-up's wall time (one task; for an LLM, one short generation alone).
+    cpu_s: process CPU seconds the warm-up burned: how many host cores the device's runs use.
+    ttft_s, token_s: LLM, alone: time to the first token, then seconds per further token.
+    batch, batch_token_s: LLM: seconds per token with ``batch`` sequences decoded together.
+    """
+
+    service_s: float | None = None
+    cpu_s: float | None = None
+    ttft_s: float | None = None
+    token_s: float | None = None
+    batch: int = 1
+    batch_token_s: float | None = None
+
+    @property
+    def host_cores(self) -> float | None:
+        """Cores of the host the warm-up kept busy while it ran (CPU seconds per second)."""
+        if self.cpu_s is None or not self.service_s:
+            return None
+        return self.cpu_s / self.service_s
+
+
+@dataclass(frozen=True)
 class ModelLoad:
     """Where loading one model on one worker stands: the worker reports it, the scheduler
     keeps it, the status shows it."""
@@ -36,6 +62,7 @@ class ModelLoad:
     error: str | None = None  # the engine's text, when unavailable
     detail: str = ""  # the current step: "compiling for HTP", "worker restarting"
     load_s: float = 0.0
+    calibration: Calibration | None = None  # what its warm-up measured, once ready
 
     def to_wire(self) -> dict:
         return plain(self)
@@ -149,6 +176,8 @@ class WorkerStatus:
     template: str = ""  # the config device this worker is (an instance of)
     epoch: int = 0
     models: dict[str, ModelStatus] = field(default_factory=dict)
+    cores: int = 0  # cores of its node it may use, as it reports them
+    host_cores: float = 0.0  # host cores one of its runs keeps busy (its CPU time per run time)
 
 
 @dataclass(frozen=True)
@@ -190,6 +219,8 @@ class Status:
     max_queue: int = 0
     queued_by_model: dict[str, int] = field(default_factory=dict)
     cluster: ClusterInfo | None = None  # filled in by the scheduler's shell
+    # node -> cores kept busy there by what is not a worker (the scheduler, clients, others)
+    other_cores: dict[str, float] = field(default_factory=dict)
 
     def worker(self, device: str) -> WorkerStatus:
         """The worker of ``device``; ``KeyError`` naming the devices there are."""
