@@ -72,6 +72,11 @@ class CancelToken:
                 pass
 
 
+class WarmUp(CancelToken):
+    """The token of a worker's warm-up run at load: a calibration, not a task (the fault
+    wrapper delays it as it delays runs, but neither counts nor fails it)."""
+
+
 ProgressFn = Callable[[str], None]  # a one-line note: "compiling for HTP", "cached context found"
 
 

@@ -1,7 +1,8 @@
 """Fault injection around a real backend, for tests and failover drills (see ``FaultConfig``).
 
 Runs that are not failed go to the real engine. Runs are counted per backend (one device
-worker), over the models the faults apply to, under a lock: concurrent runs get distinct numbers.
+worker), over the models the faults apply to, under a lock: concurrent runs get distinct numbers;
+the worker's warm-up run at load is delayed by ``hang_s`` like any run, but not counted.
 For an LLM session each ``generate`` call is one run, and ``fail_after_tokens`` also fails a
 generation mid-stream, after it has delivered that many tokens.
 """
@@ -23,6 +24,7 @@ from .base import (
     ProgressFn,
     Session,
     TokensFn,
+    WarmUp,
 )
 
 
@@ -56,12 +58,15 @@ class FaultyBackend:
             return self._runs
 
     def before_run(self, model: str, cancel: CancelToken) -> None:
-        """The injected hang, then the run's number: raises if this run is to fail."""
+        """The injected hang, then the run's number: raises if this run is to fail. A
+        warm-up run is delayed like any run but not counted: the faults count tasks."""
         if self.faults.hang_s > 0:
             woken = threading.Event()
             cancel.on_cancel(woken.set)
             if woken.wait(self.faults.hang_s):
                 raise Cancelled(f"{model}: run cancelled (during injected hang)")
+        if isinstance(cancel, WarmUp):
+            return
         n = self.next_run()
         if self.should_fail(n):
             raise DeviceError(f"{model}: {self.faults.message} (injected fault, run {n})")
@@ -105,7 +110,7 @@ class FaultyLLMSession(LLMSession):
                  cancel: CancelToken) -> GenResult:
         self._backend.before_run(self._model, cancel)
         limit = self._backend.faults.fail_after_tokens
-        if limit is None:
+        if limit is None or isinstance(cancel, WarmUp):
             return self._inner.generate(request, on_tokens, cancel)
         delivered = 0
 

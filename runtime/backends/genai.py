@@ -49,7 +49,7 @@ NPU_PROMPT_LEN, NPU_RESPONSE_LEN = 1024, 128
 ROLES = ("system", "user", "assistant", "tool")
 # Device options this module interprets; SchedulerConfig fields go to the scheduler, the rest
 # are OpenVINO properties of the pipeline (e.g. INFERENCE_NUM_THREADS, MAX_PROMPT_LEN on NPU).
-_OWN_OPTIONS = {"device", "context_length", "continuous_batching", "gather_s"}
+_OWN_OPTIONS = {"device", "context_length", "continuous_batching", "gather_s", "warmup"}
 # CPU numerics that do not depend on the batch. With OpenVINO's CPU defaults (bf16 where AMX
 # exists, activations quantized dynamically for int4 weights, u8 KV cache) a greedy request
 # decoded in a batch of 8 differed from the same request alone in 16-20 of 24 cases within 32

@@ -652,6 +652,14 @@ class _Parser:
         if "pad" in opts and not isinstance(opts["pad"], bool):
             self.error(f"{path}.pad", "must be true or false", opts["pad"])
             ok = False
+        warmup = opts.get("warmup", True)
+        if not isinstance(warmup, bool) and not (isinstance(warmup, dict) and all(
+                isinstance(shape, list) and shape and all(_is_int(x) and 1 <= x <= 1 << 24
+                                                          for x in shape)
+                for shape in warmup.values())):
+            self.error(f"{path}.warmup", "must be true, false or map input names to the "
+                       "shapes of the warm-up input, like {input_ids: [1, 64]}", warmup)
+            ok = False
         return opts if ok else None
 
     def model_cache(self, raw: Mapping) -> str | None:

@@ -89,6 +89,9 @@ class ModelConfig:
       npu first, then gpu, then cpu).
     options: per-device options, e.g. ``{npu0: {shapes: {input_ids: [1, 32]}, soc_model: "69"}}``.
       ``shapes`` fixes free dimensions; ``pad`` (default true) pads smaller inputs to them.
+      ``warmup`` (default true): when the model loads there, one warm-up run on a
+      representative input (free dims: 1 for the first, 16 for others) measures its service
+      time for placement; ``false`` skips it, ``{input: [dims]}`` sets the input's shape.
     tokenizer: a tokenizer.json (``packaged:NAME`` or a path) that makes this a text-embedding
       model for the HTTP API's /v1/embeddings: text is tokenized, run, mean-pooled, normalized.
     """

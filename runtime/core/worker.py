@@ -29,6 +29,7 @@ from ..errors import ErrorKind, FanoutError, InvalidInput, ModelUnavailable
 from ..wire.protocol import ALLOWED_DTYPES, result_bytes
 from ..wire.status import ModelLoad
 from .tensors import fit_inputs
+from .warmup import warm_up
 
 log = logging.getLogger("fanout.worker")
 
@@ -118,8 +119,16 @@ class WorkerCore:
             self._set_state(name, ModelLoad("unavailable", error=text,
                                             load_s=self.clock() - started))
             return
+        detail = "ready"
+        progress("warming up")
+        try:
+            calibration = warm_up(session, spec, self.capacity)
+        except Exception as exc:  # the model loaded: tasks will tell whether the device works
+            log.warning("%s: %s warm-up failed: %s", self.device, name, exc)
+            calibration, detail = None, f"ready (warm-up failed: {exc})"
         self.sessions[name] = session
-        self._set_state(name, ModelLoad("ready", detail="ready", load_s=self.clock() - started))
+        self._set_state(name, ModelLoad("ready", detail=detail, load_s=self.clock() - started,
+                                        calibration=calibration))
 
     def _set_state(self, model: str, load: ModelLoad) -> None:
         self.states[model] = load
