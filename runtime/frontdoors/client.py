@@ -56,12 +56,20 @@ REFUSED_FOR_S = 0.5
 
 @dataclass
 class TaskResult:
-    """One task's answer: the outputs, the device that served it and every failed try."""
+    """One task's answer: the outputs, the device that served it and every failed try.
+
+    ``submitted_at``, ``started_at``, ``finished_at``: when the scheduler accepted the task,
+    dispatched the attempt that served it, and answered, on the scheduler's clock (seconds;
+    compare them with each other and with the attempts' ``started_at``/``ended_at``).
+    """
 
     outputs: dict[str, np.ndarray]
     device: str
     attempts: list[Attempt] = field(default_factory=list)
     service_s: float = 0.0
+    submitted_at: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
 
     @property
     def failed_over(self) -> bool:
@@ -81,6 +89,9 @@ class TextCompletion:
     device: str
     attempts: list[Attempt] = field(default_factory=list)
     service_s: float = 0.0
+    submitted_at: float = 0.0  # on the scheduler's clock, as in TaskResult
+    started_at: float = 0.0
+    finished_at: float = 0.0
 
     @property
     def failed_over(self) -> bool:
@@ -493,10 +504,12 @@ def _reply_id(msg: p.Message | None) -> str | None:
 
 
 def _answer(msg: p.Result | p.Completion) -> TaskResult | TextCompletion:
+    times = (msg.submitted_at, msg.started_at, msg.finished_at)
     if isinstance(msg, p.Result):
-        return TaskResult(dict(msg.outputs), msg.device, list(msg.attempts), msg.service_s)
+        return TaskResult(dict(msg.outputs), msg.device, list(msg.attempts), msg.service_s,
+                          *times)
     return TextCompletion(msg.text, msg.finish_reason, msg.usage, msg.device,
-                          list(msg.attempts), msg.service_s)
+                          list(msg.attempts), msg.service_s, *times)
 
 
 class Client:

@@ -214,9 +214,12 @@ class SchedulerProcess:
                 self._feed(heard, s.TaskSubmitted((ident, msg.task_id), msg.model, msg.inputs,
                                                   msg.timeout_s, client=ident))
             case p.Generate():
+                limit = msg.request.get("max_tokens")
                 self._feed(heard, s.TaskSubmitted((ident, msg.task_id), msg.model, msg.request,
                                                   msg.timeout_s, generate=True,
-                                                  stream=msg.stream, client=ident))
+                                                  stream=msg.stream, client=ident,
+                                                  max_tokens=limit if isinstance(limit, int)
+                                                  else None))
             case p.Cancel():
                 self._feed(heard, s.TaskCancelled((ident, msg.task_id)))
             case p.StatusRequest():
@@ -272,7 +275,8 @@ class SchedulerProcess:
         device, epoch = who
         match msg:
             case p.Heartbeat():
-                self._feed(s.WorkerHeartbeat(device, epoch, msg.peak_running))
+                self._feed(s.WorkerHeartbeat(device, epoch, msg.peak_running, msg.cpu_s,
+                                             msg.cores, msg.node_cpu_s))
             case p.ModelState():
                 self._feed(s.ModelStateChanged(device, epoch, msg.model, msg.load))
             case p.Done():
@@ -314,10 +318,12 @@ class SchedulerProcess:
                 case s.Deliver():
                     ident, task_id = a.key
                     attempts = list(a.attempts)
+                    timing = {"submitted_at": a.submitted_at, "started_at": a.started_at,
+                              "finished_at": a.finished_at}
                     if a.generation is None:
                         self._reply(ident, p.Result(task_id=task_id, device=a.device,
                                                     outputs=a.payload, service_s=a.service_s,
-                                                    attempts=attempts))
+                                                    attempts=attempts, **timing))
                         continue
                     done = len(a.generation.ids)
                     usage = {"prompt_tokens": a.payload["prompt_tokens"],
@@ -326,7 +332,7 @@ class SchedulerProcess:
                     self._reply(ident, p.Completion(
                         task_id=task_id, text=a.generation.text, device=a.device,
                         finish_reason=a.payload["finish_reason"], usage=usage,
-                        attempts=attempts, service_s=a.service_s))
+                        attempts=attempts, service_s=a.service_s, **timing))
                 case s.Reject():
                     ident, task_id = a.key
                     self._reply(ident, p.Failure(task_id=task_id, error=a.error))

@@ -45,6 +45,25 @@ def model_specs(config: Config, device: str, cache_root: Path) -> list[ModelSpec
     return specs
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity), which the node's workers share."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def node_cpu_s() -> float | None:
+    """CPU seconds all processes of this machine have used (Linux: /proc/stat), else None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def die_with_parent() -> None:
     """Ask Linux to SIGKILL us when the parent dies (the scheduler also watches ppid)."""
     if sys.platform.startswith("linux"):
@@ -124,7 +143,9 @@ class WorkerProcess:
                 now = time.monotonic()
                 if now - last_beat >= self.heartbeat_s:
                     self.send(p.Heartbeat(in_flight=self.core.in_flight(),
-                                          peak_running=self.core.peak_running))
+                                          peak_running=self.core.peak_running,
+                                          cpu_s=time.process_time(), cores=usable_cores(),
+                                          node_cpu_s=node_cpu_s()))
                     last_beat = now
                 if now - last_heard > self.orphan_s:
                     log.error("%s: scheduler silent for %.0f s; exiting", self.device.name,

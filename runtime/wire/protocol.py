@@ -114,6 +114,9 @@ class Completion(Message):
     usage: dict = field(default_factory=dict)
     attempts: list[Attempt] = field(default_factory=list)
     service_s: float = 0.0
+    submitted_at: float = 0.0  # on the scheduler's clock, as in Result
+    started_at: float = 0.0
+    finished_at: float = 0.0
 
 
 @dataclass
@@ -143,6 +146,10 @@ class Result(Message):
     outputs: dict = field(default_factory=dict)
     attempts: list[Attempt] = field(default_factory=list)
     service_s: float = 0.0
+    # On the scheduler's clock: accepted, its last attempt dispatched, answered.
+    submitted_at: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
 
 
 @dataclass
@@ -188,6 +195,9 @@ class Heartbeat(Message):
     TYPE = "heartbeat"
     in_flight: int = 0
     peak_running: int = 0  # most engine runs ever at once in this worker process
+    cpu_s: float | None = None  # CPU seconds this worker process has used
+    cores: int = 0  # cores it may run on
+    node_cpu_s: float | None = None  # CPU seconds all processes of its machine have used
 
 
 @dataclass
