@@ -324,6 +324,8 @@ def cmd_bench(args) -> int:
     from .bench import BENCHES
     if args.which == "scale":
         return BENCHES["scale"](tasks=args.tasks, quick=args.quick, nodes=args.nodes)
+    if args.which == "placement":
+        return BENCHES["placement"](quick=args.quick, plot=args.plot)
     return BENCHES[args.which]()
 
 
@@ -389,9 +391,12 @@ def parser() -> argparse.ArgumentParser:
     p["models"].add_argument("action", choices=["list", "fetch"])
     p["models"].add_argument("names", nargs="*", help="fetch: the models (default: all)")
     bp = p["bench"]
-    bp.add_argument("which", choices=["llm", "minilm", "http", "scale"])
+    bp.add_argument("which", choices=["llm", "minilm", "http", "scale", "placement"])
     bp.add_argument("--tasks", type=int, help="scale: no-op tasks per figure (MiniLM: a quarter)")
-    bp.add_argument("--quick", action="store_true", help="scale: a tiny run, for the smoke test")
+    bp.add_argument("--quick", action="store_true",
+                    help="scale, placement: a tiny run, for the smoke test")
+    bp.add_argument("--plot", metavar="FILE.png",
+                    help="placement: draw the NPU-failure fan-out's timeline (needs matplotlib)")
     bp.add_argument("--nodes", type=int, default=3, help="scale: the most simulated Ray nodes")
     return ap
 
