@@ -1,8 +1,10 @@
 """Fan-out semantic search on an embedded Fanout cluster.
 
 One step embeds every document and query at once (the fan-out an agent step makes), spread
-over this PC's NPU and CPU; texts longer than the NPU's static 32 tokens fail over to the
-CPU. It prints which device served each text and every failover, then answers the queries.
+over this PC's NPU and CPU: each text goes where it is expected to finish first, by the times
+each device measured when it loaded the model, and a text longer than the NPU's static 32
+tokens that lands there fails over to the CPU. It prints which device served each text, every
+failover, and the time next to the same fan-out on the CPU alone; then answers the queries.
 
     python examples/fanout_search.py [--config deploy/local.yaml]
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import time
 
 import numpy as np
@@ -18,6 +21,7 @@ import runtime
 from runtime import env
 from runtime.cli import render_status
 from runtime.frontdoors.embeddings import HIDDEN, TextEncoder, mean_pool
+from runtime.launchers import local
 from runtime.launchers.models import fetch
 
 DOCS = [
@@ -43,6 +47,7 @@ DOCS = [
     "The marathon route passes the old harbour twice.",
     "Espresso is brewed by forcing hot water through finely ground coffee.",
 ]
+ROUNDS = 3
 QUERIES = [
     "What happens when the accelerator breaks?",
     "Why does dough get bigger?",
@@ -60,14 +65,25 @@ def main(argv=None) -> int:
     texts = DOCS + QUERIES
     inputs = [encoder.inputs(t) for t in texts]
 
+    config = local.load(args.config)
+    # The same model on the CPU alone, to time the fan-out against.
+    cpu = [d for d in config.device_order("minilm") if config.device(d).kind == "cpu"][:1]
+    config.models.append(dataclasses.replace(config.model("minilm"), name="minilm-cpu",
+                                             devices=cpu, tokenizer=None))
     print("starting the embedded cluster ...")
-    with runtime.start(args.config, progress=print) as cluster:
+    with runtime.start(config, progress=print) as cluster:
         client = cluster.client()
-        started = time.perf_counter()
-        results = client.map("minilm", inputs)  # the fan-out: every text at once
-        elapsed = time.perf_counter() - started
+        took: dict[str, list[float]] = {"minilm": [], "minilm-cpu": []}
+        for _ in range(ROUNDS):  # alternately, as this machine may be busy with other work
+            for name, times in took.items():
+                started = time.perf_counter()
+                out = client.map(name, inputs)  # the fan-out: every text at once
+                times.append(time.perf_counter() - started)
+                if name == "minilm" and len(times) == 1:
+                    results = out
 
-        print(f"\n{len(texts)} texts embedded in {elapsed:.2f} s\n")
+        print(f"\n{len(texts)} texts embedded in {min(took['minilm']):.3f} s (best of "
+              f"{ROUNDS}; on {cpu[0]} alone: {min(took['minilm-cpu']):.3f} s)\n")
         print(f"{'DEVICE':<7} {'TOKENS':>6}  TEXT")
         for text, x, r in zip(texts, inputs, results):
             print(f"{r.device:<7} {x['input_ids'].shape[1]:>6}  {text[:70]}")

@@ -110,17 +110,20 @@ def test_every_task_completes_on_cpu_when_the_npus_cannot_load(broken_npus, refe
 
 def test_device_errors_at_run_time_are_re_run_on_cpu_with_the_failover_recorded(
         clusters, reference):
-    cluster = clusters.start(f"""
-        scheduler: {{breaker_threshold: 2, breaker_cooldown_s: 60}}
+    # Without a warm-up npu0 counts as fast as cpu0, so the order sends tasks there first.
+    cluster = clusters.start("""
+        scheduler: {breaker_threshold: 2, breaker_cooldown_s: 60}
         devices:
-          - {{name: npu0, kind: npu, backend: qnn, capacity: 1,
-              faults: {{fail_after: 0, message: "HTP subsystem restart"}}}}
-          - {{name: cpu0, kind: cpu, backend: onnxruntime, capacity: 2}}
+          - {name: npu0, kind: npu, backend: qnn, capacity: 1,
+              faults: {fail_after: 0, message: "HTP subsystem restart"}}
+          - {name: cpu0, kind: cpu, backend: onnxruntime, capacity: 2}
         models:
           - name: minilm
             source: "packaged:minilm"
             devices: [npu0, cpu0]
-            options: {{npu0: {NPU_OPTIONS}}}
+            options:
+              npu0: {shapes: {input_ids: [1, 32], attention_mask: [1, 32]}, soc_model: "69",
+                     warmup: false}
     """)
     client = cluster.client()
     batch = sentences(8)
