@@ -38,6 +38,8 @@ def test_bars_that_overlap_in_time_get_rows_of_their_own():
     assert rows(lane) == [0, 1, 0]  # the third starts as the first ends
     instant = [Bar("npu0", 1.0, 1.0, "failed"), Bar("npu0", 1.0, 1.0, "failed")]
     assert rows(instant, min_width=0.01) == [0, 1]  # as drawn, they would overlap
+    short = [Bar("cpu0", 1.0, 1.001, "served"), Bar("cpu0", 1.001, 1.002, "served")]
+    assert rows(short, min_width=0.01) == [0, 0]  # a served run is drawn as long as it was
 
 
 def test_the_timeline_is_written_as_a_png(tmp_path):

@@ -50,15 +50,16 @@ def _timed(results: Sequence[Any]) -> list[Any]:
 
 
 def rows(lane: list[Bar], min_width: float = 0.0) -> list[int]:
-    """A row for each bar of one device, so bars that overlap in time (each at least
-    ``min_width`` wide, as drawn) never share one."""
+    """A row for each bar of one device, so bars that overlap in time never share one (a
+    failed attempt, often instant, counts as at least ``min_width`` wide, as drawn)."""
     ends: list[float] = []
     placed = [0] * len(lane)
     for i in sorted(range(len(lane)), key=lambda i: lane[i].start):
         row = next((k for k, end in enumerate(ends) if end <= lane[i].start), len(ends))
         if row == len(ends):
             ends.append(0.0)
-        ends[row] = max(lane[i].end, lane[i].start + min_width)
+        wide = min_width if lane[i].kind == "failed" else 0.0
+        ends[row] = max(lane[i].end, lane[i].start + wide)
         placed[i] = row
     return placed
 
@@ -86,10 +87,9 @@ def timeline(results: Sequence[Any], path: str | os.PathLike | None = None, *,
              or [0.0])
     lanes = list(devices or dict.fromkeys(b.device for b in drawn))
     by_lane = {d: [b for b in drawn if b.device == d] for d in lanes}
-    # An instant failure still shows: each bar is drawn at least this wide (the rows are the
-    # slots in use at once, from the true times).
+    # An instant failure still shows: each bar is drawn at least this wide.
     min_width = 0.006 * max([b.end - t0 for b in drawn] + [fluid_s or 0.0, 1e-3])
-    lane_rows = {d: rows(by_lane[d]) for d in lanes}
+    lane_rows = {d: rows(by_lane[d], min_width) for d in lanes}
     heights = {d: max(lane_rows[d], default=0) + 1 for d in lanes}
     base, y = {}, 0.0
     for d in reversed(lanes):  # the first lane on top
