@@ -24,7 +24,8 @@ FANOUT = f"""
     devices:
       - {{name: npu0, kind: npu, backend: qnn, capacity: 1, resources: {{NPU: 1}},
           faults: {{fail_after: 0, models: [minilm-flaky], message: "HTP subsystem restart"}}}}
-      - {{name: cpu0, kind: cpu, backend: onnxruntime, capacity: 2}}
+      - {{name: cpu0, kind: cpu, backend: onnxruntime, capacity: 2,
+          faults: {{hang_s: 3.0, models: [minilm-flaky]}}}}
       - {{name: cpu1, kind: cpu, backend: onnxruntime, capacity: 2}}
     models:
       - name: minilm
@@ -35,7 +36,7 @@ FANOUT = f"""
         source: "packaged:minilm"
         devices: [npu0]
         options: {{npu0: {NPU_OPTIONS}}}
-      - name: minilm-flaky
+      - name: minilm-flaky  # cpu0 waits 3 s a run of it: placement tries the NPU first
         source: "packaged:minilm"
         devices: [npu0, cpu0]
         options: {{npu0: {NPU_OPTIONS}}}

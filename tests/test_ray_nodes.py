@@ -135,10 +135,12 @@ def test_a_node_leaving_mid_fanout_loses_nothing_and_a_node_joining_takes_tasks(
 
 def test_a_device_no_node_can_host_is_gone_until_a_node_with_its_resources_joins(
         ray_nodes, on_ray, extra_nodes):
+    # The per-node workers wait 0.2 s a run, so once late0 is up placement prefers it.
     cluster = on_ray.start("""
         devices:
           - {name: late0, kind: cpu, backend: onnxruntime, capacity: 1, resources: {late: 1}}
-          - {name: cpu, kind: cpu, backend: onnxruntime, capacity: 2, per_node: true}
+          - {name: cpu, kind: cpu, backend: onnxruntime, capacity: 2, per_node: true,
+             faults: {hang_s: 0.2}}
         models:
           - {name: minilm, source: "packaged:minilm", devices: [late0, cpu]}
     """)
