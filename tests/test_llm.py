@@ -107,7 +107,8 @@ def test_an_over_long_prompt_is_invalid_input_and_the_worker_lives_on(llm):
     ({"top_p": 0}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"stop": [""]}, "stop"),
-    ({"frequency_penalty": 1.0}, "unknown generation parameter"),
+    ({"frequency_penalty": 3.0}, "frequency_penalty must be a number in -2..2"),
+    ({"top_k": 4}, "unknown generation parameter"),
 ])
 def test_bad_parameters_are_invalid_input_before_anything_is_sent(llm, params, match):
     with pytest.raises(InvalidInput, match=match):

@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..wire.generation import GenRequest, GenResult
+from ..wire.generation import Delta, GenRequest, GenResult
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class Backend(Protocol):
 
 # ---- generation (LLMs) --------------------------------------------------------------------
 
-TokensFn = Callable[[list[int], str], None]  # (new token ids, new text) as they come
+TokensFn = Callable[[Delta], None]  # new token ids, text, whole tool calls as they come
 
 
 @runtime_checkable

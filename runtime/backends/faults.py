@@ -17,6 +17,7 @@ from ..errors import Cancelled, DeviceError, ModelUnavailable
 from .base import (
     Backend,
     CancelToken,
+    Delta,
     GenRequest,
     GenResult,
     LLMSession,
@@ -114,13 +115,14 @@ class FaultyLLMSession(LLMSession):
             return self._inner.generate(request, on_tokens, cancel)
         delivered = 0
 
-        def limited(ids: list[int], text: str) -> None:
+        def limited(delta: Delta) -> None:
             # Pass at most `limit` tokens in all, then fail. A chunk cut short goes without its
-            # text: a device that continues from the delivered ids emits that text again.
+            # text and calls: a device that continues from the delivered ids sends them again.
             nonlocal delivered
-            take = ids[:limit - delivered]
-            if take or (text and delivered < limit):
-                on_tokens(take, text if len(take) == len(ids) else "")
+            take = delta.ids[:limit - delivered]
+            whole = len(take) == len(delta.ids)
+            if take or ((delta.text or delta.tool_calls) and delivered < limit):
+                on_tokens(delta if whole else Delta(take, logprobs=delta.logprobs[:len(take)]))
             delivered += len(take)
             if delivered >= limit:
                 raise DeviceError(f"{self._model}: {self._backend.faults.message} (injected "

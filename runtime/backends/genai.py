@@ -15,11 +15,12 @@ queue and wait on a queue of their own for token ids. Tokenizing, detokenizing a
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import json
-import math
 import queue
 import random
+import re
 import struct
 import threading
 import time
@@ -29,7 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import Cancelled, DeviceError, FanoutError, InvalidInput, ModelUnavailable
+from ..errors import (
+    Cancelled,
+    DeviceError,
+    FanoutError,
+    InvalidInput,
+    ModelUnavailable,
+    Unsupported,
+)
+from . import constraints
 from .base import (
     CancelToken,
     GenRequest,
@@ -39,6 +48,7 @@ from .base import (
     ProgressFn,
     TokensFn,
 )
+from .deltas import Deltas
 
 # Used when neither the device options nor the model file say how long the context is.
 DEFAULT_CONTEXT_LENGTH = 2048
@@ -46,10 +56,10 @@ GATHER_S = 0.02  # an idle engine waits this long for the rest of a fan-out (opt
 GATHER_CAP = 5  # ... after each arrival, up to this many times gather_s in all
 # The NPU static pipeline's defaults for MAX_PROMPT_LEN and MIN_RESPONSE_LEN.
 NPU_PROMPT_LEN, NPU_RESPONSE_LEN = 1024, 128
-ROLES = ("system", "user", "assistant", "tool")
 # Device options this module interprets; SchedulerConfig fields go to the scheduler, the rest
 # are OpenVINO properties of the pipeline (e.g. INFERENCE_NUM_THREADS, MAX_PROMPT_LEN on NPU).
-_OWN_OPTIONS = {"device", "context_length", "continuous_batching", "gather_s", "warmup"}
+_OWN_OPTIONS = {"device", "context_length", "continuous_batching", "gather_s", "warmup",
+                "structured_output"}
 # CPU numerics that do not depend on the batch. With OpenVINO's CPU defaults (bf16 where AMX
 # exists, activations quantized dynamically for int4 weights, u8 KV cache) a greedy request
 # decoded in a batch of 8 differed from the same request alone in 16-20 of 24 cases within 32
@@ -128,40 +138,8 @@ def model_context_length(path: str | Path) -> int | None:
 
 # ---- requests -------------------------------------------------------------------------------
 
-def check_request(r: GenRequest, label: str) -> None:
-    """Raise ``InvalidInput`` for a request no engine could serve."""
-    def bad(why: str) -> InvalidInput:
-        return InvalidInput(f"{label}: {why}")
-
-    if (r.messages is None) == (r.prompt is None):
-        raise bad("set exactly one of messages and prompt")
-    if r.messages is not None:
-        if not isinstance(r.messages, list) or not r.messages:
-            raise bad("messages must be a non-empty list")
-        for i, m in enumerate(r.messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES:
-                raise bad(f"messages[{i}].role must be one of {', '.join(ROLES)}, got "
-                          f"{m.get('role') if isinstance(m, dict) else m!r}")
-            if not isinstance(m.get("content"), str):
-                raise bad(f"messages[{i}].content must be a string")
-    elif not isinstance(r.prompt, str) or not r.prompt:
-        raise bad("prompt must be a non-empty string")
-    if not isinstance(r.max_tokens, int) or r.max_tokens < 1:
-        raise bad(f"max_tokens must be an integer >= 1, got {r.max_tokens!r}")
-    if not isinstance(r.temperature, (int, float)) or not 0 <= r.temperature < math.inf:
-        raise bad(f"temperature must be a number >= 0, got {r.temperature!r}")
-    if not isinstance(r.top_p, (int, float)) or not 0 < r.top_p <= 1:
-        raise bad(f"top_p must be in (0, 1], got {r.top_p!r}")
-    if not all(isinstance(s, str) and s for s in r.stop):
-        raise bad(f"stop must be a list of non-empty strings, got {r.stop!r}")
-    if not all(isinstance(t, int) and t >= 0 for t in r.prefix_ids):
-        raise bad("prefix_ids must be token ids (integers >= 0)")
-    if len(r.prefix_ids) > r.max_tokens:
-        raise bad(f"prefix_ids has {len(r.prefix_ids)} tokens, more than max_tokens "
-                  f"{r.max_tokens}")
-
-
-def generation_config(r: GenRequest, max_new_tokens: int) -> Any:
+def generation_config(r: GenRequest, max_new_tokens: int, structured: Any = None,
+                      seed: int | None = None) -> Any:
     gc = _genai().GenerationConfig()
     gc.max_new_tokens = max_new_tokens
     gc.ignore_eos = bool(r.ignore_eos)
@@ -176,48 +154,21 @@ def generation_config(r: GenRequest, max_new_tokens: int) -> Any:
         gc.do_sample = True
         gc.temperature = float(r.temperature)
         gc.top_p = float(r.top_p)
-        gc.rng_seed = r.seed if r.seed is not None else random.getrandbits(31)
+        seed = seed if seed is not None else r.seed
+        gc.rng_seed = seed if seed is not None else random.getrandbits(31)
+    gc.presence_penalty = float(r.presence_penalty)
+    gc.frequency_penalty = float(r.frequency_penalty)
+    if r.logprobs:
+        gc.logprobs = 1  # the chosen token's; the engine reports no alternatives
+    if structured is not None:
+        gc.structured_output_config = structured
     return gc
 
 
-class TextDeltas:
-    """Turns the completion's token ids into text deltas.
-
-    Decodes the cumulative ids (prefix included) and emits only text past what was emitted
-    (``prefix_text`` counts as emitted). Holds back a trailing incomplete UTF-8 character
-    (decoded as U+FFFD) and a trailing piece that may begin a stop string; cuts the text at a
-    stop string the engine did not catch (one that ends inside a token).
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], r: GenRequest) -> None:
-        self._decode = decode
-        self._stop = list(r.stop)
-        self.ids = list(r.prefix_ids)
-        self.emitted = len(r.prefix_text)
-        self.stopped = False  # a stop string was found in the text
-
-    def push(self, new_ids: list[int]) -> str:
-        self.ids += new_ids
-        text = self._decode(self.ids)
-        hits = [i for i in (text.find(s, self.emitted) for s in self._stop) if i >= 0]
-        if hits:
-            self.stopped = True
-            return self._take(text, min(hits))
-        end = len(text)
-        while end > self.emitted and text[end - 1] == "\ufffd":
-            end -= 1
-        hold = max((k for s in self._stop for k in range(1, len(s))
-                    if text.endswith(s[:k], self.emitted, end)), default=0)
-        return self._take(text, end - hold)
-
-    def flush(self) -> str:
-        return "" if self.stopped else self._take(self._decode(self.ids), None)
-
-    def _take(self, text: str, end: int | None) -> str:
-        end = len(text) if end is None else end
-        delta = text[self.emitted:end] if end > self.emitted else ""
-        self.emitted = max(self.emitted, end)
-        return delta
+def _grammar_error(e: Exception) -> bool:
+    """Whether an engine error came from compiling a request's grammar (xgrammar)."""
+    text = str(e).lower()
+    return "xgrammar" in text or "grammar" in text or "structural tag" in text
 
 
 class _Job:
@@ -225,19 +176,23 @@ class _Job:
 
     _ids = itertools.count()
 
-    def __init__(self, input_ids: list[int], config: Any) -> None:
+    def __init__(self, input_ids: list[int], config: Any, grammar: str | None = None,
+                 stage: int = 0) -> None:
         self.rid = next(self._ids)
         self.input_ids = input_ids
         self.config = config
+        self.grammar = grammar  # the key of its constraint (constraints.key), if constrained
+        self.stage = stage  # the how-manieth tool call this job writes (0: the first)
         self.max_new_tokens = int(config.max_new_tokens)
         # ("tokens", ids) | ("stopped", None) | ("done", finish_reason) | ("error", exception)
         self.out: queue.SimpleQueue = queue.SimpleQueue()
         self.cancelled = False
         self.handle: Any = None
-        # Set by generate(): turns new ids into text for the caller; True once a stop string
-        # appeared. The batched engine thread calls it directly (one thread handoff less per
-        # token and sequence); the serial session hands ids over through ``out``.
-        self.sink: Callable[[list[int]], bool] | None = None
+        # Set by generate(): turns new ids (and their log-probabilities) into the caller's
+        # deltas; True once the answer is complete (a stop string, the tool calls closed).
+        # The batched engine thread calls it directly (one thread handoff less per token and
+        # sequence); the serial session hands ids over through ``out``.
+        self.sink: Callable[[list[int], list[float] | None], bool] | None = None
 
     def fail(self, exc: FanoutError) -> None:
         self.out.put(("error", exc))
@@ -246,14 +201,22 @@ class _Job:
 # ---- sessions -------------------------------------------------------------------------------
 
 class _EngineSession(LLMSession):
-    """What both sessions share: request checks, tokenizing, the caller's side of
-    ``generate``, the engine thread's lifetime. Subclasses implement ``_serve``."""
+    """What both sessions share: the engine's own checks, tokenizing, the caller's side of
+    ``generate``, the engine thread's lifetime. Subclasses implement ``_serve``.
 
-    def __init__(self, pipe: Any, label: str, context_length: int) -> None:
+    ``structured_output``: whether this pipeline may constrain decoding; a constrained
+    request on one that may not is ``Unsupported`` here and runs on the next device."""
+
+    logprobs = True  # whether the pipeline reports each generated token's log-probability
+
+    def __init__(self, pipe: Any, label: str, context_length: int,
+                 structured_output: bool = True) -> None:
         self._pipe = pipe
         self._label = label
         self.context_length = context_length
+        self.structured_output = structured_output
         self._tok = pipe.get_tokenizer()
+        self._bad_grammars: dict[str, str] = {}  # constraints.key -> why the engine refused it
         # ("add" | "cancel", job) | ("close", None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
@@ -264,19 +227,61 @@ class _EngineSession(LLMSession):
 
     # -- caller threads --
 
-    def prompt_ids(self, r: GenRequest) -> list[int]:
+    def prompt_ids(self, r: GenRequest, prefill: str = "") -> list[int]:
         if r.messages is not None:
-            text = self._tok.apply_chat_template(r.messages, add_generation_prompt=True)
-            ids = self._tok.encode(text, add_special_tokens=False).input_ids.data
+            # The template wants text where an assistant turn only called tools.
+            history = [m if m.get("content") is not None else {**m, "content": ""}
+                       for m in r.messages]
+            if r.calls_tools:
+                text = self._tok.apply_chat_template(
+                    history, add_generation_prompt=True,
+                    tools=[t.to_wire() for t in r.offered_tools()])
+            else:
+                text = self._tok.apply_chat_template(history, add_generation_prompt=True)
+            ids = self._tok.encode(text + prefill, add_special_tokens=False).input_ids.data
         else:
-            ids = self._tok.encode(r.prompt).input_ids.data
+            ids = self._tok.encode(f"{r.prompt}{prefill}").input_ids.data
         return [int(t) for t in ids[0]]
+
+    def warm_up(self) -> None:
+        """Render a tool conversation once, before callers' threads do: the engine's first
+        conversion of Python tools and tool calls initializes statics that need the GIL, and
+        two threads doing it at once deadlock (seen with 8 concurrent first requests). Then
+        decode one constrained token, so that the engine builds its grammar compiler's view
+        of the vocabulary now, while the worker is loading, not inside a serving step."""
+        call = {"id": "call_0", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        history = [{"role": "user", "content": "x"},
+                   {"role": "assistant", "content": "", "tool_calls": [call]},
+                   {"role": "tool", "tool_call_id": "call_0", "content": "y"}]
+        tools = [{"type": "function", "function": {"name": "f", "description": "",
+                                                   "parameters": {"type": "object"}}}]
+        try:
+            self._tok.apply_chat_template(history, add_generation_prompt=True, tools=tools)
+        except Exception:
+            pass  # a template that refuses tools: such requests fail as InvalidInput later
+        if self.structured_output:
+            one = GenRequest(prompt="{", max_tokens=1, response_format={"type": "json_object"})
+            try:
+                self.generate(one, lambda _delta: None, CancelToken())
+            except FanoutError:
+                pass  # it fails again, with its reason, for the request that needs it
+
+    def check(self, r: GenRequest) -> None:
+        """``Unsupported`` for what this pipeline cannot honour (another device may)."""
+        if r.constrained and not self.structured_output:
+            what = "tool calls" if r.calls_tools else "a JSON response_format"
+            raise Unsupported(f"{self._label}: this pipeline cannot constrain decoding, which "
+                              f"{what} need (device option structured_output: false)")
+        if r.logprobs and not self.logprobs:
+            raise Unsupported(f"{self._label}: this pipeline streams token ids only, without "
+                              f"their log-probabilities")
 
     def generate(self, request: GenRequest, on_tokens: TokensFn,
                  cancel: CancelToken) -> GenResult:
-        check_request(request, self._label)
+        self.check(request)
+        prefill = constraints.prefill(request)
         try:
-            prompt = self.prompt_ids(request)
+            prompt = self.prompt_ids(request, prefill)
         except Exception as e:  # a chat template that rejects the messages, ...
             raise InvalidInput(f"{self._label}: cannot tokenize the request: {e}") from e
         if len(prompt) + request.max_tokens > self.context_length:
@@ -285,45 +290,103 @@ class _EngineSession(LLMSession):
             raise InvalidInput(f"{self._label}: prompt is {at_least}{len(prompt)} tokens, "
                                f"max_tokens {request.max_tokens}, the model's context is "
                                f"{self.context_length}")
-        max_new = request.max_tokens - len(request.prefix_ids)
-        if max_new == 0:
+        job = self._job(request, prompt)
+        if job is None:
             return GenResult("length", len(prompt), len(request.prefix_ids))
-        job = _Job(prompt + list(request.prefix_ids), generation_config(request, max_new))
-        text = TextDeltas(lambda ids: self._tok.decode(ids), request)
+        deltas = Deltas(lambda ids: self._tok.decode(ids), request,
+                        constraints.reader_mode(request), self._label, prefill)
 
-        def sink(ids: list[int]) -> bool:
-            on_tokens(ids, text.push(ids))
-            return text.stopped
+        def sink(ids: list[int], logprobs: list[float] | None) -> bool:
+            delta = deltas.push(ids, logprobs)
+            if delta is not None:
+                on_tokens(delta)
+            return deltas.stopped
 
         job.sink = sink
+        self._submit(job)
+        current = [job]  # the stage running now (calls come one per stage)
+        cancelled = Cancelled(f"{self._label}: generation cancelled")
+        cancel.on_cancel(lambda: self._cancel(current[0], cancelled))
+        finished = False
+        try:
+            while True:
+                what, value = current[0].out.get()
+                if what == "error":
+                    raise value
+                if what == "tokens" and not sink(value, None):
+                    continue
+                if what in ("tokens", "stopped"):  # the answer is complete (stop string, ...)
+                    reason = "stop"
+                    break
+                following = self._next_stage(request, prompt, deltas, current[0]) \
+                    if value == "stop" else None
+                if following is not None:
+                    following.sink = sink
+                    current[0] = following
+                    self._submit(following)
+                    if cancel.cancelled:
+                        self._cancel(following, cancelled)
+                    continue
+                reason = value
+                finished = True
+                tail = deltas.flush()
+                if tail is not None:
+                    on_tokens(tail)
+                break
+        finally:
+            if not finished:  # cancelled, the answer complete, on_tokens raised: free it
+                self._cancel(current[0], None)
+        return GenResult(deltas.finish_reason(reason), len(prompt), len(deltas.ids))
+
+    def _submit(self, job: _Job) -> None:
         with self._lock:
             if self._closed or self._dead:
                 raise DeviceError(self._dead or f"{self._label}: session is closed")
             self._inbox.put(("add", job))
-        cancelled = Cancelled(f"{self._label}: generation cancelled")
-        cancel.on_cancel(lambda: self._cancel(job, cancelled))
-        finished = False
+
+    def _next_stage(self, r: GenRequest, prompt: list[int], deltas: Deltas,
+                    last: _Job) -> _Job | None:
+        """The job that writes the next tool call, when the last stage ended with ``, ``:
+        from the prompt and every token so far, under the one-more-call grammar."""
+        if deltas.reader is None or not deltas.reader.wants_more:
+            return None
+        left = r.max_tokens - len(deltas.ids)
+        if left <= 0:
+            return None
+        eos = self._tok.get_eos_token_id()
+        so_far = [t for t in deltas.ids if t != eos]  # each stage ended with end-of-sequence
+        seed = None if r.seed is None else r.seed + last.stage + 1
+        config = generation_config(r, left, constraints.continuation(r), seed)
+        return _Job(prompt + so_far, config, f"{last.grammar}+", last.stage + 1)
+
+    def _job(self, r: GenRequest, prompt: list[int]) -> _Job | None:
+        """The engine's job: a constrained request re-runs from its prompt (its grammar
+        cannot start after ids it did not generate); others continue after ``prefix_ids``.
+        None when nothing is left to generate."""
+        if not r.constrained:
+            max_new = r.max_tokens - len(r.prefix_ids)
+            if max_new == 0:
+                return None
+            return _Job(prompt + list(r.prefix_ids), generation_config(r, max_new))
+        grammar = constraints.key(r)
+        if grammar in self._bad_grammars:
+            raise InvalidInput(self._bad_grammars[grammar])
         try:
-            while True:
-                what, value = job.out.get()
-                if what == "error":
-                    raise value
-                if what == "tokens" and not sink(value):
-                    continue
-                if what in ("tokens", "stopped"):  # a stop string appeared in the text
-                    reason = "stop"
-                    break
-                else:
-                    reason = value
-                    finished = True
-                    tail = text.flush()
-                    if tail:
-                        on_tokens([], tail)
-                    break
-        finally:
-            if not finished:  # cancelled, a stop string in the text, on_tokens raised: free it
-                self._cancel(job, None)
-        return GenResult(reason, len(prompt), len(text.ids))
+            structured = constraints.structured_output(r)
+        except Exception as e:
+            raise InvalidInput(f"{self._label}: cannot build the grammar for this request: "
+                               f"{str(e).strip()}") from e
+        return _Job(prompt, generation_config(r, r.max_tokens, structured), grammar)
+
+    def _refused_grammar(self, job: _Job, e: Exception) -> InvalidInput:
+        """The engine could not compile this job's grammar: the request is at fault."""
+        why = str(e).strip().splitlines()[-1]
+        why = re.split(r"\.(?:cc|cpp|hpp):\d+: ", why)[-1][-300:]  # past the source path
+        message = (f"{self._label}: the engine cannot compile the grammar of this request's "
+                   f"tools or response_format: {why}")
+        if job.grammar is not None:
+            self._bad_grammars[job.grammar] = message
+        return InvalidInput(message)
 
     def _cancel(self, job: _Job, exc: FanoutError | None) -> None:
         if exc is not None:
@@ -372,23 +435,36 @@ class _EngineSession(LLMSession):
 
 
 class BatchedLLMSession(_EngineSession):
-    """Continuous batching: concurrent ``generate`` calls are decoded together."""
+    """Continuous batching: concurrent ``generate`` calls are decoded together.
+
+    A grammar the engine fails to compile fails the whole ``step()`` and leaves the pipeline
+    unusable, so a constraint not yet seen to compile here joins the batch alone: while one
+    such request waits for its first token, others with unproven grammars wait their turn.
+    If the step fails then, that request is the one refused (``InvalidInput``); the others
+    are re-run elsewhere as after any failed step, and the pipeline is rebuilt."""
 
     def __init__(self, make_pipe: Callable[[], Any], label: str, context_length: int,
-                 gather_s: float = GATHER_S) -> None:
+                 gather_s: float = GATHER_S, structured_output: bool = True) -> None:
         self._make_pipe = make_pipe
         self._running: dict[int, _Job] = {}
         self._gather_s = gather_s
-        super().__init__(make_pipe(), label, context_length)
+        self._proven: set[str] = set()  # grammars that compiled in this pipeline
+        self._proving: _Job | None = None  # the job whose grammar is on trial
+        self._waiting: collections.deque[_Job] = collections.deque()  # unproven, queued
+        super().__init__(make_pipe(), label, context_length, structured_output)
 
     def _active(self) -> list[_Job]:
         jobs, self._running = list(self._running.values()), {}
+        jobs += list(self._waiting)
+        self._waiting.clear()
+        self._proving = None
         return jobs
 
     def _serve(self) -> None:
         g = _genai()
         ov_tensor = _ov_tensor()
         while True:
+            self._admit_waiting(ov_tensor)
             busy = bool(self._running) or (self._pipe is not None and
                                            self._pipe.has_non_finished_requests())
             msgs = [self._inbox.get()] if not busy else []  # idle: block, no busy loop
@@ -412,8 +488,10 @@ class BatchedLLMSession(_EngineSession):
                     return self._drop_running()
                 if what == "cancel" and job.rid in self._running:
                     self._running.pop(job.rid).handle.cancel()  # dropped at the next step
+                    if job is self._proving:
+                        self._proving = None
                 elif what == "add" and not job.cancelled:
-                    self._add(job, ov_tensor)
+                    self._admit(job, ov_tensor)
             if not self._running and not (self._pipe and self._pipe.has_non_finished_requests()):
                 continue
             try:
@@ -424,6 +502,21 @@ class BatchedLLMSession(_EngineSession):
             for job in list(self._running.values()):
                 self._collect(job, g)
 
+    def _admit(self, job: _Job, ov_tensor: Callable) -> None:
+        if job.grammar is None or job.grammar in self._proven:
+            self._add(job, ov_tensor)
+        elif self._proving is None:
+            self._proving = job
+            self._add(job, ov_tensor)
+        else:
+            self._waiting.append(job)
+
+    def _admit_waiting(self, ov_tensor: Callable) -> None:
+        while self._waiting and self._proving is None:
+            job = self._waiting.popleft()
+            if not job.cancelled:
+                self._admit(job, ov_tensor)
+
     def _add(self, job: _Job, ov_tensor: Callable) -> None:
         if self._pipe is None:
             self._pipe = self._rebuild()
@@ -432,6 +525,10 @@ class BatchedLLMSession(_EngineSession):
         try:
             job.handle = self._pipe.add_request(job.rid, ov_tensor(job.input_ids), job.config)
         except Exception as e:
+            if job is self._proving:
+                self._proving = None
+            if job.grammar is not None and _grammar_error(e):
+                return job.fail(self._refused_grammar(job, e))
             return job.fail(DeviceError(f"{self._label}: {str(e).strip()}"))
         self._running[job.rid] = job
 
@@ -439,16 +536,22 @@ class BatchedLLMSession(_EngineSession):
         h = job.handle
         status = h.get_status()  # before reading: a finished request's last ids are readable
         ids: list[int] = []
+        logprobs: list[float] = []
         reason = None
         while h.can_read():
             for out in h.read().values():
                 ids += out.generated_ids
+                logprobs += out.generated_log_probs
                 reason = out.finish_reason
+        if job is self._proving and (ids or status != g.GenerationStatus.RUNNING):
+            self._proving = None  # its grammar compiled: the sampler has used it
+            if job.grammar is not None and (ids or status == g.GenerationStatus.FINISHED):
+                self._proven.add(job.grammar)
         if ids:
             stopped: bool | Exception = False
             try:
                 if job.sink is not None:
-                    stopped = job.sink(ids)
+                    stopped = job.sink(ids, logprobs)
                 else:
                     job.out.put(("tokens", ids))
             except Exception as e:  # the caller's callback failed (e.g. an injected fault)
@@ -485,9 +588,16 @@ class BatchedLLMSession(_EngineSession):
             pass  # closing anyway
 
     def _step_failed(self, e: Exception) -> None:
+        culprit = self._proving if _grammar_error(e) else None
+        if culprit is not None:
+            self._running.pop(culprit.rid, None)
+            culprit.fail(self._refused_grammar(culprit, e))
         err = DeviceError(f"{self._label}: {str(e).strip() or type(e).__name__}")
+        waiting = list(self._waiting)  # not in the engine yet: they stay queued
         for job in self._active():
-            job.fail(err)
+            if job not in waiting:
+                job.fail(err)
+        self._waiting.extend(waiting)
         self._pipe = None  # its state is unknown after a failed step: build a fresh one
         self._pipe = self._rebuild()
 
@@ -500,11 +610,16 @@ class BatchedLLMSession(_EngineSession):
 
 
 class SerialLLMSession(_EngineSession):
-    """One request at a time through ``LLMPipeline.generate`` (the NPU pipeline's limit)."""
+    """One request at a time through ``LLMPipeline.generate`` (the NPU pipeline's limit).
 
-    def __init__(self, pipe: Any, label: str, context_length: int) -> None:
+    Its streamer sees token ids only, so it cannot report log-probabilities."""
+
+    logprobs = False
+
+    def __init__(self, pipe: Any, label: str, context_length: int,
+                 structured_output: bool = True) -> None:
         self._current: _Job | None = None
-        super().__init__(pipe, label, context_length)
+        super().__init__(pipe, label, context_length, structured_output)
 
     def _active(self) -> list[_Job]:
         job, self._current = self._current, None
@@ -542,7 +657,11 @@ class SerialLLMSession(_EngineSession):
             try:
                 self._pipe.generate(ov_tensor(job.input_ids), job.config, streamer)
             except Exception as e:
-                job.fail(DeviceError(f"{self._label}: {str(e).strip() or type(e).__name__}"))
+                if job.grammar is not None and _grammar_error(e):
+                    job.fail(self._refused_grammar(job, e))  # the pipeline stays usable
+                else:
+                    job.fail(DeviceError(f"{self._label}: "
+                                         f"{str(e).strip() or type(e).__name__}"))
             else:
                 if job.cancelled or self._closed:
                     job.fail(Cancelled(f"{self._label}: generation cancelled"))
@@ -565,8 +684,11 @@ class GenAIBackend:
 
     Options (device options, overridden per model): ``context_length`` (default: from the
     model file, else 2048), ``continuous_batching`` (default: true except on NPU), the
-    ``SchedulerConfig`` fields (cache_size, max_num_seqs, ...), and OpenVINO properties
-    (on CPU the batch-independent numerics of ``CPU_EXACT_PROPERTIES`` unless set otherwise).
+    ``SchedulerConfig`` fields (cache_size, max_num_seqs, ...), ``structured_output``
+    (whether constrained decoding may run here; default: true wherever the installed
+    openvino-genai has structural tags, since every pipeline, the NPU's included, samples
+    through the engine's Sampler that applies them), and OpenVINO properties (on CPU the
+    batch-independent numerics of ``CPU_EXACT_PROPERTIES`` unless set otherwise).
     """
 
     name = "openvino-genai"
@@ -592,6 +714,7 @@ class GenAIBackend:
             context = (int(props.get("MAX_PROMPT_LEN", NPU_PROMPT_LEN)) +
                        int(props.get("MIN_RESPONSE_LEN", NPU_RESPONSE_LEN)))
         context = int(context or DEFAULT_CONTEXT_LENGTH)
+        structured = bool(opts.get("structured_output", True)) and constraints.available()
         try:
             g = _genai()
             if batched:
@@ -603,14 +726,16 @@ class GenAIBackend:
                     return g.ContinuousBatchingPipeline(model.path, sched, self.device, props)
 
                 session: _EngineSession = BatchedLLMSession(
-                    make, label, context, float(opts.get("gather_s", GATHER_S)))
+                    make, label, context, float(opts.get("gather_s", GATHER_S)), structured)
             else:
                 progress(f"loading {model.name} on {self.device} (one request at a time) ...")
                 pipe = g.LLMPipeline(model.path, self.device, **props)
-                session = SerialLLMSession(pipe, label, context)
+                session = SerialLLMSession(pipe, label, context, structured)
         except Exception as e:
             raise ModelUnavailable(f"{label}: {str(e).strip()}") from e
-        progress(f"loaded {model.name} on {self.device}: context {context} tokens")
+        session.warm_up()
+        progress(f"loaded {model.name} on {self.device}: context {context} tokens"
+                 + ("" if structured else ", no constrained decoding"))
         self._sessions.append(session)
         return session
 

@@ -10,6 +10,7 @@ from .. import env
 from ..backends.genai import CPU_EXACT_PROPERTIES
 from ..launchers.models import fetch
 from .common import LLM_PROMPTS, cluster_config, hardware, row
+from .constrained import bench_constrained, bench_tool_use
 
 
 def bench_llm(tokens: int = 64, n: int = 8) -> int:
@@ -92,6 +93,8 @@ def bench_llm(tokens: int = 64, n: int = 8) -> int:
         for t in threads:
             t.join()
         fanned = time.perf_counter() - started
+        bench_constrained(client, "smollm2", prompts, tokens)
+        bench_tool_use(client, "smollm2")
     total_tokens = n * tokens
     assert sum(counts) == total_tokens, f"expected {total_tokens} tokens, got {sum(counts)}"
 

@@ -150,6 +150,8 @@ class TaskTokens:
     attempt: int
     ids: list[int]
     text: str
+    tool_calls: list = field(default_factory=list)  # whole calls, opaque here
+    logprobs: list = field(default_factory=list)  # one per id, opaque here
 
 
 @dataclass
@@ -259,6 +261,8 @@ class StreamChunk:
     text: str
     device: str
     previous_device: str | None  # set on the first chunk after the stream changed device
+    tool_calls: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
 
 
 @dataclass
@@ -374,6 +378,8 @@ class Generation:
     ids: list[int] = field(default_factory=list)
     text: str = ""
     device: str | None = None  # the device the last tokens came from
+    tool_calls: list = field(default_factory=list)  # whole tool calls, in order
+    logprobs: list = field(default_factory=list)
 
 
 @dataclass
@@ -728,9 +734,12 @@ class SchedulerState:
             self._time_tokens(task, slot, len(ev.ids), not gen.ids)
         gen.ids.extend(ev.ids)
         gen.text += ev.text
+        gen.tool_calls.extend(ev.tool_calls)
+        gen.logprobs.extend(ev.logprobs)
         gen.device = ev.device
-        if gen.stream and (ev.text or moved):
-            actions.append(StreamChunk(task.key, ev.text, ev.device, moved))
+        if gen.stream and (ev.text or ev.tool_calls or ev.logprobs or moved):
+            actions.append(StreamChunk(task.key, ev.text, ev.device, moved, ev.tool_calls,
+                                       ev.logprobs))
 
     def _time_tokens(self, task: Task, slot: ModelSlot, n: int, first: bool) -> None:
         """TTFT at a task's very first token; else the gap since the attempt's last tokens,

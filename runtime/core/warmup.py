@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import GenRequest, LLMSession, ModelSpec, TensorSpec, WarmUp
+from ..backends.base import Delta, GenRequest, LLMSession, ModelSpec, TensorSpec, WarmUp
 from ..errors import Cancelled
 from ..wire.status import Calibration
 
@@ -87,8 +87,8 @@ def _generation(session: Any, clock: Callable[[], float]) -> tuple[float, float 
     """One warm-up generation: (time to its first token, seconds per later token)."""
     times: list[float] = []
 
-    def on_tokens(ids: list[int], text: str) -> None:
-        times.extend([clock()] * len(ids))
+    def on_tokens(delta: Delta) -> None:
+        times.extend([clock()] * len(delta.ids))
 
     request = GenRequest(prompt=WARMUP_PROMPT, max_tokens=WARMUP_TOKENS, ignore_eos=True)
     with _deadline() as token:

@@ -19,6 +19,7 @@ import numpy as np
 from ..backends.base import (
     Backend,
     CancelToken,
+    Delta,
     GenRequest,
     GenResult,
     LLMSession,
@@ -48,11 +49,10 @@ class Outcome:
 
 @dataclass
 class TokensOut:
-    """New tokens of a running generation."""
+    """New tokens of a running generation: ids, text, whole tool calls, logprobs."""
 
     attempt: int
-    ids: list[int]
-    text: str
+    delta: Delta
 
 
 @dataclass
@@ -227,8 +227,8 @@ class WorkerCore:
         if not isinstance(session, LLMSession):
             raise InvalidInput(f"model {model!r} does not generate text: call infer()")
 
-        def on_tokens(ids: list[int], text: str) -> None:
-            self.emit(TokensOut(outcome.attempt, list(ids), text))
+        def on_tokens(delta: Delta) -> None:
+            self.emit(TokensOut(outcome.attempt, delta))
 
         outcome.generated = session.generate(request, on_tokens, token)
 

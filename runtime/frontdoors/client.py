@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import os
@@ -39,7 +40,7 @@ from ..errors import (
 )
 from ..wire import protocol as p
 from ..wire import security
-from ..wire.generation import build_request
+from ..wire.generation import TokenLogprob, ToolCall, build_request
 from ..wire.status import ClusterInfo, Status
 from .loopthread import END, LoopThread, pump
 
@@ -81,10 +82,12 @@ class TaskResult:
 
 @dataclass
 class TextCompletion:
-    """A finished generation: its text, why it stopped, token counts, and where it ran."""
+    """A finished generation: its text, the tools it called, why it stopped, token counts,
+    and where it ran. ``parsed`` is the answer as the pydantic model given as
+    ``response_format``, when one was."""
 
     text: str
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "tool_calls"
     usage: dict  # prompt_tokens, completion_tokens, total_tokens
     device: str
     attempts: list[Attempt] = field(default_factory=list)
@@ -92,6 +95,9 @@ class TextCompletion:
     submitted_at: float = 0.0  # on the scheduler's clock, as in TaskResult
     started_at: float = 0.0
     finished_at: float = 0.0
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with logprobs=True
+    parsed: Any = None
 
     @property
     def failed_over(self) -> bool:
@@ -100,8 +106,9 @@ class TextCompletion:
 
 @dataclass
 class TextChunk:
-    """Streamed text. ``previous_device`` is set on the first chunk after a failover moved
-    the stream to another device; the last chunk carries ``finish_reason`` and ``usage``."""
+    """Streamed text and whole tool calls. ``previous_device`` is set on the first chunk after
+    a failover moved the stream to another device; the last chunk carries ``finish_reason``
+    and ``usage``."""
 
     text: str
     device: str
@@ -109,6 +116,33 @@ class TextChunk:
     finish_reason: str | None = None
     usage: dict | None = None
     attempts: list[Attempt] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+def _calls(wire: list) -> list[ToolCall]:
+    return [ToolCall.from_wire(c) for c in wire]
+
+
+def _logprobs(wire: list) -> list[TokenLogprob]:
+    return [TokenLogprob.from_wire(x) for x in wire]
+
+
+def _with_ids(calls: list[ToolCall], ids: dict[int, str]) -> list[ToolCall]:
+    """Each call with its id: one per index of the answer, as OpenAI's ``call_...``."""
+    return [dataclasses.replace(c, id=ids.setdefault(c.index, f"call_{uuid.uuid4().hex[:24]}"))
+            for c in calls]
+
+
+def _model_class(params: dict) -> tuple[Any, dict]:
+    """A pydantic model class given as ``response_format``, and the params with its JSON
+    schema in its place (the shape OpenAI's ``.parse()`` sends)."""
+    fmt = params.get("response_format")
+    if not (isinstance(fmt, type) and hasattr(fmt, "model_json_schema")):
+        return None, params
+    schema = {"type": "json_schema", "json_schema": {
+        "name": fmt.__name__[:64], "schema": fmt.model_json_schema(), "strict": True}}
+    return fmt, {**params, "response_format": schema}
 
 
 def _as_arrays(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -305,7 +339,9 @@ class AsyncClient:
         if stream is not None:
             match msg:
                 case p.Chunk():
-                    stream.put_nowait(TextChunk(msg.text, msg.device, msg.previous_device))
+                    stream.put_nowait(TextChunk(msg.text, msg.device, msg.previous_device,
+                                                tool_calls=_calls(msg.tool_calls),
+                                                logprobs=_logprobs(msg.logprobs)))
                 case p.Completion():
                     stream.put_nowait(TextChunk("", msg.device, None, msg.finish_reason,
                                                 msg.usage, list(msg.attempts)))
@@ -366,18 +402,28 @@ class AsyncClient:
                         timeout: float | None = None, **params) -> TextCompletion:
         """Generate a completion for chat messages (a list of {role, content}) or a prompt.
 
-        ``params``: max_tokens, temperature (0 = greedy), top_p, stop, seed, ignore_eos.
+        ``params``: max_tokens, temperature (0 = greedy), top_p, stop, seed, ignore_eos,
+        presence_penalty, frequency_penalty, logprobs; tools (OpenAI's function tools),
+        tool_choice ("none", "auto", "required" or a tool's name), parallel_tool_calls;
+        response_format (OpenAI's json_object / json_schema, or a pydantic model class).
         """
+        model_class, params = _model_class(params)
         request = build_request(messages_or_prompt, params)
-        return await self._task(lambda tid: p.Generate(task_id=tid, model=model,
-                                                       request=request, timeout_s=timeout),
-                                timeout)
+        completion = await self._task(lambda tid: p.Generate(task_id=tid, model=model,
+                                                             request=request,
+                                                             timeout_s=timeout), timeout)
+        completion.tool_calls = _with_ids(completion.tool_calls, {})
+        if model_class is not None and completion.finish_reason == "stop":
+            completion.parsed = model_class.model_validate_json(completion.text)
+        return completion
 
     async def astream(self, model: str, messages_or_prompt: Any, *,
                       timeout: float | None = None, **params):
         """Yield ``TextChunk``s as tokens come; leaving the loop early cancels the
-        generation."""
+        generation. A tool call comes whole, in one chunk, once the model has written it."""
+        _, params = _model_class(params)
         request = build_request(messages_or_prompt, params)
+        call_ids: dict[int, str] = {}
         task_id = self._new_id()
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[task_id] = queue
@@ -394,6 +440,8 @@ class AsyncClient:
                     # An unreadable chunk ends the stream here, not the generation there.
                     finished = not isinstance(item, ProtocolError)
                     raise item
+                if item.tool_calls:
+                    item.tool_calls = _with_ids(item.tool_calls, call_ids)
                 yield item
         finally:
             self._streams.pop(task_id, None)
@@ -509,7 +557,8 @@ def _answer(msg: p.Result | p.Completion) -> TaskResult | TextCompletion:
         return TaskResult(dict(msg.outputs), msg.device, list(msg.attempts), msg.service_s,
                           *times)
     return TextCompletion(msg.text, msg.finish_reason, msg.usage, msg.device,
-                          list(msg.attempts), msg.service_s, *times)
+                          list(msg.attempts), msg.service_s, *times,
+                          tool_calls=_calls(msg.tool_calls), logprobs=_logprobs(msg.logprobs))
 
 
 class Client:

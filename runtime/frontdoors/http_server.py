@@ -6,9 +6,10 @@ Every answer names the device that served it: headers ``X-Fanout-Device`` and
 ``X-Fanout-Failed-Over``, and an extra ``"fanout"`` JSON field that OpenAI clients ignore.
 
 Requests are checked here before anything runs: wrong types name the field, and fields this
-server cannot honour (tools, logprobs, penalties...) get a 400 instead of a silently wrong
-answer (``openai_api.py``). Unknown fields are ignored and logged once per name, as other
-compatible servers do.
+server cannot honour (top_logprobs, logit_bias...) get a 400 that says so instead of a
+silently wrong answer (``openai_api.py``); every refused request is logged, one line each.
+Unknown fields are ignored and logged once per name, as other compatible servers do.
+``/v1/responses`` is ``responses.py``.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from aiohttp import web
 from ..config.schema import Config, CurveKeys, HttpConfig, is_loopback
 from ..errors import ClusterUnavailable, ConfigError, FanoutError, InvalidInput
 from ..wire.status import Status
+from . import responses
 from .client import AsyncClient, TextChunk
 from .embeddings import HIDDEN, TextEncoder, mean_pool
 from .loopthread import END, LoopThread, pump
@@ -46,6 +48,7 @@ from .openai_api import (
     HttpError,
     Shape,
     chat_messages,
+    chat_params,
     choice_count,
     device_headers,
     fanout_field,
@@ -101,8 +104,8 @@ def split_host_port(address: str) -> tuple[str, int]:
     return ("0.0.0.0" if host == "*" else host), int(port)
 
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models",
-             "/health/live", "/health/ready", "/metrics")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings",
+             "/v1/models", "/health/live", "/health/ready", "/metrics")
 
 
 class HttpServer:
@@ -152,7 +155,9 @@ class HttpServer:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/v1/responses", self.responses)
         app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/v1/models/{model}", self.get_model)
         app.router.add_get("/health/live", self.live)
         app.router.add_get("/health/ready", self.ready)
         app.router.add_get("/metrics", self.metrics)
@@ -271,7 +276,7 @@ class HttpServer:
                                  "<key>", code="invalid_api_key")
 
     async def _body(self, request: web.Request, known: set[str],
-                    unsupported: dict[str, Callable] | None = None) -> Body:
+                    unsupported: dict[str, tuple[Callable, str]] | None = None) -> Body:
         raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge -> 413
         try:
             data = json.loads(raw)
@@ -306,8 +311,22 @@ class HttpServer:
         body = await self._body(request, CHAT_FIELDS, UNSUPPORTED_CHAT)
         model = self._model(body, "llm", "/v1/chat/completions")
         messages = chat_messages(body)
-        shape = Shape(True, f"chatcmpl-{uuid.uuid4().hex}", model, int(time.time()))
-        return await self._generate(request, body, shape, [messages], generation_params(body))
+        shape = Shape(True, f"chatcmpl-{uuid.uuid4().hex}", model, int(time.time()),
+                      logprobs=body.boolean("logprobs"))
+        return await self._generate(request, body, shape, [messages], chat_params(body))
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request, responses.FIELDS, responses.UNSUPPORTED)
+        model = self._model(body, "llm", "/v1/responses")
+        call = responses.read(body)
+        client = await self.client()
+        if body.boolean("stream"):
+            return await responses.stream(request, client, model, call)
+        completion = await client.agenerate(model, call.messages, **call.params)
+        return web.json_response(
+            responses.response(model, call, completion),
+            headers=device_headers([completion.device], bool(completion.attempts)),
+            dumps=_dumps)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request, COMPLETIONS_FIELDS, UNSUPPORTED_COMPLETIONS)
@@ -411,12 +430,15 @@ class HttpServer:
             elif isinstance(item, BaseException):
                 raise item
             elif isinstance(item, TextChunk):
-                if item.text or item.previous_device:
-                    event = shape.chunk(index, item.text) | usage_null
+                if item.text or item.previous_device or item.logprobs:
+                    event = shape.chunk(index, item.text, logprobs=item.logprobs) | usage_null
                     if item.previous_device:
                         event["fanout"] = {"device": item.device, "failed_over": True,
                                            "previous_device": item.previous_device}
                     out += sse(event)
+                for call in item.tool_calls:
+                    for event in shape.tool_call_chunks(index, call):
+                        out += sse(event | usage_null)
                 if item.finish_reason:
                     usages[index] = item.usage or {}
                     event = shape.chunk(index, finish_reason=item.finish_reason) | usage_null
@@ -434,7 +456,9 @@ class HttpServer:
 
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await self._body(request, EMBEDDINGS_FIELDS,
-                                {"dimensions": lambda v: v is None})
+                                {"dimensions": (lambda v: v is None,
+                                                "dimensions is not supported: MiniLM's "
+                                                "vectors have one size")})
         model = self._model(body, "embedding", "/v1/embeddings")
         texts = text_list(body, "input", "a string or a non-empty array of strings")
         if len(texts) > MAX_EMBEDDING_INPUTS:
@@ -473,8 +497,17 @@ class HttpServer:
 
     async def list_models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
-            {"id": name, "object": "model", "created": self.created, "owned_by": "fanout"}
-            for name in self.models]})
+            self._model_object(name) for name in self.models]})
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name not in self.models:
+            raise HttpError(404, f"the model {name!r} does not exist; this cluster serves "
+                                 f"{sorted(self.models)}", param="model", code="model_not_found")
+        return web.json_response(self._model_object(name))
+
+    def _model_object(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "fanout"}
 
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "live"})

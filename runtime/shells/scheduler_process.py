@@ -283,7 +283,8 @@ class SchedulerProcess:
                 self._feed(s.TaskSucceeded(device, epoch, msg.attempt, msg.outputs,
                                            msg.service_s))
             case p.Tokens():
-                self._feed(s.TaskTokens(device, epoch, msg.attempt, msg.ids, msg.text))
+                self._feed(s.TaskTokens(device, epoch, msg.attempt, msg.ids, msg.text,
+                                        msg.tool_calls, msg.logprobs))
             case p.Generated():
                 self._feed(s.TaskSucceeded(device, epoch, msg.attempt, {
                     "finish_reason": msg.finish_reason, "prompt_tokens": msg.prompt_tokens,
@@ -305,13 +306,15 @@ class SchedulerProcess:
                         run = p.RunGenerate(attempt=a.attempt, model=a.model, request=a.payload,
                                             prefix_ids=list(a.generation.ids),
                                             prefix_text=a.generation.text,
+                                            prefix_calls=len(a.generation.tool_calls),
                                             timeout_s=a.timeout_s)
                     self.back.send_multipart([f"{a.device}:{a.epoch}".encode()] + p.encode(run),
                                              copy=False)
                 case s.StreamChunk():
                     ident, task_id = a.key
                     self._reply(ident, p.Chunk(task_id=task_id, text=a.text, device=a.device,
-                                               previous_device=a.previous_device))
+                                               previous_device=a.previous_device,
+                                               tool_calls=a.tool_calls, logprobs=a.logprobs))
                 case s.CancelAttempt():
                     self.back.send_multipart([f"{a.device}:{a.epoch}".encode()]
                                              + p.encode(p.CancelRun(attempt=a.attempt)))
@@ -332,7 +335,8 @@ class SchedulerProcess:
                     self._reply(ident, p.Completion(
                         task_id=task_id, text=a.generation.text, device=a.device,
                         finish_reason=a.payload["finish_reason"], usage=usage,
-                        attempts=attempts, service_s=a.service_s, **timing))
+                        attempts=attempts, service_s=a.service_s, **timing,
+                        tool_calls=a.generation.tool_calls, logprobs=a.generation.logprobs))
                 case s.Reject():
                     ident, task_id = a.key
                     self._reply(ident, p.Failure(task_id=task_id, error=a.error))

@@ -168,7 +168,8 @@ class WorkerProcess:
                 self.core.run(msg.attempt, msg.model, msg.inputs)
             case p.RunGenerate():
                 try:
-                    request = read_request(msg.request, msg.prefix_ids, msg.prefix_text)
+                    request = read_request(msg.request, msg.prefix_ids, msg.prefix_text,
+                                           msg.prefix_calls)
                 except InvalidInput as exc:
                     self.send(p.Failed(attempt=msg.attempt, kind=exc.kind, message=exc.message))
                     return None
@@ -201,7 +202,10 @@ class WorkerProcess:
             if isinstance(event, LoadChanged):
                 self.send(p.ModelState(model=event.model, load=event.load))
             elif isinstance(event, TokensOut):
-                self.send(p.Tokens(attempt=event.attempt, ids=event.ids, text=event.text))
+                d = event.delta
+                self.send(p.Tokens(attempt=event.attempt, ids=list(d.ids), text=d.text,
+                                   tool_calls=[c.to_wire() for c in d.tool_calls],
+                                   logprobs=[x.to_wire() for x in d.logprobs]))
             elif isinstance(event, Outcome):
                 self.send(self._outcome_message(event))
 

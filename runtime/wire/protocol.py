@@ -102,6 +102,8 @@ class Chunk(Message):
     text: str
     device: str
     previous_device: str | None = None  # set when the stream moved here from another device
+    tool_calls: list = field(default_factory=list)  # whole calls: {index, name, arguments}
+    logprobs: list = field(default_factory=list)  # [token, logprob] per token of the chunk
 
 
 @dataclass
@@ -117,6 +119,8 @@ class Completion(Message):
     submitted_at: float = 0.0  # on the scheduler's clock, as in Result
     started_at: float = 0.0
     finished_at: float = 0.0
+    tool_calls: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
 
 
 @dataclass
@@ -219,6 +223,7 @@ class RunGenerate(Message):
     prefix_ids: list = field(default_factory=list)  # already streamed: continue after these
     prefix_text: str = ""
     timeout_s: float | None = None
+    prefix_calls: int = 0  # whole tool calls already streamed
 
 
 @dataclass
@@ -227,6 +232,8 @@ class Tokens(Message):
     attempt: int
     ids: list = field(default_factory=list)
     text: str = ""
+    tool_calls: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
 
 
 @dataclass
