@@ -65,7 +65,7 @@ def test_a_function_call_and_its_output_go_round_as_input_items(oai):
     assert call.name == "get_weather" and call.call_id.startswith("call_")
     jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
     second = oai.responses.create(
-        model="smollm2", tools=[WEATHER], max_output_tokens=60,
+        model="smollm2", tools=[WEATHER], max_output_tokens=120,
         input=[{"role": "user", "content": "What's the weather in Paris?"},
                *[item.model_dump(exclude_none=True) for item in first.output],
                {"type": "function_call_output", "call_id": call.call_id,
