@@ -7,6 +7,7 @@ class of an engine's exception.
 """
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args
 
@@ -14,6 +15,15 @@ ErrorKind = Literal["error", "invalid_input", "device", "unsupported", "model_un
                     "worker_lost", "worker_gone", "overloaded", "deadline", "cancelled",
                     "no_device", "protocol", "unauthorized", "config", "cluster_unavailable"]
 ERROR_KINDS: frozenset[str] = frozenset(get_args(ErrorKind))
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother = 3, 60, 60
+
+
+def brief(value: Any, width: int = 80) -> str:
+    """``repr(value)``, cut short: safe for a value nested to any depth (error messages quote
+    what a peer sent, and ``repr`` of 1,000 nested lists raises ``RecursionError``)."""
+    return _BRIEF.repr(value)[:width]
 
 
 @dataclass(frozen=True)
@@ -41,7 +51,7 @@ class Attempt:
         if not (isinstance(d, dict) and isinstance(d.get("device"), str)
                 and isinstance(d.get("message"), str)):
             raise ProtocolError(f"an attempt must have string fields device, kind and message, "
-                                f"got {d!r:.120}")
+                                f"got {brief(d, 120)}")
         return cls(d["device"], _kind(d.get("kind")), d["message"],
                    _seconds(d.get("started_at")), _seconds(d.get("ended_at")))
 
@@ -186,7 +196,7 @@ def error_class(kind: ErrorKind) -> type[FanoutError]:
 
 def _kind(value: Any) -> ErrorKind:
     if value not in ERROR_KINDS:
-        raise ProtocolError(f"unknown error kind {value!r:.60}; known: "
+        raise ProtocolError(f"unknown error kind {brief(value, 60)}; known: "
                             f"{', '.join(sorted(ERROR_KINDS))}")
     return value
 
@@ -197,6 +207,6 @@ def error_from_wire(d: Any) -> FanoutError:
     if not (isinstance(d, dict) and isinstance(d.get("message"), str)
             and isinstance(d.get("attempts", []), list)):
         raise ProtocolError(f"an error must have a kind, a string message and a list of "
-                            f"attempts, got {d!r:.120}")
+                            f"attempts, got {brief(d, 120)}")
     return _BY_KIND[_kind(d.get("kind"))](d["message"],
                                           [Attempt.from_wire(a) for a in d.get("attempts", [])])

@@ -177,3 +177,44 @@ def test_an_error_survives_the_wire_with_its_class_and_attempts():
     error = errors.NoDeviceAvailable("none", [Attempt("npu0", "worker_gone", "left")])
     back = error_from_wire(error.to_wire())
     assert type(back) is errors.NoDeviceAvailable and back.attempts == error.attempts
+
+
+def test_an_array_larger_than_a_frame_travels_in_frames_of_at_most_frame_bytes():
+    big = np.arange(3 * p.FRAME_BYTES // 8 + 5, dtype=np.int64)  # 3 frames and a bit
+    frames = p.encode(p.Submit(task_id="t", model="m", inputs={"a": big,
+                                                              "b": np.ones(3, np.float32)}))
+    assert [len(f) for f in frames[1:]] == [p.FRAME_BYTES] * 3 + [40, 12]
+    decoder = p.Decoder(EVERY_TYPE, 1 << 30, decode_arrays=False)
+    raw = decoder.decode([bytes(f) for f in frames])  # as the scheduler holds it
+    forwarded = p.encode(p.Run(attempt=1, model="m", inputs=raw.inputs))
+    back = p.Decoder(EVERY_TYPE, 1 << 30).decode([bytes(f) for f in forwarded])
+    np.testing.assert_array_equal(back.inputs["a"], big)
+    np.testing.assert_array_equal(back.inputs["b"], np.ones(3, np.float32))
+
+
+def test_array_frames_that_do_not_add_up_are_a_protocol_error():
+    head = msgpack.packb({"v": p.PROTOCOL_VERSION, "t": "submit", "task_id": "t", "model": "m",
+                          "inputs": [["a", "uint8", [p.FRAME_BYTES + 1]]]})
+    for data, say in (([b"\0" * (p.FRAME_BYTES + 1)], "in 2 frame"),  # one oversized frame
+                      ([b"\0" * p.FRAME_BYTES], "got 1048576 in 1"),  # one frame short
+                      ([b"\0" * p.FRAME_BYTES, b"\0", b"\0"], "1 data frames more")):
+        with pytest.raises(ProtocolError, match=say) as info:
+            p.Decoder(EVERY_TYPE, 1 << 30).decode([head, *data])
+        assert info.value.ref == "t"
+
+
+def test_a_header_too_large_to_decode_still_names_its_task():
+    head = msgpack.packb({"v": p.PROTOCOL_VERSION, "t": "submit", "junk": "x" * 2_000_000,
+                          "task_id": "mine", "model": "m"})
+    with pytest.raises(ProtocolError, match="header of .* exceeds") as info:
+        p.Decoder(EVERY_TYPE, 1 << 30).decode([head])
+    assert (info.value.msg_type, info.value.ref) == ("submit", "mine")
+
+
+@pytest.mark.parametrize("where", ["v", "t", "task_id", "inputs"])
+def test_a_field_nested_a_thousand_deep_is_a_protocol_error_not_a_crash(where):
+    fields = {"v": p.PROTOCOL_VERSION, "t": "submit", "task_id": "t", "model": "m", "inputs": []}
+    packed = msgpack.packb({**fields, where: "PLACEHOLDER"})
+    deep = packed.replace(msgpack.packb("PLACEHOLDER"), b"\x91" * 1020 + b"\xc0")
+    with pytest.raises(ProtocolError):
+        p.Decoder(EVERY_TYPE, 1 << 30).decode([deep])

@@ -5,6 +5,11 @@ array (sent without copying). The header is a map with ``v`` (protocol version),
 message type) and the type's fields; arrays are described in the header as
 ``[name, dtype, shape]`` in frame order. No pickle, ever.
 
+No frame is larger than ``FRAME_BYTES``: an array's bytes go in as many frames as that takes
+(the count follows from its dtype and shape). So every socket can refuse larger frames
+(ZMQ's MAXMSGSIZE is per frame), and a peer that has not authenticated can make libzmq
+buffer at most one such frame per connection, whatever the message limit is.
+
 Each socket has one decoder that knows the message types allowed on it: a wrong message
 fails at decode with ``ProtocolError``, not deep in a handler. Every field is checked against
 its type hint (``records.py``), nested records too (attempts, errors, model load states), so
@@ -22,12 +27,19 @@ from typing import Any, ClassVar, Literal
 import msgpack
 import numpy as np
 
-from ..errors import Attempt, ErrorKind, FanoutError, ProtocolError
+from ..errors import Attempt, ErrorKind, FanoutError, ProtocolError, brief
 from .records import plain, reader
 from .status import ClusterInfo, ModelLoad
 
-PROTOCOL_VERSION = 2  # 2: model load states nested (ModelState.load); typed errors, attempts
+PROTOCOL_VERSION = 3  # 3: arrays split into frames of at most FRAME_BYTES
 MAX_HEADER_BYTES = 1024 * 1024
+FRAME_BYTES = 1024 * 1024  # the largest array frame
+# Sockets refuse frames over this (MAXMSGSIZE); between the limits, a header is answered
+# with a typed error.
+MAX_FRAME_BYTES = 2 * max(MAX_HEADER_BYTES, FRAME_BYTES)
+# What a hop may add around a payload it forwards (a worker's Run around a client's inputs, a
+# client's Result around a worker's outputs): its receiver allows the limit plus this.
+ENVELOPE_BYTES = 64 * 1024
 # Numeric dtypes only: object/str/void arrays could smuggle anything through.
 ALLOWED_DTYPES = frozenset(
     ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -336,31 +348,59 @@ def encode(msg: Message) -> list:
             for name, arr in value.items():
                 if isinstance(arr, RawArray):
                     specs.append([name, arr.dtype, list(arr.shape)])
-                    buffers.append(arr.frame)
+                    buffers.extend(arr.frames)
                     continue
                 arr = np.ascontiguousarray(arr)
                 if arr.dtype.name not in ALLOWED_DTYPES:
                     raise ProtocolError(f"array {name!r} has dtype {arr.dtype}; allowed: "
                                         f"{', '.join(sorted(ALLOWED_DTYPES))}")
                 specs.append([name, arr.dtype.name, list(arr.shape)])
-                buffers.append(arr.reshape(-1).view(np.uint8).data if arr.size else b"")
+                buffers.extend(_chunks(arr))
             header[f.name] = specs
         else:
             header[f.name] = plain(value) if f.plain else value
     return [msgpack.packb(header, use_bin_type=True)] + buffers
 
 
+def _chunks(arr: np.ndarray) -> list:
+    """The bytes of a contiguous array as views of at most ``FRAME_BYTES`` (no copies)."""
+    if not arr.size:
+        return [b""]
+    data = arr.reshape(-1).view(np.uint8).data
+    return [data[i:i + FRAME_BYTES] for i in range(0, len(data), FRAME_BYTES)]
+
+
+def frame_count(nbytes: int) -> int:
+    """How many frames carry an array of ``nbytes`` bytes."""
+    return max(1, -(-nbytes // FRAME_BYTES))
+
+
+def _buffer(frame) -> Any:
+    return frame.buffer if hasattr(frame, "buffer") else frame
+
+
 @dataclass(frozen=True)
 class RawArray:
-    """An array still in its received frame: the scheduler forwards it without decoding."""
+    """An array still in its received frames: the scheduler forwards it without decoding."""
 
     dtype: str
     shape: tuple[int, ...]
-    frame: Any  # zmq.Frame or bytes
+    frames: tuple  # zmq.Frame or bytes, each at most FRAME_BYTES
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_frame_len(f) for f in self.frames)
 
     def to_numpy(self) -> np.ndarray:
-        buf = self.frame.buffer if hasattr(self.frame, "buffer") else self.frame
-        return np.frombuffer(buf, dtype=self.dtype).reshape(self.shape)
+        if len(self.frames) == 1:  # the common case: a view of the frame, no copy
+            return np.frombuffer(_buffer(self.frames[0]), dtype=self.dtype).reshape(self.shape)
+        whole = np.empty(self.nbytes, np.uint8)
+        at = 0
+        for frame in self.frames:
+            chunk = np.frombuffer(_buffer(frame), np.uint8)
+            whole[at:at + len(chunk)] = chunk
+            at += len(chunk)
+        return whole.view(self.dtype).reshape(self.shape)
 
 
 def _frame_len(frame) -> int:
@@ -404,19 +444,23 @@ class Decoder:
                 ref = header.get("task_id", header.get("req_id"))
                 exc.ref = ref if isinstance(ref, str) else None
                 exc.msg_type = header.get("t") if isinstance(header.get("t"), str) else None
+            elif exc.ref is None and frames:
+                exc.msg_type, exc.ref = peek_ids(_head_bytes(frames[0]))
             raise
 
     @staticmethod
     def _header(frames: list) -> dict:
         if not frames:
             raise ProtocolError("empty message")
-        head = frames[0].bytes if hasattr(frames[0], "bytes") else bytes(frames[0])
+        head = _head_bytes(frames[0])
         if len(head) > MAX_HEADER_BYTES:
-            raise ProtocolError(f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
+            raise ProtocolError(f"header of {len(head)} bytes exceeds the limit of "
+                                f"{MAX_HEADER_BYTES} bytes (large data goes in arrays)")
         try:
             header = msgpack.unpackb(head, raw=False, strict_map_key=True)
         except Exception as exc:  # msgpack raises several unrelated types for garbage
-            raise ProtocolError(f"undecodable header: {type(exc).__name__}: {exc}") from None
+            raise ProtocolError(f"undecodable header: {type(exc).__name__}: "
+                                f"{brief(str(exc))}") from None
         if not isinstance(header, dict):
             raise ProtocolError("header is not a map")
         return header
@@ -424,11 +468,12 @@ class Decoder:
     def _message(self, header: dict, frames: list) -> Message:
         version = header.get("v")
         if version != PROTOCOL_VERSION:
-            raise ProtocolError(f"protocol version {version!r} is not supported "
+            raise ProtocolError(f"protocol version {brief(version)} is not supported "
                                 f"(this peer speaks {PROTOCOL_VERSION}); upgrade both sides")
-        cls = self.allowed.get(str(header.get("t")))
+        t = header.get("t")
+        cls = self.allowed.get(t) if isinstance(t, str) else None
         if cls is None:
-            raise ProtocolError(f"unexpected message type {header.get('t')!r} on this socket")
+            raise ProtocolError(f"unexpected message type {brief(t)} on this socket")
         kwargs: dict[str, Any] = {}
         for f in _fields(cls):
             if f.name not in header:
@@ -448,30 +493,82 @@ class Decoder:
         return cls(**kwargs)
 
     def _arrays(self, cls, specs, data: list) -> dict:
-        if not isinstance(specs, list) or len(specs) != len(data):
+        if not isinstance(specs, list) or len(specs) > len(data) or (not specs and data):
             raise ProtocolError(f"{cls.TYPE}: {len(data)} data frames but array list is "
-                                f"{specs!r:.80}")
+                                f"{brief(specs)}")
         out: dict[str, Any] = {}
-        for spec, frame in zip(specs, data):
+        at = 0
+        for spec in specs:
             if (not isinstance(spec, list) or len(spec) != 3 or not isinstance(spec[0], str)
                     or not isinstance(spec[1], str) or not isinstance(spec[2], list)):
-                raise ProtocolError(f"{cls.TYPE}: bad array description {spec!r:.80}")
+                raise ProtocolError(f"{cls.TYPE}: bad array description {brief(spec)}")
             name, dtype, shape = spec
             if dtype not in ALLOWED_DTYPES:
-                raise ProtocolError(f"{cls.TYPE}: array {name!r} has dtype {dtype!r}; allowed: "
-                                    f"{', '.join(sorted(ALLOWED_DTYPES))}")
-            if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40
-                       for d in shape) or len(shape) > 32:
-                raise ProtocolError(f"{cls.TYPE}: array {name!r} has bad shape {shape!r:.80}")
+                raise ProtocolError(f"{cls.TYPE}: array {brief(name)} has dtype {brief(dtype)}; "
+                                    f"allowed: {', '.join(sorted(ALLOWED_DTYPES))}")
+            if len(shape) > 32 or not all(isinstance(d, int) and not isinstance(d, bool)
+                                          and 0 <= d < 2**40 for d in shape):
+                raise ProtocolError(f"{cls.TYPE}: array {brief(name)} has bad shape "
+                                    f"{brief(shape)}")
             expected = math.prod(shape) * np.dtype(dtype).itemsize
-            if _frame_len(frame) != expected:
-                raise ProtocolError(f"{cls.TYPE}: array {name!r} {dtype}{shape} needs {expected} "
-                                    f"bytes, frame has {_frame_len(frame)}")
+            count = frame_count(expected)
+            frames = data[at:at + count]
+            at += count
+            got = sum(_frame_len(fr) for fr in frames)
+            if got != expected or any(_frame_len(fr) > FRAME_BYTES for fr in frames) \
+                    or len(frames) != count:
+                raise ProtocolError(f"{cls.TYPE}: array {brief(name)} {dtype}{shape} needs "
+                                    f"{expected} bytes in {count} frame(s) of at most "
+                                    f"{FRAME_BYTES}, got {got} in {len(frames)}")
             if name in out:
-                raise ProtocolError(f"{cls.TYPE}: array {name!r} appears twice")
-            raw = RawArray(dtype, tuple(shape), frame)
+                raise ProtocolError(f"{cls.TYPE}: array {brief(name)} appears twice")
+            raw = RawArray(dtype, tuple(shape), tuple(frames))
             out[name] = raw.to_numpy() if self.decode_arrays else raw
+        if at != len(data):
+            raise ProtocolError(f"{cls.TYPE}: {len(data) - at} data frames more than the "
+                                f"arrays described need")
         return out
+
+
+def _head_bytes(frame) -> bytes:
+    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+
+
+def peek_field(head: bytes, name: str) -> Any:
+    """One top-level scalar field of a header, read without decoding the rest (None if it
+    is not there or cannot be read)."""
+    try:
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(head), 1))
+        unpacker.feed(head)
+        for _ in range(min(unpacker.read_map_header(), 64)):
+            if unpacker.unpack() == name:
+                value = unpacker.unpack()
+                return value if isinstance(value, (int, float, str)) else None
+            unpacker.skip()
+    except Exception:  # broken before the field
+        pass
+    return None
+
+
+def peek_ids(head: bytes) -> tuple[str | None, str | None]:
+    """The type and the task or request id of a header that cannot be decoded whole (too
+    large, or broken past those fields), read without building its other values, so that the
+    sender's call can be failed by its id instead of left waiting."""
+    found: dict[str, str] = {}
+    try:
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(head), 1))
+        unpacker.feed(head)
+        for _ in range(min(unpacker.read_map_header(), 64)):
+            key = unpacker.unpack()
+            if key in ("t", "task_id", "req_id"):
+                value = unpacker.unpack()
+                if isinstance(value, str) and len(value) <= 256:
+                    found[key] = value
+            else:
+                unpacker.skip()
+    except Exception:  # a header broken before the fields: nothing more can be told
+        pass
+    return found.get("t"), found.get("task_id", found.get("req_id"))
 
 
 def error_reply(req_id: str | None, exc: Exception) -> Reply:

@@ -15,7 +15,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, Literal, Union
 
-from ..errors import Attempt, FanoutError, ProtocolError, error_from_wire
+from ..errors import Attempt, FanoutError, ProtocolError, brief, error_from_wire
 
 Reader = Callable[[Any, str], Any]
 
@@ -125,7 +125,7 @@ def _optional(option: Reader, optional: bool, what: str) -> Reader:
 def _literal(allowed: frozenset, what: str) -> Reader:
     def read_literal(value: Any, where: str) -> Any:
         if not isinstance(value, str | int) or value not in allowed:
-            raise ProtocolError(f"{where}: expected {what}, got {value!r:.60}")
+            raise ProtocolError(f"{where}: expected {what}, got {brief(value, 60)}")
         return value
     return read_literal
 
@@ -141,7 +141,7 @@ def _sequence(item: Reader, origin: type, what: str) -> Reader:
 def _fixed(items: list[Reader], what: str) -> Reader:
     def read_fixed(value: Any, where: str) -> Any:
         if not isinstance(value, list | tuple) or len(value) != len(items):
-            raise ProtocolError(f"{where}: expected {what}, got {value!r:.60}")
+            raise ProtocolError(f"{where}: expected {what}, got {brief(value, 60)}")
         return tuple(item(v, f"{where}[{i}]") for i, (item, v) in enumerate(zip(items, value)))
     return read_fixed
 
@@ -153,8 +153,8 @@ def _mapping(item: Reader) -> Reader:
         out = {}
         for key, v in value.items():
             if not isinstance(key, str):
-                raise ProtocolError(f"{where}: keys must be strings, got {key!r:.60}")
-            out[key] = item(v, f"{where}.{key}")
+                raise ProtocolError(f"{where}: keys must be strings, got {brief(key, 60)}")
+            out[key] = item(v, f"{where}.{key if len(key) <= 40 else brief(key, 40)}")
         return out
     return read_mapping
 
