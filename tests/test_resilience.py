@@ -82,7 +82,7 @@ def test_a_stopped_worker_is_detected_killed_and_its_tasks_re_run(clusters, refe
 def test_tasks_beyond_the_queue_bound_get_overloaded_and_nothing_else_is_lost(
         clusters, reference):
     cluster = clusters.start("""
-        scheduler: {max_queue: 4}
+        scheduler: {max_queue: 4, max_client_share: 1}  # one client may fill the whole queue
         devices:
           - {name: cpu0, kind: cpu, backend: onnxruntime, capacity: 1, faults: {hang_s: 0.3}}
         models:

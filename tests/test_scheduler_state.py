@@ -136,13 +136,15 @@ class Harness:
         return self.handle(Tick())
 
     def submit(self, key: Any, name: str = "m", timeout_s: float | None = None,
-               client: Any = None) -> list:
+               client: Any = None, nbytes: int = 0, backlog: int = 0,
+               payload: Any = None) -> list:
         duplicate = key in self.pending
         self.pending.add(key)
         self._refusing = key if duplicate else None
         try:
-            return self.handle(TaskSubmitted(key, name, payload=key, timeout_s=timeout_s,
-                                             client=client))
+            return self.handle(TaskSubmitted(key, name, payload=key if payload is None
+                                             else payload, timeout_s=timeout_s, client=client,
+                                             nbytes=nbytes, backlog=backlog))
         finally:
             self._refusing = None
 
@@ -346,6 +348,79 @@ def test_every_accepted_task_is_answered_once_when_the_queue_overflows(make):
     while h.pending:
         h.succeed(min(h.pending))
     assert {k for k, a in h.answers.items() if isinstance(a, Deliver)} == {0, 1, 2, 3, 4}
+
+
+# ---- bounded in bytes and per client ------------------------------------------------------
+
+MiB = 1024 ** 2
+
+
+def overloaded(actions: list) -> str:
+    (reject,) = of(Reject, actions)
+    assert isinstance(reject.error, Overloaded), reject
+    return reject.error.message
+
+
+def test_a_submit_that_would_pass_max_queue_bytes_is_overloaded_until_bytes_are_answered(make):
+    h = make(models=[model("m", "npu0")], max_queue_bytes=4 * MiB, max_message_bytes=MiB)
+    h.up()
+    for i in range(4):
+        h.submit(i, nbytes=MiB)
+    assert h.state.held_bytes == 4 * MiB
+    assert "scheduler.max_queue_bytes" in overloaded(h.submit(4, nbytes=1))
+    h.succeed(0)  # the running one answered: its bytes are free again
+    assert of(Reject, h.submit(5, nbytes=MiB)) == []
+    assert h.state.snapshot().held_bytes == 4 * MiB
+
+
+def test_a_client_past_its_share_of_bytes_is_overloaded_while_another_is_served(make):
+    h = make(models=[model("m", "npu0")], max_queue_bytes=10 * MiB, max_message_bytes=MiB,
+             max_client_share=0.3)
+    h.up()
+    for i in range(3):
+        h.submit(("a", i), client="a", nbytes=MiB)
+    assert "max_client_share" in overloaded(h.submit(("a", 3), client="a", nbytes=MiB))
+    assert of(Reject, h.submit(("b", 0), client="b", nbytes=MiB)) == []
+    assert h.state.client_bytes == {"a": 3 * MiB, "b": MiB}
+
+
+def test_a_client_past_its_share_of_waiting_tasks_is_overloaded_while_another_is_served(make):
+    h = make(models=[model("m", "npu0")], max_queue=10, max_client_share=0.2)
+    h.up()
+    for i in range(3):  # one runs, two wait: its share of ten
+        h.submit(("a", i), client="a")
+    assert "2 tasks waiting, its share" in overloaded(h.submit(("a", 3), client="a"))
+    assert of(Reject, h.submit(("b", 0), client="b")) == []
+    h.succeed(("a", 0))  # one of a's starts running: a waits with one now
+    assert of(Reject, h.submit(("a", 4), client="a")) == []
+
+
+def test_a_client_whose_answers_wait_unread_is_overloaded_and_others_are_not(make):
+    h = make(max_client_backlog_bytes=MiB)
+    h.up()
+    message = overloaded(h.submit(("a", 0), client="a", backlog=MiB + 1))
+    assert "max_client_backlog_bytes" in message and "read them" in message
+    assert of(Reject, h.submit(("b", 0), client="b", backlog=MiB)) == []
+
+
+def test_the_task_id_in_use_error_does_not_name_the_client(h):
+    key = (b"routing-id-of-the-caller", "t1")
+    h.submit(key, client=key[0])
+    (reject,) = h.submit(key, client=key[0])
+    assert "already in use" in reject.error.message
+    assert "routing-id" not in reject.error.message and "t1" not in reject.error.message
+
+
+def test_a_task_nested_a_thousand_deep_fails_over_and_is_answered_without_a_crash(make):
+    deep: list = []
+    for _ in range(1200):  # deeper than repr() can walk
+        deep = [deep]
+    h = make(models=[model("m", "npu0")], max_attempts=1)
+    h.up()
+    h.submit("deep", payload={"messages": deep})
+    (d,) = of(Dispatch, h.log)
+    h.handle(WorkerExited("npu0", d.epoch, "killed"))  # its one try lost: answered as failed
+    assert isinstance(h.answers["deep"].error, NoDeviceAvailable)
 
 
 # ---- failover ------------------------------------------------------------------------------

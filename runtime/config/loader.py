@@ -71,6 +71,9 @@ _BACKEND_KINDS = {"qnn": ("npu", "gpu"), "onnxruntime": ("cpu",),
 # scheduler field -> (type, low, high); addresses and token are checked on their own.
 _SCHEDULER_BOUNDS: dict[str, tuple[type, float, float]] = {
     "max_queue": (int, 1, 1_000_000),
+    "max_queue_bytes": (int, 1024 ** 2, 1024 ** 4),
+    "max_client_share": (float, 0.01, 1.0),
+    "max_client_backlog_bytes": (int, 1024, 1024 ** 4),
     "task_timeout_s": (float, 0.1, 86400.0),
     "heartbeat_interval_s": (float, 0.05, 10.0),
     "heartbeat_timeout_s": (float, 0.1, 3600.0),
@@ -364,9 +367,29 @@ class _Parser:
                        f"heartbeat_interval_s = {_fmt_num(2 * interval)}", timeout)
             ok = False
 
+        queue_bytes = values.get("max_queue_bytes", defaults.max_queue_bytes)
+        message_bytes = values.get("max_message_bytes", defaults.max_message_bytes)
+        if queue_bytes is not None and message_bytes is not None \
+                and queue_bytes < message_bytes:
+            where = "max_queue_bytes" if "max_queue_bytes" in d else "max_message_bytes"
+            self.error(f"scheduler.{where}", f"max_queue_bytes must be at least "
+                       f"max_message_bytes = {message_bytes} (a task that could never be "
+                       f"queued)", d.get(where, queue_bytes))
+            ok = False
+
         token = self.secret(self.overridden("scheduler", d, "token", ENV_TOKEN))
         ok = ok and token is not _MISSING
         values["token"] = token = None if token is _MISSING else token
+        if "worker_token" in d:  # the scheduler makes it for its workers' configs
+            if not self.from_dict:
+                self.error("scheduler.worker_token", "is made by the scheduler at every start; "
+                           "remove it from the config file")
+                ok = False
+            else:
+                worker_token = self.secret(Sourced(d["worker_token"],
+                                                   "scheduler.worker_token", False))
+                ok = ok and worker_token is not _MISSING
+                values["worker_token"] = None if worker_token is _MISSING else worker_token
 
         for key in ("address", "worker_address"):
             address = self.overridden("scheduler", d, key,
@@ -377,7 +400,9 @@ class _Parser:
                 ok = False
                 continue
             values[key], host = parsed
-            if host is not None and not is_loopback(host) and token is None:
+            # A worker's config (it has the worker token) binds nothing: no token to need.
+            if host is not None and not is_loopback(host) and token is None \
+                    and values.get("worker_token") is None:
                 self.error(address.where, f"binds non-loopback host {host} and so needs a "
                            f"token: set scheduler.token or env {ENV_TOKEN}", address.value)
                 ok = False
@@ -436,12 +461,12 @@ class _Parser:
         keys, where = sourced.value, sourced.where
         parsed_keys = None
         if isinstance(keys, Mapping) and self.from_dict:
-            parsed_keys = self.curve_keys(where, keys)
+            parsed_keys = self.curve_keys(where, keys)  # a scheduler's, or a worker's part
         elif keys is not None:
             path = self.string(where, keys, "the path of a key file")
             if path is not None:
                 try:
-                    parsed_keys = read_keys(self.path(path))
+                    parsed_keys = read_keys(self.path(path), ("cluster",))
                 except ConfigError as exc:  # names the file, never the key material
                     self.errors.append(f"{self.label}: {where}: {exc.message}")
         if len(self.errors) > before:
@@ -459,7 +484,7 @@ class _Parser:
 
     def curve_keys(self, where: str, data: Any) -> CurveKeys | None:
         try:
-            return check_keys(where, data)
+            return check_keys(where, data, ("cluster", "worker"))
         except ConfigError as exc:  # its message names ``where`` and never the key material
             self.errors.append(f"{self.label}: {exc.message}")
             return None

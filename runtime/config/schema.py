@@ -9,7 +9,7 @@ import dataclasses
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..env import DEFAULT_ADDRESS
 from ..errors import ConfigError
@@ -108,11 +108,26 @@ class SchedulerConfig:
     """The scheduler process.
 
     address: where clients connect; tcp://HOST:PORT (port 0 = pick a free one) or ipc://PATH
-      (env FANOUT_ADDRESS overrides it).
+      (env FANOUT_ADDRESS overrides it). An ipc socket file is made readable and writable by
+      its owner only.
     worker_address: where workers connect (default: loopback, a free port); same forms.
-    token: shared secret clients and workers must present; required when either address
-      binds a non-loopback host (env FANOUT_TOKEN overrides it).
+    token: the secret clients must present; required when either address binds a
+      non-loopback host (env FANOUT_TOKEN overrides it). Without keys it is checked at each
+      connection's handshake (ZMQ PLAIN, sent in clear), so a peer without it gets no frame
+      through; with keys, in the client's hello, after the CurveZMQ handshake.
     max_queue: tasks waiting for a slot, 1..1_000_000; past it submits get Overloaded.
+    max_queue_bytes: bytes of input the scheduler holds for unanswered tasks (waiting or
+      running: a re-run needs them), 1 MiB..1 TiB, at least max_message_bytes (default
+      1 GiB); past it submits get Overloaded.
+    max_client_share: the fraction of max_queue (tasks waiting) and of max_queue_bytes (bytes
+      held, waiting or running) that one client's tasks may take, 0.01..1 (default 0.5);
+      past it that client's submits get Overloaded, and others are still served.
+    max_client_backlog_bytes: answers waiting for a client that reads them slower than they
+      come (past ZMQ's own queue of 1,000 messages per connection), 1 KiB..1 TiB (default
+      256 MiB). None is dropped for it; past it that client's new submits get Overloaded
+      until it reads (its accepted tasks bound the rest, through max_client_share). One that
+      goes on sending 1,000 submits without reading is forgotten as if it had gone silent
+      (its tasks cancelled, its answers dropped) until it says hello again.
     task_timeout_s: default deadline of a task, 0.1..86400.
     heartbeat_interval_s: 0.05..10.  heartbeat_timeout_s: a worker silent this long is hung
       and is killed and restarted, > 2 * heartbeat_interval_s, at most 3600.
@@ -124,12 +139,18 @@ class SchedulerConfig:
       0..3600.
     restart_backoff_s: first delay before restarting a dead worker, 0.01..30 (doubles, max 30 s).
     max_message_bytes: largest message accepted on any socket, 1 KiB..4 GiB.
+    worker_token: not read from a config file: the secret the scheduler makes at every start
+      and hands only to the workers it starts (in their config), which they present at the
+      worker socket's handshake when the cluster has no keys.
     """
 
     address: str = DEFAULT_ADDRESS
     worker_address: str = "tcp://127.0.0.1:0"
     token: str | None = field(default=None, repr=False)  # a secret: kept out of reprs and logs
     max_queue: int = 10_000
+    max_queue_bytes: int = 1024 ** 3
+    max_client_share: float = 0.5
+    max_client_backlog_bytes: int = 256 * 1024 ** 2
     task_timeout_s: float = 120.0
     heartbeat_interval_s: float = 0.5
     heartbeat_timeout_s: float = 5.0
@@ -139,6 +160,7 @@ class SchedulerConfig:
     breaker_cooldown_s: float = 10.0
     restart_backoff_s: float = 0.5
     max_message_bytes: int = 256 * 1024 * 1024
+    worker_token: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -158,19 +180,49 @@ class HttpConfig:
     max_body_bytes: int = 8 * 1024 * 1024
 
 
+KeyRole = Literal["cluster", "client", "worker"]
+
+
 @dataclass
 class CurveKeys:
-    """CurveZMQ keys of one cluster, Z85 text (40 characters each).
+    """CurveZMQ keys, Z85 text (40 characters each): the scheduler's pair, the clients' pair
+    and the workers' pair, or the part of them one party holds.
 
-    The scheduler's sockets are CURVE servers with the server pair; clients and workers are
-    CURVE clients with the client pair, and the scheduler admits only that client public key.
-    Whoever holds the file is a member of the cluster: keep it like a password.
+    The scheduler's two sockets are CURVE servers with the server pair; its client socket
+    admits only the client public key, its worker socket only the worker public key, so no
+    client key can pose as a worker. Who holds what (``role``):
+    - ``cluster``: every key (``fanout keys FILE`` writes it; ``cluster.keys`` names it). It
+      runs a scheduler, and the process that starts the cluster is its first client. A file
+      without the worker pair (from before there was one) gets a new one at every start.
+    - ``client``: the server's public key and the client pair (``FILE.client``): hand this
+      to clients, never the cluster file.
+    - ``worker``: the server's public key and the worker pair: the scheduler hands it to the
+      workers it starts; ``fanout keys --split FILE`` writes one too.
+    Whoever holds a secret key of a pair is that party: keep the files like passwords.
     """
 
     server_public: str
-    server_secret: str = field(repr=False)
-    client_public: str
-    client_secret: str = field(repr=False)
+    server_secret: str | None = field(default=None, repr=False)
+    client_public: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
+    worker_public: str | None = None
+    worker_secret: str | None = field(default=None, repr=False)
+
+    @property
+    def role(self) -> KeyRole:
+        if self.server_secret is not None:
+            return "cluster"
+        return "client" if self.client_secret is not None else "worker"
+
+    def for_clients(self) -> CurveKeys:
+        """What a client holds: the server's public key and the client pair."""
+        return CurveKeys(self.server_public, client_public=self.client_public,
+                         client_secret=self.client_secret)
+
+    def for_workers(self) -> CurveKeys:
+        """What a worker holds: the server's public key and the worker pair."""
+        return CurveKeys(self.server_public, worker_public=self.worker_public,
+                         worker_secret=self.worker_secret)
 
 
 @dataclass
@@ -183,10 +235,11 @@ class ClusterConfig:
       machine), ``ray://HOST:PORT`` (Ray client) or ``HOST:PORT`` (the head's GCS); unset = the
       one this process is connected to, else ``RAY_ADDRESS``, else a new local one.
     name: the scheduler actor's name in Ray's "fanout" namespace, [a-z0-9_-]{1,32}.
-    keys: a CurveZMQ key file (JSON, written by ``fanout keys FILE``; env FANOUT_KEYS) that
-      encrypts and authenticates every socket of the cluster. Under launcher ray keys are
-      generated at start when none is given and reach workers and Ray-attached clients
-      through Ray.
+    keys: the cluster's CurveZMQ key file (JSON, written by ``fanout keys FILE``; env
+      FANOUT_KEYS), which encrypts and authenticates every socket of the cluster; a client
+      key file is refused here (it lacks the scheduler's secret key). Under launcher ray keys
+      are generated at start when none is given; workers get their part through Ray, and
+      Ray-attached clients the client part.
     """
 
     launcher: str = "local"

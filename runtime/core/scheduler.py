@@ -9,6 +9,10 @@ Rules:
   already committed to each worker, among those that have the model ready and whose breaker
   for the model is closed; it waits in a bounded FIFO queue while that worker is busy, or
   while none can take it (full queue -> ``Overloaded`` at once);
+- what the scheduler holds is bounded in bytes and per client: the input bytes of every
+  unanswered task (``max_queue_bytes``), each client's share of tasks and bytes
+  (``max_client_share``), and the answers waiting for a client to read them
+  (``max_client_backlog_bytes``, measured by the shell): past any, ``Overloaded`` at once;
 - a device error re-runs the task on the next device of the model's order that it has not
   failed on; an input error is answered at once and never re-run;
 - a lost worker (exit, missed heartbeats, a run that ignores its deadline) has its in-flight
@@ -139,6 +143,8 @@ class TaskSubmitted:
     stream: bool = False  # the caller wants the tokens as they come, not only the completion
     client: Any = None  # who submitted it (opaque): its tasks end when it says bye or vanishes
     max_tokens: int | None = None  # a generation's limit, for its expected time
+    nbytes: int = 0  # the size of its message: what holding it costs
+    backlog: int = 0  # bytes of answers waiting for its client to read them
 
 
 @dataclass
@@ -382,11 +388,11 @@ class Generation:
     logprobs: list = field(default_factory=list)
 
 
-@dataclass
+@dataclass(eq=False)  # a task is itself: compared by identity, never field by field
 class Task:
     key: Any
     model: str
-    payload: Any
+    payload: Any = field(repr=False)  # what a peer sent: no repr() may walk it
     deadline: float
     timeout_s: float
     attempts: list[Attempt] = field(default_factory=list)
@@ -405,6 +411,7 @@ class Task:
     expected_s: float = 0.0
     batch: int = 1
     tokens_before: int = 0
+    nbytes: int = 0
 
 
 Event = (WorkerRegistered | ModelStateChanged | WorkerHeartbeat | WorkerExited | WorkerAdded
@@ -439,9 +446,12 @@ class SchedulerState:
         self.queued_models: collections.Counter[str] = collections.Counter()  # of self.queue
         self.queued_excluding: collections.Counter[str] = collections.Counter()  # ... that
         # failed somewhere already: they may have other workers to go to than the rest
+        self.queued_clients: collections.Counter[Any] = collections.Counter()  # of self.queue
         self.tasks: dict[Any, Task] = {}  # every unanswered task
         self.clients: dict[Any, ClientView] = {}  # those that said hello
         self.client_tasks: dict[Any, dict[Any, Task]] = {}  # client -> its unanswered tasks
+        self.held_bytes = 0  # input bytes of every unanswered task
+        self.client_bytes: collections.Counter[Any] = collections.Counter()  # of each client
         self._attempt_ids = itertools.count(1)
         self.counters: collections.Counter[str] = collections.Counter()
         self.typical_tokens: dict[str, float] = {}  # model -> EWMA of completion tokens
@@ -655,28 +665,29 @@ class SchedulerState:
             actions.append(Reject(ev.key, InvalidInput(
                 f"unknown model {ev.model!r}; this cluster serves: {known}")))
             return
-        if ev.key in self.tasks:
-            actions.append(Reject(ev.key, InvalidInput(f"task id {ev.key!r} is already in use")))
+        if ev.key in self.tasks:  # the key names the client: never said back to anyone
+            actions.append(Reject(ev.key, InvalidInput(
+                "task id already in use by another of this client's unanswered tasks")))
             return
         timeout = ev.timeout_s if ev.timeout_s and ev.timeout_s > 0 else self.sc.task_timeout_s
         now = self.clock()
         task = Task(ev.key, ev.model, ev.payload, now + timeout, timeout,
                     generation=Generation(ev.stream) if ev.generate else None, client=ev.client,
-                    submitted_at=now, queued_at=now, max_tokens=ev.max_tokens)
+                    submitted_at=now, queued_at=now, max_tokens=ev.max_tokens,
+                    nbytes=ev.nbytes)
         if self._hopeless(task):  # says more than Overloaded would, so it is checked first
             self._accept(task)
             self._fail(task, actions)
             return
-        if len(self.queue) >= self.sc.max_queue:
+        crowded = self._crowded(task, ev.backlog)
+        if crowded is not None:
             self.counters["overloaded"] += 1
-            actions.append(Reject(ev.key, Overloaded(
-                f"queue is full ({self.sc.max_queue} tasks waiting); retry later or raise "
-                f"scheduler.max_queue")))
+            actions.append(Reject(ev.key, Overloaded(crowded)))
             return
         self._accept(task)
         self.counters["submitted"] += 1
         self.queue.append(task)
-        self.queued_models[task.model] += 1
+        self._enqueued(task)
 
     @_on.register
     def _on_TaskSucceeded(self, ev: TaskSucceeded, actions: list) -> None:
@@ -881,12 +892,19 @@ class SchedulerState:
 
     def _accept(self, task: Task) -> None:
         self.tasks[task.key] = task
+        self.held_bytes += task.nbytes
         if task.client is not None:
             self.client_tasks.setdefault(task.client, {})[task.key] = task
+            self.client_bytes[task.client] += task.nbytes
 
     def _finish(self, task: Task) -> None:
         task.finished = True
-        self.tasks.pop(task.key, None)
+        if self.tasks.pop(task.key, None) is not None:
+            self.held_bytes -= task.nbytes
+            if task.client is not None:
+                self.client_bytes[task.client] -= task.nbytes
+                if not self.client_bytes[task.client]:
+                    del self.client_bytes[task.client]
         own = self.client_tasks.get(task.client)
         if own is not None:
             own.pop(task.key, None)
@@ -913,8 +931,35 @@ class SchedulerState:
         self.counters["retried"] += 1
         task.queued_at = self.clock()
         self.queue.appendleft(task)  # a re-run goes before new work: it has waited already
-        self.queued_models[task.model] += 1
-        self.queued_excluding[task.model] += bool(task.excluded)
+        self._enqueued(task)
+
+    def _crowded(self, task: Task, backlog: int) -> str | None:
+        """Why the scheduler cannot take ``task`` now (a bound it would cross), or None."""
+        sc = self.sc
+        if len(self.queue) >= sc.max_queue:
+            return (f"queue is full ({sc.max_queue} tasks waiting); retry later or raise "
+                    f"scheduler.max_queue")
+        if task.client is not None:
+            if backlog > sc.max_client_backlog_bytes:
+                return (f"{backlog} bytes of this client's answers wait for it to read them "
+                        f"(more than scheduler.max_client_backlog_bytes = "
+                        f"{sc.max_client_backlog_bytes}); read them, then retry")
+            share_tasks = max(1, int(sc.max_queue * sc.max_client_share))
+            if self.queued_clients[task.client] >= share_tasks:
+                return (f"this client has {share_tasks} tasks waiting, its share of the queue "
+                        f"(scheduler.max_client_share = {sc.max_client_share:g} of max_queue "
+                        f"= {sc.max_queue}); retry as they are answered")
+            share_bytes = int(sc.max_queue_bytes * sc.max_client_share)
+            if self.client_bytes[task.client] + task.nbytes > share_bytes:
+                return (f"this client's unanswered tasks hold {self.client_bytes[task.client]} "
+                        f"bytes; with {task.nbytes} more they would pass its share "
+                        f"(scheduler.max_client_share = {sc.max_client_share:g} of "
+                        f"max_queue_bytes = {sc.max_queue_bytes}); retry as they are answered")
+        if self.held_bytes + task.nbytes > sc.max_queue_bytes:
+            return (f"the scheduler holds {self.held_bytes} bytes of unanswered tasks; with "
+                    f"{task.nbytes} more it would pass scheduler.max_queue_bytes = "
+                    f"{sc.max_queue_bytes}; retry later")
+        return None
 
     def _unqueue(self, task: Task) -> None:
         try:
@@ -923,9 +968,19 @@ class SchedulerState:
             return  # not queued (running, or already taken off in _place)
         self._dequeued(task)
 
+    def _enqueued(self, task: Task) -> None:
+        self.queued_models[task.model] += 1
+        self.queued_excluding[task.model] += bool(task.excluded)
+        if task.client is not None:
+            self.queued_clients[task.client] += 1
+
     def _dequeued(self, task: Task) -> None:
         self.queued_models[task.model] -= 1
         self.queued_excluding[task.model] -= bool(task.excluded)
+        if task.client is not None:
+            self.queued_clients[task.client] -= 1
+            if not self.queued_clients[task.client]:
+                del self.queued_clients[task.client]
 
     def _hopeless(self, task: Task) -> bool:
         """True when no device left in the task's order can ever serve it."""
@@ -1182,7 +1237,8 @@ class SchedulerState:
                       counters=Counters(**self.counters), max_queue=self.sc.max_queue,
                       queued_by_model=dict(queued), cluster=cluster,
                       other_cores={n: round(load.other_cores, 3)
-                                   for n, load in self.nodes.items()})
+                                   for n, load in self.nodes.items()},
+                      held_bytes=self.held_bytes, max_queue_bytes=self.sc.max_queue_bytes)
 
     @staticmethod
     def _model_status(s: ModelSlot, now: float) -> ModelStatus:
@@ -1213,8 +1269,14 @@ class SchedulerState:
         excluding = collections.Counter(t.model for t in self.queue if t.excluded)
         nonzero = {m: n for m, n in self.queued_excluding.items() if n}
         assert nonzero == dict(excluding), (self.queued_excluding, excluding)
+        by_client = collections.Counter(t.client for t in self.queue if t.client is not None)
+        assert self.queued_clients == by_client, (self.queued_clients, by_client)
         for t in self.tasks.values():
             assert not t.finished
         indexed = {k: t for own in self.client_tasks.values() for k, t in own.items()}
         assert indexed == {k: t for k, t in self.tasks.items() if t.client is not None}
         assert all(self.client_tasks.values()), "a client with no tasks is left indexed"
+        assert self.held_bytes == sum(t.nbytes for t in self.tasks.values())
+        assert self.client_bytes == collections.Counter(
+            {c: sum(t.nbytes for t in own.values()) for c, own in self.client_tasks.items()
+             if sum(t.nbytes for t in own.values())})

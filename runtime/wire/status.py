@@ -206,6 +206,8 @@ class ClusterInfo:
     ready: bool = False  # every worker up (or gone with its node), no model still loading
     max_message_bytes: int = 0
     models: tuple[str, ...] = ()
+    internal_errors: int = 0  # exceptions caught handling a message or ticking: should stay 0
+    backlog_bytes: int = 0  # answers waiting for clients that read slower than they come
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,8 @@ class Status:
     cluster: ClusterInfo | None = None  # filled in by the scheduler's shell
     # node -> cores kept busy there by what is not a worker (the scheduler, clients, others)
     other_cores: dict[str, float] = field(default_factory=dict)
+    held_bytes: int = 0  # input bytes of the unanswered tasks (bounded by max_queue_bytes)
+    max_queue_bytes: int = 0
 
     def worker(self, device: str) -> WorkerStatus:
         """The worker of ``device``; ``KeyError`` naming the devices there are."""
