@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import socket
-import uuid
 
 import msgpack
 import numpy as np
@@ -119,7 +118,8 @@ def test_a_frame_that_lies_about_its_array_size_is_refused(raw):
     raw.send_multipart([head, b"\x00" * 10])
     reply = reply_of(raw)
     assert isinstance(reply, p.Failure) and reply.task_id == "t1"
-    assert "needs 64 bytes, frame has 10" in reply.error.message
+    assert "needs 64 bytes in 1 frame(s)" in reply.error.message and "got 10" in \
+        reply.error.message
 
 
 def test_an_oversized_submit_is_answered_with_an_error_for_that_task(raw):
@@ -161,49 +161,6 @@ def test_a_message_type_meant_for_workers_is_refused_on_the_client_port(raw):
     raw.send_multipart(p.encode(p.Heartbeat(in_flight=1)))
     reply = reply_of(raw)
     assert "unexpected message type 'heartbeat'" in reply.error.message
-
-
-def test_a_fake_worker_with_an_unknown_device_is_refused(cluster):
-    worker_address = cluster.status()["cluster"]["worker_address"]
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 10_000)
-    sock.setsockopt(zmq.IDENTITY, f"ghost:{uuid.uuid4().hex}".encode())
-    sock.connect(worker_address)
-    try:
-        sock.send_multipart(p.encode(p.Register(version=p.PROTOCOL_VERSION, device="ghost",
-                                                epoch=1, pid=1, node="x")))
-        reply = p.Decoder(p.SCHEDULER_TO_WORKER, 1 << 20).decode(sock.recv_multipart())
-        assert reply.error and "not in this cluster's config" in reply.error.message
-    finally:
-        sock.close()
-        ctx.term()
-    assert {w["device"] for w in cluster.status()["workers"]} == {"npu0", "cpu0"}
-
-
-def test_a_worker_registration_with_a_malformed_model_entry_is_refused_and_changes_nothing(
-        cluster):
-    before = worker(cluster.status(), "cpu0")
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 10_000)
-    sock.setsockopt(zmq.IDENTITY, f"cpu0:{uuid.uuid4().hex}".encode())
-    sock.connect(cluster.status()["cluster"]["worker_address"])
-    try:
-        sock.send_multipart(p.encode(p.Register(  # the live worker's epoch: it would count
-            version=p.PROTOCOL_VERSION, device="cpu0", epoch=before["epoch"], pid=1, node="x",
-            models={"minilm": {"state": "ready", "load_s": "fast"}})))
-        reply = p.Decoder(p.SCHEDULER_TO_WORKER, 1 << 20).decode(sock.recv_multipart())
-    finally:
-        sock.close()
-        ctx.term()
-    assert reply.error.kind == "protocol"
-    assert "register.models.minilm.load_s: expected float, got str" in reply.error.message
-    after = worker(cluster.status(), "cpu0")
-    assert (after["state"], after["pid"], after["epoch"]) == ("up", before["pid"],
-                                                              before["epoch"])
 
 
 def test_a_cluster_with_a_token_refuses_clients_without_it(clusters):

@@ -183,7 +183,7 @@ def test_traffic_is_encrypted_with_keys_made_at_start_and_a_peer_without_them_is
     import runtime
     from runtime.errors import Unauthorized
     from runtime.wire import protocol as p
-    from runtime.wire.security import generate_keys
+    from runtime.wire.security import apply_client, generate_keys
 
     cluster = on_ray.start("""
         devices: [{name: cpu, kind: cpu, backend: onnxruntime, per_node: true}]
@@ -199,16 +199,22 @@ def test_traffic_is_encrypted_with_keys_made_at_start_and_a_peer_without_them_is
     for keys in (None, generate_keys()):
         with pytest.raises(Unauthorized, match="CurveZMQ|keys"):
             runtime.connect(cluster.address, token=cluster.token, keys=keys, timeout=5)
-    # A worker without the keys cannot register: it never hears back.
+    # A worker without the keys cannot register: it never hears back. Nor can one with what
+    # Ray hands a client (the token and the client keys): they are not a worker's.
+    assert cluster.keys.role == "client"
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IDENTITY, b"cpu:99")
-    sock.connect(cluster.status()["cluster"]["worker_address"])
-    sock.send_multipart(p.encode(p.Register(version=p.PROTOCOL_VERSION, device="cpu", epoch=99,
-                                            pid=1, node="x", token=cluster.token, models={})))
-    assert sock.poll(2000) == 0
-    sock.close()
+    for keys in (None, cluster.keys):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, b"cpu:99")
+        if keys is not None:
+            apply_client(sock, keys)
+        sock.connect(cluster.status()["cluster"]["worker_address"])
+        sock.send_multipart(p.encode(p.Register(version=p.PROTOCOL_VERSION, device="cpu",
+                                                epoch=99, pid=1, node="x", token=cluster.token,
+                                                models={})))
+        assert sock.poll(2000) == 0
+        sock.close()
     ctx.term()
     assert all(w["epoch"] != 99 for w in cluster.status()["workers"])
     assert cluster.client().infer("minilm", sentences(1)[0]).device.startswith("cpu@")

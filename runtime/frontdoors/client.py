@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import queue
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
@@ -174,10 +175,15 @@ class AsyncClient:
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        # Our own routing id, unguessable: nobody can claim it, nor predict the next.
+        self.sock.setsockopt(zmq.ROUTING_ID, b"C" + secrets.token_bytes(16))
+        self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
         if self.keys is not None:
             security.apply_client(self.sock, self.keys)
-        self.decoder = p.Decoder(p.SCHEDULER_TO_CLIENT, max_message_bytes)
+        elif token is not None:  # checked at the handshake: without keys, the token is all
+            security.apply_plain(self.sock, security.PLAIN_CLIENT, token)
+        # A Result wraps a worker's outputs of up to the limit in a header of its own.
+        self.decoder = p.Decoder(p.SCHEDULER_TO_CLIENT, max_message_bytes + p.ENVELOPE_BYTES)
         self.max_message_bytes = max_message_bytes
         self._pending: dict[str, asyncio.Future] = {}
         self._streams: dict[str, asyncio.Queue] = {}
@@ -225,6 +231,7 @@ class AsyncClient:
         """Fail the hello with a typed error when the handshake is refused; ends at the
         first handshake that succeeds."""
         have_keys, hung_up, asked = self.keys is not None, 0, False
+        have_token = self.token is not None
         loop = asyncio.get_running_loop()
         refused_since: float | None = None
         try:
@@ -248,12 +255,17 @@ class AsyncClient:
                 if kind == zmq.EVENT_CONNECT_RETRIED:
                     refused_since = refused_since or loop.time()
                     continue
-                err = security.handshake_error(kind, value, self.address, have_keys)
+                err = security.handshake_error(kind, value, self.address, have_keys,
+                                               have_token)
                 hung_up += kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-                if err is None and hung_up >= security.NO_DETAIL_TRIES and not asked:
+                mismatch = kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL \
+                    and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+                if err is None and (mismatch or hung_up >= security.NO_DETAIL_TRIES) \
+                        and not asked:
                     asked = True  # once per connect: the answer will not change
                     mechanism = await security.server_mechanism(self.address)
-                    err = security.mechanism_error(mechanism, self.address, have_keys)
+                    err = security.mechanism_error(mechanism, self.address, have_keys,
+                                                   have_token)
                 if err is not None:
                     self._fail_hello(err)
                     return
@@ -285,6 +297,10 @@ class AsyncClient:
         if size > self.max_message_bytes:
             raise InvalidInput(f"message of {size} bytes exceeds the cluster's limit of "
                                f"{self.max_message_bytes} bytes (scheduler.max_message_bytes)")
+        if p.frames_size(frames[:1]) > p.MAX_HEADER_BYTES:  # the scheduler could not say which
+            raise InvalidInput(f"the request's header is {p.frames_size(frames[:1])} bytes, "
+                               f"over the limit of {p.MAX_HEADER_BYTES}: text or parameters "
+                               f"that large do not fit a request (tensors do, as arrays)")
         await self.sock.send_multipart(frames, copy=False)
 
     async def _read(self) -> None:

@@ -4,8 +4,9 @@ devices.
 The scheduler runs as a named, detached actor around the same ``SchedulerProcess``; its
 ``RaySupervisor`` starts each device's worker as an actor placed by the device's ``resources``
 (e.g. ``{NPU: 1}``). The data path stays ZMQ over TCP: both scheduler sockets bind the
-scheduler node's IP, so a token is always set (generated here if the config has none) and
-reaches workers and clients through Ray, never through a file or argv.
+scheduler node's IP, so a token and keys are always set (generated here if the config has
+none). Clients get the token and the client keys through Ray; workers get only their own part
+(the worker keys), in the config the scheduler hands their actors, never a file or argv.
 
 Ray restarts no actor itself (``max_restarts=0``): the scheduler already restarts a lost worker
 with a new epoch and a backoff, and Ray re-running the same incarnation would bypass both.
@@ -316,12 +317,14 @@ class SchedulerActor:
         self.thread.join(5)
 
     def info(self) -> dict:
-        """Where clients connect, with the token and keys they need; sent only over Ray's
-        channel (which Ray's token authentication guards)."""
+        """Where clients connect, with the token and the client keys they need (never the
+        scheduler's or the workers' keys: a client must not be able to pose as either); sent
+        only over Ray's channel (which Ray's token authentication guards)."""
         keys = self.proc.config.cluster.keys
         return {"address": self.proc.address, "worker_address": self.proc.worker_address,
                 "token": self.proc.config.scheduler.token, "node": self.proc.node,
-                "keys": dataclasses.asdict(keys) if keys else None, "pid": os.getpid()}
+                "keys": dataclasses.asdict(keys.for_clients()) if keys else None,
+                "pid": os.getpid()}
 
     def alive(self) -> bool:
         return self.thread.is_alive()

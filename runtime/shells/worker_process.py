@@ -5,6 +5,11 @@ Started as ``python -m runtime.shells.worker_process --scheduler ADDR --device N
 the core's threads run inference; their results come back through a queue and a socketpair
 that wakes the poller. The process exits when the scheduler says stop, goes silent, or its
 parent dies (no orphans).
+
+It authenticates at the worker socket's handshake with what its scheduler handed it (the
+worker key pair, else the worker secret) and chooses an unguessable routing id. An exception
+while handling one message fails that message's run (a ``Failed`` the scheduler answers),
+never the process.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import json
 import logging
 import os
 import queue
+import secrets
 import signal
 import socket
 import sys
@@ -30,7 +36,8 @@ from ..env import home, setup_logging
 from ..errors import InvalidInput
 from ..wire import protocol as p
 from ..wire.generation import read_request
-from ..wire.security import apply_client
+from ..wire.peerlog import PeerLog
+from ..wire.security import PLAIN_WORKER, apply_plain, apply_worker
 
 log = logging.getLogger("fanout.worker")
 
@@ -89,13 +96,18 @@ class WorkerProcess:
         self.orphan_s = max(10.0, 4 * sc.heartbeat_timeout_s)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, f"{device}:{epoch}".encode())
+        # Unguessable, and never starting with 0 (libzmq's own ids do): nobody can claim it.
+        self.sock.setsockopt(zmq.ROUTING_ID, b"W" + secrets.token_bytes(16))
         self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, sc.max_message_bytes)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
         if config.cluster.keys is not None:
-            apply_client(self.sock, config.cluster.keys)
+            apply_worker(self.sock, config.cluster.keys)
+        elif sc.worker_token is not None:
+            apply_plain(self.sock, PLAIN_WORKER, sc.worker_token)
         self.sock.connect(scheduler)
-        self.decoder = p.Decoder(p.SCHEDULER_TO_WORKER, sc.max_message_bytes)
+        # A Run wraps a client's Submit of up to the limit in a header of its own.
+        self.decoder = p.Decoder(p.SCHEDULER_TO_WORKER, sc.max_message_bytes + p.ENVELOPE_BYTES)
+        self.peers = PeerLog(log)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -138,7 +150,7 @@ class WorkerProcess:
                         except zmq.Again:
                             break
                         last_heard = time.monotonic()
-                        if self._handle(frames) == "stop":
+                        if self._guarded_handle(frames) == "stop":
                             return 0
                 now = time.monotonic()
                 if now - last_beat >= self.heartbeat_s:
@@ -157,11 +169,29 @@ class WorkerProcess:
         finally:
             self.close()
 
+    def _guarded_handle(self, frames) -> str | None:
+        """``_handle``, with any exception failing that message's run instead of the worker."""
+        try:
+            return self._handle(frames)
+        except Exception as exc:  # a bug in handling one message must not end the worker
+            head = frames[0].bytes if hasattr(frames[0], "bytes") else bytes(frames[0])
+            attempt = p.peek_field(head, "attempt")
+            self.peers.error("scheduler", "internal", "%s: failed to handle a message from "
+                             "the scheduler (%s: %s); its run fails, the worker goes on",
+                             self.device.name, type(exc).__name__, str(exc)[:200],
+                             exc_info=True)
+            if isinstance(attempt, int) and not isinstance(attempt, bool):
+                self.send(p.Failed(attempt=attempt, kind="error", message=(
+                    f"the worker failed to handle this run: {type(exc).__name__}: "
+                    f"{str(exc)[:200]}")))
+            return None
+
     def _handle(self, frames) -> str | None:
         try:
             msg = self.decoder.decode(frames)
         except p.ProtocolError as exc:
-            log.warning("%s: dropped a bad message from the scheduler: %s", self.device.name, exc)
+            self.peers.warning("scheduler", "bad", "%s: dropped a bad message from the "
+                               "scheduler: %s", self.device.name, exc)
             return None
         match msg:
             case p.Run():
@@ -199,15 +229,24 @@ class WorkerProcess:
                 event = self.events.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(event, LoadChanged):
-                self.send(p.ModelState(model=event.model, load=event.load))
-            elif isinstance(event, TokensOut):
-                d = event.delta
-                self.send(p.Tokens(attempt=event.attempt, ids=list(d.ids), text=d.text,
-                                   tool_calls=[c.to_wire() for c in d.tool_calls],
-                                   logprobs=[x.to_wire() for x in d.logprobs]))
-            elif isinstance(event, Outcome):
-                self.send(self._outcome_message(event))
+            try:
+                if isinstance(event, LoadChanged):
+                    self.send(p.ModelState(model=event.model, load=event.load))
+                elif isinstance(event, TokensOut):
+                    d = event.delta
+                    self.send(p.Tokens(attempt=event.attempt, ids=list(d.ids), text=d.text,
+                                       tool_calls=[c.to_wire() for c in d.tool_calls],
+                                       logprobs=[x.to_wire() for x in d.logprobs]))
+                elif isinstance(event, Outcome):
+                    self.send(self._outcome_message(event))
+            except Exception as exc:  # one event that cannot be sent fails its run only
+                self.peers.error("events", type(exc).__name__, "%s: could not send %s (%s: "
+                                 "%s)", self.device.name, type(event).__name__,
+                                 type(exc).__name__, str(exc)[:200], exc_info=True)
+                if isinstance(event, Outcome):
+                    self.send(p.Failed(attempt=event.attempt, kind="error", message=(
+                        f"the worker could not send this run's outcome: "
+                        f"{type(exc).__name__}: {str(exc)[:200]}")))
 
     @staticmethod
     def _outcome_message(event: Outcome) -> p.Message:

@@ -1,0 +1,78 @@
+"""Answers for clients that read slower than their answers come: none is dropped.
+
+A ROUTER drops a message for a peer whose pipe is full (its high-water mark); with
+``ROUTER_MANDATORY`` it says so instead (``EAGAIN``), and the message waits here, in order,
+until the peer's pipe has room. The shell refuses new work from a client whose backlog is
+over its bound, and forgets one that keeps sending while it does not read.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+
+import zmq
+
+from ..wire.protocol import frames_size
+
+
+class Outbox:
+    """Per-peer backlogs of the messages ``sock`` (a ROUTER with ``ROUTER_MANDATORY``) could
+    not take yet."""
+
+    def __init__(self, sock: zmq.Socket):
+        self.sock = sock
+        self._waiting: dict[bytes, collections.deque[tuple[list, int]]] = {}
+        self._bytes: collections.Counter[bytes] = collections.Counter()
+        self.unreachable = 0  # messages for peers no longer connected: they went away
+
+    def send(self, ident: bytes, frames: list) -> None:
+        """Send ``frames`` to ``ident`` now, or as soon as it has room (never out of order)."""
+        queue = self._waiting.get(ident)
+        if queue is None and self._try(ident, frames):
+            return
+        if queue is None:
+            queue = self._waiting[ident] = collections.deque()
+        size = frames_size(frames)
+        queue.append((frames, size))
+        self._bytes[ident] += size
+
+    def _try(self, ident: bytes, frames: list) -> bool:
+        """True if the message is gone (sent, or its peer is gone); False if it must wait."""
+        try:
+            self.sock.send_multipart([ident] + frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EHOSTUNREACH:
+                raise
+            self.unreachable += 1  # not connected (it left): nobody to answer
+        return True
+
+    def flush(self) -> None:
+        """Send what waits, peer by peer, until each peer's pipe is full again."""
+        for ident in list(self._waiting):
+            queue = self._waiting[ident]
+            while queue:
+                frames, size = queue[0]
+                if not self._try(ident, frames):
+                    break
+                queue.popleft()
+                self._bytes[ident] -= size
+            if not queue:
+                del self._waiting[ident]
+                del self._bytes[ident]
+
+    def backlog(self, ident: bytes) -> int:
+        """Bytes waiting for ``ident``."""
+        return self._bytes.get(ident, 0)
+
+    def forget(self, ident: bytes) -> int:
+        """Drop what waits for ``ident``; how many messages that was."""
+        queue = self._waiting.pop(ident, None)
+        self._bytes.pop(ident, None)
+        return len(queue) if queue else 0
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes waiting, for every peer."""
+        return sum(self._bytes.values())

@@ -1,0 +1,84 @@
+"""Helpers for tests that play a peer on the wire: raw ZMQ sockets, tiny models, RSS."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from runtime.backends.onnx_proto import one_node_model
+from runtime.wire import protocol as p
+
+NOOP_SHAPE = (4,)
+
+
+def tiny_models(folder: Path, add_shape: tuple[int, ...] = (4,)) -> dict[str, Path]:
+    """``noop`` (Identity of float32[4]) and ``add`` (a + b), hand-encoded ONNX: they load in
+    milliseconds, so a cluster of them starts fast."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"noop": folder / "noop.onnx", "add": folder / "add.onnx"}
+    paths["noop"].write_bytes(one_node_model("Identity", ["x"], NOOP_SHAPE, "noop"))
+    paths["add"].write_bytes(one_node_model("Add", ["a", "b"], add_shape, "add"))
+    return paths
+
+
+def noop_input(i: int = 0) -> dict[str, np.ndarray]:
+    return {"x": np.full(NOOP_SHAPE, i, np.float32)}
+
+
+def dealer(ctx: zmq.Context, address: str, identity: bytes | None = None,
+           plain: tuple[str, str] | None = None,
+           curve: tuple[str, str, str] | None = None) -> zmq.Socket:
+    """A bare DEALER: its own routing id, PLAIN credentials or CURVE keys (server public,
+    public, secret) if given."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if identity is not None:
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+    if plain is not None:
+        sock.setsockopt(zmq.PLAIN_USERNAME, plain[0].encode())
+        sock.setsockopt(zmq.PLAIN_PASSWORD, plain[1].encode())
+    if curve is not None:
+        sock.setsockopt(zmq.CURVE_SERVERKEY, curve[0].encode())
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, curve[1].encode())
+        sock.setsockopt(zmq.CURVE_SECRETKEY, curve[2].encode())
+    sock.connect(address)
+    return sock
+
+
+def hello(sock: zmq.Socket, token: str | None = None) -> None:
+    sock.send_multipart(p.encode(p.Hello(version=p.PROTOCOL_VERSION, role="client", token=token)))
+
+
+def received(sock: zmq.Socket, wait_s: float = 0.0) -> list[list[bytes]]:
+    """Every message waiting on ``sock`` after up to ``wait_s`` seconds for the first."""
+    out = []
+    if wait_s and not sock.poll(int(wait_s * 1000)):
+        return out
+    while True:
+        try:
+            out.append(sock.recv_multipart(zmq.NOBLOCK))
+        except zmq.Again:
+            return out
+
+
+def to_client(frames: list) -> p.Message:
+    return p.Decoder(p.SCHEDULER_TO_CLIENT, 1 << 30).decode(frames)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05) -> float | None:
+    """Seconds until ``predicate()`` held, or None if it did not within ``timeout``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(interval)
+    return None
