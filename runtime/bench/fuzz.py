@@ -23,13 +23,14 @@ import zmq
 
 from ..wire import protocol as p
 
-# Message types a fuzzed client or worker sends. Shutdown is left out: from a peer allowed to
-# send it, a well-formed one stops the cluster, as it should.
+# Message types a fuzzed client or worker sends, and puts anywhere. Shutdown is never among
+# them: from a peer allowed to send it, a well-formed one stops the cluster, as it should.
 CLIENT_TYPES = ("hello", "keepalive", "bye", "submit", "generate", "cancel", "status")
 WORKER_TYPES = ("register", "model_state", "heartbeat", "done", "tokens", "generated", "failed")
 _EVERY: frozenset[type[p.Message]] = (p.CLIENT_TO_SCHEDULER | p.WORKER_TO_SCHEDULER
                                       | p.SCHEDULER_TO_CLIENT | p.SCHEDULER_TO_WORKER)
-ALL_TYPES: tuple[str, ...] = tuple(sorted(cls.TYPE for cls in _EVERY)) + ("", "nope")
+ALL_TYPES: tuple[str, ...] = tuple(sorted(
+    cls.TYPE for cls in _EVERY if cls is not p.Shutdown)) + ("", "nope")
 _NEST = "\x00nest\x00"  # replaced by a deeply nested list in the packed header
 
 
