@@ -8,7 +8,6 @@ to catch (should be none), its memory, and a checked fan-out after it all.
 """
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import textwrap
 from pathlib import Path
@@ -79,15 +78,14 @@ def fuzz_sockets(count: int = FUZZ_MESSAGES, seed: int = 0,
     """Run every plan of ``fuzz_plans`` with ``count`` messages a peer; print the figures."""
     import runtime
 
-    from .. import cli
+    from ..config.keys import write_keys
+    from ..wire.security import generate_keys
 
     reports: dict[str, FuzzReport] = {}
     with tempfile.TemporaryDirectory(prefix="fanout-chaos-") as tmp:
         folder = Path(tmp)
         models = _models(folder)
-        key_file = folder / "cluster.keys"
-        with contextlib.redirect_stdout(None):
-            cli.main(["keys", str(key_file)])
+        key_file = write_keys(folder / "cluster.keys", generate_keys())
         for name, (scheduler, cluster_line, peers) in fuzz_plans(key_file).items():
             config = _config(folder, models, name, scheduler, cluster_line)
             with runtime.start(config) as cluster:
