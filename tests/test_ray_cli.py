@@ -1,6 +1,7 @@
 """`fanout up --ray` as a user runs it: a local Ray cluster, status through Ray, Ctrl-C."""
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -37,9 +38,12 @@ def test_up_on_ray_serves_status_through_ray_and_stops_on_ctrl_c(tmp_path):
     try:
         wait_for(lambda: any("ready: clients connect to" in line for line in lines),
                  timeout=120, what="fanout up --ray to be ready")
+        # the address it printed: on a shared machine "auto" may find a newer Ray cluster
+        gcs = next(m.group(1) for line in lines
+                   if (m := re.search(r"Ray cluster at (\S+) ", line)))
         status = subprocess.run([sys.executable, "-m", "runtime.cli", "status", "--ray",
-                                 "--timeout", "30"], capture_output=True, text=True,
-                                timeout=120)
+                                 "--address", gcs, "--timeout", "30"], capture_output=True,
+                                text=True, timeout=120)
         assert status.returncode == 0, status.stderr[-2000:]
         row = next(line.split() for line in status.stdout.splitlines()
                    if line.startswith("cpu0"))

@@ -442,6 +442,7 @@ def start(config: Config | str | os.PathLike | None = None, *, address: str | No
     name = name or section.name
     owns_ray = not ray.is_initialized()
     if owns_ray:
+        _token_mode_if_token(address)
         ray.init(address=address, namespace=NAMESPACE)
     try:
         cfg = config if isinstance(config, Config) else load_config(
@@ -514,6 +515,7 @@ def _join_ray(address: str | None, timeout: float = 10.0) -> None:
     dies at once ("Starting Ray client server failed", seen 1 in ~4 full test runs here), and
     a new connection gets a new one: that is tried again."""
     _probe_ray_address(address, timeout)
+    _token_mode_if_token(address)
     for attempt in range(1, CLIENT_SERVER_TRIES + 1):
         try:
             ray.init(address=address, namespace=NAMESPACE)
@@ -530,6 +532,23 @@ def _join_ray(address: str | None, timeout: float = 10.0) -> None:
                 f"cannot reach the Ray cluster at {address} ({_first_words(exc)}); if it "
                 f"uses Ray's token authentication, set RAY_AUTH_MODE=token and its token "
                 f"(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)") from exc
+
+
+def _token_mode_if_token(address: str | None) -> None:
+    """Join a cluster at an explicit address as Ray joins one it finds itself ("auto"): with
+    this machine's token if it has one and ``RAY_AUTH_MODE`` is unset. Ray (2.59+) turns token
+    authentication on for a new local cluster but, given an address, sends no token, so
+    ``fanout status --ray --address`` of a ``fanout up --ray`` was refused. A token sent to a
+    cluster without authentication is ignored."""
+    if not address or address in ("auto", "local"):
+        return
+    try:  # Ray's own rule for "auto"; it also refreshes Ray's cached config
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication on by default
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def _probe_ray_address(address: str | None, timeout: float) -> None:
