@@ -217,6 +217,9 @@ class _EngineSession(LLMSession):
         self.structured_output = structured_output
         self._tok = pipe.get_tokenizer()
         self._bad_grammars: dict[str, str] = {}  # constraints.key -> why the engine refused it
+        # The bindings set up their numpy API once, on first use; two threads that get there
+        # together deadlock (1 fresh process in ~8 here, workers hung until killed): do it now.
+        _ = self._tok.encode("warm up").input_ids.data
         # ("add" | "cancel", job) | ("close", None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
