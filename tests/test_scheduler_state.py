@@ -948,6 +948,47 @@ def test_cancelling_an_unknown_or_answered_task_does_nothing(h):
     assert h.cancel("never") == []
 
 
+def test_cancelling_ten_thousand_queued_tasks_costs_little_scheduler_time():
+    import time
+    clock = FakeClock()
+    state = SchedulerState(cluster(models=[model("m", "npu0")], max_queue=20_000,
+                                   max_client_share=1.0), clock)
+    state.start()
+    state.handle(WorkerRegistered("npu0", 1, 1, "test", {"m": ModelLoad("ready")}),
+                 WorkerRegistered("cpu0", 1, 1, "test", {}), ClientHello("c1", 1.0))
+    state.handle(*(TaskSubmitted(i, "m", i, client="c1") for i in range(10_001)))
+    assert len(state.queue) == 10_000  # one runs, the rest wait
+    started = time.perf_counter()
+    # The way a caller's gather cancels them: one Cancel each, last submitted first.
+    actions = state.handle(*(TaskCancelled(i) for i in reversed(range(1, 10_001))))
+    spent = time.perf_counter() - started
+    assert len(of(Reject, actions)) == 10_000 and not state.queue
+    state.handle(ClientBye("c1"))
+    assert not state.tasks
+    assert spent < 0.5, f"cancelling 10k queued tasks took {spent:.2f} s of scheduler time"
+    state.validate()
+
+
+def test_a_task_whose_payload_nests_past_the_recursion_limit_is_cancelled_and_failed_cleanly(h):
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    h.submit("busy")
+    h.submit("busy2")
+    h.submit("busy3")
+    h.submit("deep")  # queued: both workers are full
+    (reject,) = of(Reject, h.cancel("deep"))
+    assert isinstance(reject.error, Cancelled)
+    h.state.handle(TaskSubmitted("deep2", "m", deep))
+    h.pending.add("deep2")
+    assert "deep2" in repr(h.state.tasks["deep2"])[:200]  # a bounded repr, no RecursionError
+    h.handle(WorkerExited("npu0", 1, "crash"))
+    h.handle(WorkerExited("cpu0", 1, "crash"))
+    for key in ("busy", "busy2", "busy3", "deep2"):
+        h.cancel(key)
+    assert not h.state.queue and not h.state.tasks
+
+
 # ---- clients -------------------------------------------------------------------------------
 
 def test_a_client_silent_past_five_keepalives_has_its_tasks_cancelled_and_is_forgotten(h):

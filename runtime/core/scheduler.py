@@ -46,6 +46,7 @@ from ..errors import (
     ModelUnavailable,
     NoDeviceAvailable,
     Overloaded,
+    brief,
     error_class,
 )
 from ..wire.status import (
@@ -63,6 +64,7 @@ from ..wire.status import (
 )
 from . import placement
 from .estimates import EWMA, Calibration, Estimate
+from .task_queue import TaskQueue
 
 # Queued tasks of one kind (model, devices excluded) a placement pass may leave waiting for
 # busy workers before it passes over the rest of that kind: a device that cannot finish such
@@ -413,6 +415,11 @@ class Task:
     tokens_before: int = 0
     nbytes: int = 0
 
+    def __repr__(self) -> str:  # never the payload: it may be huge, or nested past repr's limit
+        return (f"Task(key={brief(self.key)}, model={self.model!r}, "
+                f"attempts={len(self.attempts)}, running={self.running}, "
+                f"finished={self.finished})")
+
 
 Event = (WorkerRegistered | ModelStateChanged | WorkerHeartbeat | WorkerExited | WorkerAdded
          | WorkerGone | TaskSubmitted | TaskTokens | TaskSucceeded | TaskFailed | TaskCancelled
@@ -442,7 +449,7 @@ class SchedulerState:
             if d.name not in self.instances:
                 self.workers[d.name] = self._view(d.name, d.name, d.capacity)
         self._expand_orders()
-        self.queue: collections.deque[Task] = collections.deque()
+        self.queue: TaskQueue[Task] = TaskQueue()
         self.queued_models: collections.Counter[str] = collections.Counter()  # of self.queue
         self.queued_excluding: collections.Counter[str] = collections.Counter()  # ... that
         # failed somewhere already: they may have other workers to go to than the rest
@@ -776,9 +783,7 @@ class SchedulerState:
             slot.failed += 1
             slot.probing = False
             if rule.opens_breaker:
-                slot.consecutive_errors += 1
-                if slot.consecutive_errors >= self.sc.breaker_threshold:
-                    slot.open_until = self.clock() + self.sc.breaker_cooldown_s
+                self._count_device_error(slot)
             elif issubclass(rule, ModelUnavailable):
                 slot.load = dataclasses.replace(slot.load, state="unavailable", error=ev.message)
                 self._reject_hopeless(task.model, actions)
@@ -880,6 +885,11 @@ class SchedulerState:
 
     # -- helpers --
 
+    def _count_device_error(self, slot: ModelSlot) -> None:
+        slot.consecutive_errors += 1
+        if slot.consecutive_errors >= self.sc.breaker_threshold:
+            slot.open_until = self.clock() + self.sc.breaker_cooldown_s
+
     def _finish_attempt(self, device: str, epoch: int, attempt: int):
         view = self._current(device, epoch)
         if view is None:
@@ -962,9 +972,7 @@ class SchedulerState:
         return None
 
     def _unqueue(self, task: Task) -> None:
-        try:
-            self.queue.remove(task)
-        except ValueError:
+        if not self.queue.discard(task):
             return  # not queued (running, or already taken off in _place)
         self._dequeued(task)
 

@@ -203,6 +203,13 @@ class WorkerProcess:
                 except InvalidInput as exc:
                     self.send(p.Failed(attempt=msg.attempt, kind=exc.kind, message=exc.message))
                     return None
+                except (RecursionError, MemoryError, ValueError, TypeError) as exc:
+                    # The validator choked on the request itself: still the request's fault,
+                    # so no other device is asked to choke on it too.
+                    self.send(p.Failed(attempt=msg.attempt, kind="invalid_input",
+                                       message=f"the generation request could not be read: "
+                                               f"{type(exc).__name__}"))
+                    return None
                 self.core.generate(msg.attempt, msg.model, request)
             case p.CancelRun():
                 self.core.cancel(msg.attempt)

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, brief
 
 ROLES = ("system", "user", "assistant", "tool")
 TOOL_CHOICES = ("none", "auto", "required")
@@ -26,6 +26,7 @@ PARAMS = ("max_tokens", "temperature", "top_p", "stop", "seed", "ignore_eos", "t
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_TOOLS = 128  # OpenAI's own limit per request
 MAX_SCHEMA_BYTES = 64 * 1024
+MAX_SCHEMA_DEPTH = 64  # levels of maps and lists in a tool's or a response format's schema
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 SCHEMA_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
 _MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id"}
@@ -193,7 +194,7 @@ def read_request(d: Any, prefix_ids: list[int] | None = None, prefix_text: str =
         messages = [_message(i, m) for i, m in _items(messages, "messages")]
     max_tokens = d.get("max_tokens", 256)
     if not _int(max_tokens) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-        raise InvalidField("max_tokens", f"must be an integer >= 1, got {max_tokens!r}")
+        raise InvalidField("max_tokens", f"must be an integer >= 1, got {brief(max_tokens)}")
     temperature = _number(d, "temperature", 0.0, 0, 2)
     top_p = _number(d, "top_p", 1.0, 0, 1)
     if top_p == 0:
@@ -204,10 +205,10 @@ def read_request(d: Any, prefix_ids: list[int] | None = None, prefix_text: str =
     if (not isinstance(stop, list) or len(stop) > 16
             or not all(isinstance(s, str) and s for s in stop)):
         raise InvalidField("stop", f"must be a string or a list of up to 16 non-empty "
-                                   f"strings, got {stop!r:.80}")
+                                   f"strings, got {brief(stop, 80)}")
     seed = d.get("seed")
     if seed is not None and (not _int(seed) or not 0 <= seed < 2**63):
-        raise InvalidField("seed", f"must be a non-negative integer, got {seed!r}")
+        raise InvalidField("seed", f"must be a non-negative integer, got {brief(seed)}")
     tools = [_tool(i, t) for i, t in _items(d.get("tools", []), "tools", empty_ok=True)]
     if len(tools) > MAX_TOOLS:
         raise InvalidField("tools", f"has {len(tools)} tools; at most {MAX_TOOLS}")
@@ -240,13 +241,13 @@ def read_request(d: Any, prefix_ids: list[int] | None = None, prefix_text: str =
 def _message(i: int, m: Any) -> dict:
     where = f"messages[{i}]"
     if not isinstance(m, dict):
-        raise InvalidField(where, f"must be a map with role and content, got {m!r:.80}")
+        raise InvalidField(where, f"must be a map with role and content, got {brief(m, 80)}")
     extra = sorted(set(m) - _MESSAGE_KEYS)
     if extra:
         raise InvalidField(where, f"has unknown field(s) {extra}; known: {sorted(_MESSAGE_KEYS)}")
     role = m.get("role")
     if role not in ROLES:
-        raise InvalidField(f"{where}.role", f"must be one of {list(ROLES)}, got {role!r:.40}")
+        raise InvalidField(f"{where}.role", f"must be one of {list(ROLES)}, got {brief(role, 40)}")
     out: dict[str, Any] = {"role": role}
     content = m.get("content")
     calls = m.get("tool_calls")
@@ -303,7 +304,7 @@ def _tool(i: int, t: Any) -> Tool:
     if not isinstance(t, dict) or t.get("type", "function") != "function":
         kind = t.get("type") if isinstance(t, dict) else t
         raise InvalidField(where, f'must be a function tool {{"type": "function", "function": '
-                                  f'{{name, description, parameters}}}}, got {kind!r:.40}')
+                                  f'{{name, description, parameters}}}}, got {brief(kind, 40)}')
     fn = t.get("function", t)
     if not isinstance(fn, dict):
         raise InvalidField(f"{where}.function", "must be a map")
@@ -311,7 +312,7 @@ def _tool(i: int, t: Any) -> Tool:
     name = fn.get("name")
     if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
         raise InvalidField(f"{at}.name", f"must be 1-64 letters, digits, _ or -, got "
-                                         f"{name!r:.70}")
+                                         f"{brief(name, 70)}")
     description = fn.get("description") or ""
     if not isinstance(description, str):
         raise InvalidField(f"{at}.description", "must be a string")
@@ -321,7 +322,7 @@ def _tool(i: int, t: Any) -> Tool:
     check_schema(parameters, f"{at}.parameters")
     if parameters.get("type", "object") != "object":
         raise InvalidField(f"{at}.parameters", f'must describe an object ("type": "object"), '
-                                               f'got type {parameters.get("type")!r}')
+                                               f'got type {brief(parameters.get("type"))}')
     return Tool(name, parameters, description)
 
 
@@ -334,7 +335,7 @@ def _tool_choice(choice: Any, names: list[str]) -> tuple[str, str | None]:
         if choice not in TOOL_CHOICES:
             raise InvalidField("tool_choice", f"must be one of {list(TOOL_CHOICES)} or "
                                               f'{{"type": "function", "function": {{"name"}}}}, '
-                                              f"got {choice!r:.40}")
+                                              f"got {brief(choice, 40)}")
         if choice == "required" and not names:
             raise InvalidField("tool_choice", '"required" needs tools to call')
         return choice, None
@@ -342,9 +343,9 @@ def _tool_choice(choice: Any, names: list[str]) -> tuple[str, str | None]:
     name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(name, str):
         raise InvalidField("tool_choice", f"must be a string or name a function, got "
-                                          f"{choice!r:.60}")
+                                          f"{brief(choice, 60)}")
     if name not in names:
-        raise InvalidField("tool_choice", f"names {name!r}, which is not among the tools "
+        raise InvalidField("tool_choice", f"names {brief(name)}, which is not among the tools "
                                           f"{names}")
     return "required", name
 
@@ -361,14 +362,14 @@ def _response_format(fmt: Any) -> dict | None:
         return {"type": "json_object"}
     if kind != "json_schema":
         raise InvalidField("response_format", f'type must be "text", "json_object" or '
-                                              f'"json_schema", got {kind!r:.40}')
+                                              f'"json_schema", got {brief(kind, 40)}')
     spec = fmt.get("json_schema", fmt)
     if not isinstance(spec, dict):
         raise InvalidField("response_format.json_schema", "must be a map")
     name = spec.get("name", "response")
     if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
         raise InvalidField("response_format.json_schema.name",
-                           f"must be 1-64 letters, digits, _ or -, got {name!r:.70}")
+                           f"must be 1-64 letters, digits, _ or -, got {brief(name, 70)}")
     schema = spec.get("schema")
     if schema is None:
         raise InvalidField("response_format.json_schema.schema", "is required")
@@ -388,16 +389,20 @@ def check_schema(schema: Any, where: str) -> None:
     try:
         size = len(json.dumps(schema))
     except (TypeError, ValueError) as e:
-        raise InvalidField(where, f"must be JSON: {e}") from None
+        raise InvalidField(where, f"must be JSON: {brief(str(e), 120)}") from None
+    except RecursionError:
+        raise InvalidField(where, f"nests deeper than {MAX_SCHEMA_DEPTH} levels") from None
     if size > MAX_SCHEMA_BYTES:
         raise InvalidField(where, f"is {size} bytes of JSON; at most {MAX_SCHEMA_BYTES}")
-    _check_node(schema, where)
+    _check_node(schema, where, 0)
 
 
-def _check_node(node: Any, where: str) -> None:
+def _check_node(node: Any, where: str, depth: int) -> None:
+    if depth > MAX_SCHEMA_DEPTH:  # a few KB can nest past Python's recursion limit
+        raise InvalidField(where, f"nests deeper than {MAX_SCHEMA_DEPTH} levels")
     if isinstance(node, list):
         for i, item in enumerate(node):
-            _check_node(item, f"{where}[{i}]")
+            _check_node(item, f"{where}[{i}]", depth + 1)
         return
     if not isinstance(node, dict):
         return
@@ -406,17 +411,17 @@ def _check_node(node: Any, where: str) -> None:
         for kind in kinds if isinstance(kinds, list) else [kinds]:
             if kind not in SCHEMA_TYPES:
                 raise InvalidField(f"{where}.type", f"must be among {sorted(SCHEMA_TYPES)}, "
-                                                    f"got {kind!r:.40}")
+                                                    f"got {brief(kind, 40)}")
     ref = node.get("$ref")
     if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
         raise InvalidField(f"{where}.$ref", f"must point inside the schema (#/...), got "
-                                            f"{ref!r:.60}")
+                                            f"{brief(ref, 60)}")
     low, high = node.get("minItems"), node.get("maxItems")
     if isinstance(low, int) and isinstance(high, int) and low > high:
         raise InvalidField(where, f"has minItems {low} > maxItems {high}")
     for key, value in node.items():
         if key not in ("enum", "const", "default", "examples"):  # values, not schemas
-            _check_node(value, f"{where}.{key}")
+            _check_node(value, f"{where}.{key}", depth + 1)
 
 
 # ---- small checks ---------------------------------------------------------------------------
@@ -430,14 +435,14 @@ def _items(v: Any, where: str, empty_ok: bool = False) -> enumerate:
 def _number(d: dict, name: str, default: float, low: float, high: float) -> float:
     v = d.get(name, default)
     if not _num(v) or not low <= v <= high:
-        raise InvalidField(name, f"must be a number in {low:g}..{high:g}, got {v!r:.40}")
+        raise InvalidField(name, f"must be a number in {low:g}..{high:g}, got {brief(v, 40)}")
     return float(v)
 
 
 def _bool(d: dict, name: str, default: bool) -> bool:
     v = d.get(name, default)
     if not isinstance(v, bool):
-        raise InvalidField(name, f"must be true or false, got {v!r:.40}")
+        raise InvalidField(name, f"must be true or false, got {brief(v, 40)}")
     return v
 
 
