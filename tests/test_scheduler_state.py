@@ -819,6 +819,35 @@ def test_errors_that_are_not_the_devices_do_not_open_the_breaker(make):
     assert h.breaker("npu0") == "closed"
 
 
+def test_device_errors_of_a_task_no_device_can_run_do_not_open_the_breakers(make):
+    # A bad input the engine alone notices fails as a device error everywhere: it is the
+    # task's fault, and six of them must not shut two healthy devices out (issue 11, item 7).
+    h = make(npu=1, cpu=1, breaker_threshold=3)
+    h.up()
+    for i in range(6):
+        h.submit(("bad", i))
+        h.fail(("bad", i), "device", "broadcast failed")
+        h.fail(("bad", i), "device", "broadcast failed")
+        assert isinstance(h.answers[("bad", i)].error, NoDeviceAvailable)
+    assert (h.breaker("npu0"), h.breaker("cpu0")) == ("closed", "closed")
+    h.submit("good")
+    assert h.where("good") == "npu0"
+    h.succeed("good")
+
+
+def test_a_device_error_counts_toward_the_breaker_once_another_device_serves_the_task(make):
+    h = make(npu=2, cpu=2, breaker_threshold=2)
+    h.up()
+    for key in ("f1", "f2"):
+        h.submit(key)
+        h.fail(key)
+    assert h.breaker("npu0") == "closed"  # not yet known to be the device's fault
+    h.succeed("f1")
+    assert h.breaker("npu0") == "closed"
+    h.succeed("f2")
+    assert h.breaker("npu0") == "open"
+
+
 # ---- exactly once --------------------------------------------------------------------------
 
 def test_a_late_success_from_a_lost_workers_old_epoch_is_not_delivered(h):

@@ -28,6 +28,9 @@ class TensorSpec:
     name: str
     dtype: str  # numpy dtype name, e.g. "int64", "float32"
     shape: tuple[int | None, ...]
+    # The model's names of its free dimensions, where it names them: inputs that share a
+    # name must agree on its size (a mask as long as its input ids), or the run fails.
+    symbols: tuple[str | None, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,9 @@ class OrtSession:
         self._sess = sess
         self._label = label
         self.inputs = [TensorSpec(i.name, _ORT_DTYPES.get(i.type, i.type),
-                                  tuple(d if isinstance(d, int) else None for d in i.shape))
+                                  tuple(d if isinstance(d, int) else None for d in i.shape),
+                                  tuple(d if isinstance(d, str) and d else None
+                                        for d in i.shape))
                        for i in sess.get_inputs()]
         self.outputs = [o.name for o in sess.get_outputs()]
 

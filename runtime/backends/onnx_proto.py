@@ -15,19 +15,26 @@ OPSET = 13
 FLOAT = 1  # TensorProto.DataType
 
 
-def one_node_model(op: str, inputs: list[str], shape: tuple[int, ...],
-                   name: str = "graph") -> bytes:
-    """``y = op(*inputs)`` over float32 tensors of ``shape`` (IR 7, opset 13)."""
-    dims = b"".join(_field(1, _field(1, d)) for d in shape)  # TensorShapeProto.dim.dim_value
-    tensor_type = _field(1, _field(1, FLOAT) + _field(2, dims))  # TypeProto.tensor_type
+def one_node_model(op: str, inputs: list[str], shape: tuple[int | str, ...],
+                   name: str = "graph",
+                   input_shapes: dict[str, tuple[int | str, ...]] | None = None) -> bytes:
+    """``y = op(*inputs)`` over float32 tensors of ``shape`` (IR 7, opset 13). A dim may be
+    a name (a free dimension); ``input_shapes`` gives some inputs shapes of their own."""
+    def tensor_type(dims: tuple[int | str, ...]) -> bytes:
+        # TensorShapeProto.dim: dim_value (1) for a size, dim_param (2) for a name
+        shape_proto = b"".join(_field(1, _field(2 if isinstance(d, str) else 1, d))
+                               for d in dims)
+        return _field(1, _field(1, FLOAT) + _field(2, shape_proto))  # TypeProto.tensor_type
 
-    def value_info(value: str) -> bytes:
-        return _field(1, value) + _field(2, tensor_type)
+    def value_info(value: str, dims: tuple[int | str, ...]) -> bytes:
+        return _field(1, value) + _field(2, tensor_type(dims))
 
+    own = input_shapes or {}
     node = b"".join(_field(1, i) for i in inputs) + _field(2, "y") + _field(4, op)
     graph = (_field(1, node) + _field(2, name)
-             + b"".join(_field(11, value_info(i)) for i in dict.fromkeys(inputs))
-             + _field(12, value_info("y")))
+             + b"".join(_field(11, value_info(i, own.get(i, shape)))
+                        for i in dict.fromkeys(inputs))
+             + _field(12, value_info("y", shape)))
     return _field(1, IR_VERSION) + _field(8, _field(2, OPSET)) + _field(7, graph)
 
 

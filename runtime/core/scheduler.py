@@ -414,6 +414,9 @@ class Task:
     batch: int = 1
     tokens_before: int = 0
     nbytes: int = 0
+    # Slots whose device errors on this task wait to count toward their breakers until
+    # another device serves it: a task no device can run is the input's fault, not theirs.
+    blamed: list[ModelSlot] = field(default_factory=list)
 
     def __repr__(self) -> str:  # never the payload: it may be huge, or nested past repr's limit
         return (f"Task(key={brief(self.key)}, model={self.model!r}, "
@@ -711,6 +714,8 @@ class SchedulerState:
         view.done += 1
         if task is None or task.finished:
             return  # answered already (deadline, cancel): drop the late result
+        for blamed in task.blamed:  # the input was fine: those errors were the devices'
+            self._count_device_error(blamed)
         self._finish(task)
         self.counters["completed"] += 1
         if slot is not None:
@@ -783,7 +788,10 @@ class SchedulerState:
             slot.failed += 1
             slot.probing = False
             if rule.opens_breaker:
-                self._count_device_error(slot)
+                if slot.open_until is not None:
+                    self._count_device_error(slot)  # a failed probe re-opens it at once
+                elif not task.finished:  # an answered task can no longer tell whose fault
+                    task.blamed.append(slot)
             elif issubclass(rule, ModelUnavailable):
                 slot.load = dataclasses.replace(slot.load, state="unavailable", error=ev.message)
                 self._reject_hopeless(task.model, actions)

@@ -58,6 +58,9 @@ def fit_inputs(specs: list[TensorSpec], inputs: dict[str, np.ndarray], model: st
         if arr.ndim != len(spec.shape):
             raise InvalidInput(f"model {model!r} input {spec.name!r}: shape {list(arr.shape)} "
                                f"has rank {arr.ndim}, expected {_dims(spec.shape)}")
+    _check_shared_dims(specs, inputs, model)
+    for spec in specs:
+        arr = inputs[spec.name]
         widths: list[tuple[int, int]] = []
         for axis, (have, want) in enumerate(zip(arr.shape, spec.shape)):
             if want is None or have == want:
@@ -71,6 +74,22 @@ def fit_inputs(specs: list[TensorSpec], inputs: dict[str, np.ndarray], model: st
                 raise InvalidInput(f"model {model!r}: inputs disagree on the size of axis {axis}")
         fitted[spec.name] = np.pad(arr, widths) if any(w for _, w in widths) else arr
     return fitted, Padding(axes)
+
+
+def _check_shared_dims(specs: list[TensorSpec], inputs: dict[str, np.ndarray],
+                       model: str) -> None:
+    """Inputs whose dimensions the model names alike must agree on their size: otherwise the
+    engine fails deep in the graph, which would look like the device's fault."""
+    seen: dict[str, tuple[str, int]] = {}
+    for spec in specs:
+        for axis, symbol in enumerate(spec.symbols):
+            if symbol is None:
+                continue
+            size = inputs[spec.name].shape[axis]
+            first, first_size = seen.setdefault(symbol, (spec.name, size))
+            if first_size != size:
+                raise InvalidInput(f"model {model!r}: inputs {first!r} and {spec.name!r} must "
+                                   f"agree on dimension {symbol!r}: {first_size} vs {size}")
 
 
 def _dims(shape) -> str:
