@@ -75,6 +75,7 @@ _SCHEDULER_BOUNDS: dict[str, tuple[type, float, float]] = {
     "max_client_share": (float, 0.01, 1.0),
     "max_client_backlog_bytes": (int, 1024, 1024 ** 4),
     "task_timeout_s": (float, 0.1, 86400.0),
+    "max_task_timeout_s": (float, 1.0, 604800.0),
     "heartbeat_interval_s": (float, 0.05, 10.0),
     "heartbeat_timeout_s": (float, 0.1, 3600.0),
     "load_timeout_s": (float, 0.1, 86400.0),
@@ -375,6 +376,13 @@ class _Parser:
             self.error(f"scheduler.{where}", f"max_queue_bytes must be at least "
                        f"max_message_bytes = {message_bytes} (a task that could never be "
                        f"queued)", d.get(where, queue_bytes))
+            ok = False
+
+        default_s = values.get("task_timeout_s", defaults.task_timeout_s)
+        longest = values.get("max_task_timeout_s", defaults.max_task_timeout_s)
+        if default_s is not None and longest is not None and default_s > longest:
+            self.error("scheduler.task_timeout_s", "must be at most max_task_timeout_s = "
+                       f"{_fmt_num(longest)}", default_s)
             ok = False
 
         token = self.secret(self.overridden("scheduler", d, "token", ENV_TOKEN))

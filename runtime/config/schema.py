@@ -129,6 +129,9 @@ class SchedulerConfig:
       goes on sending 1,000 submits without reading is forgotten as if it had gone silent
       (its tasks cancelled, its answers dropped) until it says hello again.
     task_timeout_s: default deadline of a task, 0.1..86400.
+    max_task_timeout_s: the longest deadline a submit may ask for, 1..604800 (7 days), at
+      least task_timeout_s; a longer (or non-finite, or negative) one is InvalidInput. Clients
+      learn it from the scheduler's welcome and check before sending.
     heartbeat_interval_s: 0.05..10.  heartbeat_timeout_s: a worker silent this long is hung
       and is killed and restarted, > 2 * heartbeat_interval_s, at most 3600.
     load_timeout_s: a worker that has not registered this long after start is restarted,
@@ -152,6 +155,7 @@ class SchedulerConfig:
     max_client_share: float = 0.5
     max_client_backlog_bytes: int = 256 * 1024 ** 2
     task_timeout_s: float = 120.0
+    max_task_timeout_s: float = 86400.0
     heartbeat_interval_s: float = 0.5
     heartbeat_timeout_s: float = 5.0
     load_timeout_s: float = 600.0

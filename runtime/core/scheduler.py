@@ -679,7 +679,13 @@ class SchedulerState:
             actions.append(Reject(ev.key, InvalidInput(
                 "task id already in use by another of this client's unanswered tasks")))
             return
-        timeout = ev.timeout_s if ev.timeout_s and ev.timeout_s > 0 else self.sc.task_timeout_s
+        if ev.timeout_s and not 0 < ev.timeout_s <= self.sc.max_task_timeout_s:  # NaN too
+            actions.append(Reject(ev.key, InvalidInput(
+                f"timeout_s must be a positive number of seconds up to "
+                f"{self.sc.max_task_timeout_s:g} (scheduler.max_task_timeout_s), got "
+                f"{brief(ev.timeout_s, 40)}")))
+            return
+        timeout = ev.timeout_s or self.sc.task_timeout_s
         now = self.clock()
         task = Task(ev.key, ev.model, ev.payload, now + timeout, timeout,
                     generation=Generation(ev.stream) if ev.generate else None, client=ev.client,

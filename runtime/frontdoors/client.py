@@ -6,6 +6,13 @@ written once.
 
 A reply the client cannot read fails the call it answers with ``ProtocolError``; the reader
 goes on, so other calls are not left waiting.
+
+Clients always come back: every call honours its timeout (sending included: a full send
+queue waits within it); libzmq pings the scheduler (ZMTP heartbeats), so a scheduler that
+died, stopped or became unreachable is noticed within ``LIVENESS_TIMEOUT_S`` and every
+unfinished call fails with ``ClusterUnavailable``; the socket reconnects by itself and the
+client says hello again, as it does after its own event loop stalled; ``close()`` takes at
+most ``CLOSE_WITHIN_S``.
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import queue
 import secrets
@@ -21,7 +29,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zmq
@@ -49,6 +57,13 @@ log = logging.getLogger("fanout.client")
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 KEEPALIVE_S = 1.0  # how often a client says it is still there
+# Silent longer than this (its event loop stalled), a client says hello again before anything
+# else: the scheduler may have forgotten it (it does after 5 keepalives, at least 2 s).
+REHELLO_AFTER_S = 2 * KEEPALIVE_S
+LIVENESS_IVL_S = 0.5  # libzmq pings the scheduler this often (ZMTP heartbeats)...
+LIVENESS_TIMEOUT_S = 1.5  # ...and drops the connection when no answer came for this long
+ANSWER_MARGIN_S = 5.0  # past a task's deadline, how long its answer may take to arrive
+CLOSE_WITHIN_S = 1.0  # close() never takes longer
 BAD_REPLY_LOG_S = 10.0  # at most one log line this often about replies that cannot be read
 BYE_LINGER_MS = 250  # how long closing may wait for the goodbye to leave
 # Refused this long from the first try: nothing listens (a scheduler that is restarting binds
@@ -178,6 +193,11 @@ class AsyncClient:
         # Our own routing id, unguessable: nobody can claim it, nor predict the next.
         self.sock.setsockopt(zmq.ROUTING_ID, b"C" + secrets.token_bytes(16))
         self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
+        # Queue only to a connection that completed its handshake: nothing sent while the
+        # scheduler is away reaches a new one before our hello.
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, int(LIVENESS_IVL_S * 1000))
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(LIVENESS_TIMEOUT_S * 1000))
         if self.keys is not None:
             security.apply_client(self.sock, self.keys)
         elif token is not None:  # checked at the handshake: without keys, the token is all
@@ -192,29 +212,41 @@ class AsyncClient:
         self._prefix = uuid.uuid4().hex[:8]
         self._reader: asyncio.Task | None = None
         self._hello: asyncio.Future | None = None
-        self._handshakes: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
+        self._rehello: asyncio.Task | None = None
         self.cluster: ClusterInfo | None = None  # the scheduler's, once connected
         self._welcomed = False
         self._closed = False
+        self._up = False  # a connection has completed its handshake and not dropped since
+        self._lost: asyncio.Future | None = None  # done when that connection drops
+        self._lost_why = ""
+        self._last_sent = 0.0  # loop time of the last message sent
+        self.reconnects = 0  # connections made again after one was lost
         self.unmatched = 0  # answers for tasks not waiting (late or duplicate): should stay 0
         self.unreadable = 0  # replies that could not be read: should stay 0
         self._unreadable_logged_at = -BAD_REPLY_LOG_S
 
     async def connect(self, timeout: float = 10.0) -> AsyncClient:
-        self._hello = asyncio.get_running_loop().create_future()
-        # A refused CurveZMQ handshake is silent on the data socket: its monitor tells.
+        loop = asyncio.get_running_loop()
+        self._hello = loop.create_future()
+        self._lost = loop.create_future()
+        # A refused CurveZMQ handshake is silent on the data socket: its monitor tells; it
+        # goes on telling when the connection drops and when it is made again.
         monitor = self.sock.get_monitor_socket(
-            security.HANDSHAKE_EVENTS | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED)
-        self._handshakes = asyncio.create_task(self._watch_handshakes(monitor))
+            security.HANDSHAKE_EVENTS | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED
+            | zmq.EVENT_DISCONNECTED)
+        self._monitor = monitor
+        self._watcher = asyncio.create_task(self._watch(monitor))
         self.sock.connect(self.address)
         self._reader = asyncio.create_task(self._read())
-        await self._send(p.Hello(version=p.PROTOCOL_VERSION, role="client", token=self.token,
-                                 keepalive_s=KEEPALIVE_S))
+        # Sent once a connection is made (IMMEDIATE): the wait for it is within the timeout.
+        hello = asyncio.ensure_future(self.sock.send_multipart(p.encode(self._hello_msg())))
         try:
             cluster: ClusterInfo = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
             self.cluster = cluster
             self._welcomed = True
-            await self._stop_watching_handshakes()
+            self._last_sent = loop.time()
             self.max_message_bytes = min(self.max_message_bytes,
                                          cluster.max_message_bytes or 2**62)
             self._keepalive = asyncio.create_task(self._keep_alive())
@@ -225,18 +257,26 @@ class AsyncClient:
         except FanoutError:
             await self.close()
             raise
+        finally:
+            hello.cancel()
         return self
 
-    async def _watch_handshakes(self, monitor) -> None:
-        """Fail the hello with a typed error when the handshake is refused; ends at the
-        first handshake that succeeds."""
+    def _hello_msg(self) -> p.Hello:
+        return p.Hello(version=p.PROTOCOL_VERSION, role="client", token=self.token,
+                       keepalive_s=KEEPALIVE_S)
+
+    async def _watch(self, monitor) -> None:
+        """The connection's life, from the socket's monitor: before the first welcome, fail
+        it with a typed error when the handshake is refused or nothing listens; after it,
+        fail every unfinished call when the connection drops, and say hello again when it
+        is made again."""
         have_keys, hung_up, asked = self.keys is not None, 0, False
         have_token = self.token is not None
         loop = asyncio.get_running_loop()
         refused_since: float | None = None
         try:
             while True:
-                wait = None if refused_since is None else max(
+                wait = None if refused_since is None or self._welcomed else max(
                     0.0, refused_since + REFUSED_FOR_S - loop.time())
                 try:
                     event = parse_monitor_message(
@@ -245,16 +285,24 @@ class AsyncClient:
                     self._fail_hello(ClusterUnavailable(
                         f"nothing is running at {self.address} (connection refused); start "
                         f"a cluster with `fanout up`, or check the address"))
-                    return
+                    refused_since = None
+                    continue
                 kind, value = int(event["event"]), int(event["value"])
                 if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    return
+                    refused_since = None
+                    self._connection_made()
+                    continue
+                if kind == zmq.EVENT_DISCONNECTED:
+                    self._connection_dropped()
+                    continue
                 if kind == zmq.EVENT_CONNECTED:
                     refused_since = None
                     continue
                 if kind == zmq.EVENT_CONNECT_RETRIED:
                     refused_since = refused_since or loop.time()
                     continue
+                if self._welcomed:
+                    continue  # a refused reconnection: the next one is tried
                 err = security.handshake_error(kind, value, self.address, have_keys,
                                                have_token)
                 hung_up += kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -268,7 +316,6 @@ class AsyncClient:
                                                    have_token)
                 if err is not None:
                     self._fail_hello(err)
-                    return
         except (zmq.ZMQError, asyncio.CancelledError):
             return
         finally:
@@ -276,22 +323,58 @@ class AsyncClient:
                 self.sock.disable_monitor()
             monitor.close(linger=0)
 
+    def _connection_made(self) -> None:
+        if self._up:
+            return
+        self._up = True
+        if self._lost is None or self._lost.done():
+            self._lost = asyncio.get_running_loop().create_future()
+        if self._welcomed and not self._closed:  # made again: the scheduler may be a new one
+            self.reconnects += 1
+            log.info("reconnected to the scheduler at %s; saying hello again", self.address)
+            self._rehello = asyncio.create_task(self._say_hello_again())
+
+    def _connection_dropped(self) -> None:
+        if not self._up:
+            return
+        self._up = False
+        self._lost_why = (f"the connection to the scheduler at {self.address} was lost (it "
+                          f"stopped, or did not answer for {LIVENESS_TIMEOUT_S:g} s)")
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+        if self._welcomed:
+            log.warning("%s; its unfinished calls fail, and this client reconnects by itself",
+                        self._lost_why)
+            self._fail_unfinished(ClusterUnavailable(
+                f"{self._lost_why}; the call's task may or may not have run"))
+
+    def _fail_unfinished(self, err: FanoutError) -> None:
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+        for stream in self._streams.values():
+            stream.put_nowait(err)
+
+    async def _say_hello_again(self) -> None:
+        try:
+            await self._send(self._hello_msg(), LIVENESS_TIMEOUT_S, hello=True)
+        except (zmq.ZMQError, FanoutError) as exc:
+            log.debug("hello to %s after reconnecting failed: %s", self.address, exc)
+
     def _fail_hello(self, err: FanoutError) -> None:
         if self._hello is not None and not self._hello.done():
             self._hello.set_exception(err)
 
-    async def _stop_watching_handshakes(self) -> None:
-        task, self._handshakes = self._handshakes, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except BaseException:
-                pass
-
-    async def _send(self, msg: p.Message) -> None:
+    async def _send(self, msg: p.Message, timeout: float | None = None,
+                    hello: bool = False) -> None:
+        """Send ``msg``; when the send queue is full, wait for room at most ``timeout``, and
+        never past the loss of the connection (``ClusterUnavailable`` either way)."""
         if self._closed:
             raise ClusterUnavailable("this client is closed")
+        if self._welcomed and not self._up:
+            raise ClusterUnavailable(f"{self._lost_why or 'not connected'}; reconnecting, "
+                                     f"try again shortly")
         frames = p.encode(msg)
         size = p.frames_size(frames)
         if size > self.max_message_bytes:
@@ -301,7 +384,29 @@ class AsyncClient:
             raise InvalidInput(f"the request's header is {p.frames_size(frames[:1])} bytes, "
                                f"over the limit of {p.MAX_HEADER_BYTES}: text or parameters "
                                f"that large do not fit a request (tensors do, as arrays)")
-        await self.sock.send_multipart(frames, copy=False)
+        now = asyncio.get_running_loop().time()
+        if self._welcomed and not hello and now - self._last_sent > REHELLO_AFTER_S:
+            await self._send(self._hello_msg(), timeout, hello=True)  # we may be forgotten
+        sending = cast(asyncio.Future, self.sock.send_multipart(frames, copy=False))
+        if not sending.done():  # the queue is full: wait for room, within bounds
+            await self._wait_or_lose(sending, timeout, "sending")
+        sending.result()
+        self._last_sent = now
+
+    async def _wait_or_lose(self, fut: asyncio.Future, timeout: float | None, what: str):
+        """``fut``'s result, unless the connection is lost or ``timeout`` passes first (the
+        future is cancelled then: a cancelled send is never sent)."""
+        lost = self._lost if self._lost is not None else asyncio.get_running_loop(
+            ).create_future()
+        done, _ = await asyncio.wait({fut, lost}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if fut in done:
+            return fut.result()
+        fut.cancel()
+        if lost in done:
+            raise ClusterUnavailable(f"{self._lost_why} while {what}")
+        raise ClusterUnavailable(f"the scheduler at {self.address} did not take the message "
+                                 f"within {timeout:g} s ({what}); is it overloaded or stopped?")
 
     async def _read(self) -> None:
         while True:
@@ -343,10 +448,14 @@ class AsyncClient:
 
     async def _keep_alive(self) -> None:
         """Tell the scheduler we are here; if we vanish, it cancels our tasks."""
-        while True:
+        while not self._closed:
             await asyncio.sleep(KEEPALIVE_S)
+            if not self._up:
+                continue  # nothing to tell while away; the reconnection says hello
             try:
-                await self._send(p.KeepAlive())
+                await self._send(p.KeepAlive(), KEEPALIVE_S)
+            except ClusterUnavailable:
+                continue
             except (zmq.ZMQError, FanoutError):
                 return
 
@@ -369,8 +478,11 @@ class AsyncClient:
             case p.Welcome():
                 if msg.cluster is None:
                     raise ProtocolError("welcome: no cluster information for a client")
+                self._up = True  # a welcome proves a connection, whatever the monitor says yet
                 if self._hello and not self._hello.done():
                     self._hello.set_result(msg.cluster)
+                elif self._welcomed:  # welcomed again after a reconnection: maybe a new one
+                    self.cluster = msg.cluster
             case p.Result() | p.Completion() | p.Failure():
                 fut = self._pending.pop(msg.task_id, None)
                 if fut is None or fut.done():
@@ -395,12 +507,15 @@ class AsyncClient:
         return f"{self._prefix}-{next(self._ids)}"
 
     async def _request(self, msg_for_id, timeout: float | None) -> Any:
+        check_timeout(timeout, None)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         req_id = self._new_id()
-        fut = asyncio.get_running_loop().create_future()
+        fut = loop.create_future()
         self._pending[req_id] = fut
         try:
-            await self._send(msg_for_id(req_id))
-            return await asyncio.wait_for(fut, timeout)
+            await self._send(msg_for_id(req_id), timeout)
+            return await asyncio.wait_for(fut, _left(deadline, loop))
         except TimeoutError:
             raise ClusterUnavailable(f"the scheduler at {self.address} did not answer within "
                                      f"{timeout:g} s") from None
@@ -411,6 +526,7 @@ class AsyncClient:
                      timeout: float | None = None) -> TaskResult:
         """Run one task; raises the task's ``FanoutError`` if it failed everywhere."""
         arrays = _as_arrays(inputs)
+        check_timeout(timeout, self._max_timeout())
         return await self._task(lambda tid: p.Submit(task_id=tid, model=model, inputs=arrays,
                                                      timeout_s=timeout), timeout)
 
@@ -425,6 +541,7 @@ class AsyncClient:
         """
         model_class, params = _model_class(params)
         request = build_request(messages_or_prompt, params)
+        check_timeout(timeout, self._max_timeout())
         completion = await self._task(lambda tid: p.Generate(task_id=tid, model=model,
                                                              request=request,
                                                              timeout_s=timeout), timeout)
@@ -440,15 +557,23 @@ class AsyncClient:
         _, params = _model_class(params)
         request = build_request(messages_or_prompt, params)
         call_ids: dict[int, str] = {}
+        check_timeout(timeout, self._max_timeout())
+        loop = asyncio.get_running_loop()
+        wait = self._answer_within(timeout)
+        deadline = None if wait is None else loop.time() + wait
         task_id = self._new_id()
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[task_id] = queue
         finished = False
         try:
             await self._send(p.Generate(task_id=task_id, model=model, request=request,
-                                        stream=True, timeout_s=timeout))
+                                        stream=True, timeout_s=timeout), wait)
             while True:
-                item = await queue.get()
+                try:
+                    item = await asyncio.wait_for(queue.get(), _left(deadline, loop))
+                except TimeoutError:
+                    raise ClusterUnavailable(f"no end of stream {task_id} from "
+                                             f"{self.address} within {wait:g} s") from None
                 if item is END:
                     finished = True
                     return
@@ -472,15 +597,26 @@ class AsyncClient:
             lambda c=c: self.agenerate(model, c, timeout=timeout, **params) for c in chats],
             return_exceptions, window)
 
+    def _max_timeout(self) -> float:
+        return (self.cluster.max_task_timeout_s if self.cluster is not None else 0.0) \
+            or MAX_TIMEOUT_S
+
+    def _answer_within(self, timeout: float | None) -> float | None:
+        """How long a task's answer may take: the scheduler enforces its deadline (ours, or
+        its default), the margin covers the way back."""
+        own = timeout or (self.cluster.task_timeout_s if self.cluster is not None else 0.0)
+        return own + ANSWER_MARGIN_S if own else None
+
     async def _task(self, make_msg, timeout: float | None):
+        loop = asyncio.get_running_loop()
+        wait = self._answer_within(timeout)
+        deadline = None if wait is None else loop.time() + wait
         task_id = self._new_id()
-        fut = asyncio.get_running_loop().create_future()
+        fut = loop.create_future()
         self._pending[task_id] = fut
         try:
-            await self._send(make_msg(task_id))
-            # The scheduler enforces the deadline; the margin covers the message's way back.
-            wait = None if timeout is None else timeout + 5.0
-            return await asyncio.wait_for(asyncio.shield(fut), wait)
+            await self._send(make_msg(task_id), wait)
+            return await asyncio.wait_for(asyncio.shield(fut), _left(deadline, loop))
         except asyncio.CancelledError:
             if not fut.done():
                 await self._send_quietly(p.Cancel(task_id=task_id))
@@ -491,8 +627,12 @@ class AsyncClient:
             self._pending.pop(task_id, None)
 
     async def _send_quietly(self, msg: p.Message) -> None:
+        """Send now if there is room (a cancel, a goodbye); never wait for it."""
+        if self._closed or not self._up:
+            return
         try:
-            await self._send(msg)
+            cast(asyncio.Future, self.sock.send_multipart(p.encode(msg), flags=zmq.NOBLOCK,
+                                                          copy=False)).result()
         except (zmq.ZMQError, FanoutError):
             pass
 
@@ -535,31 +675,52 @@ class AsyncClient:
         await self._request(lambda rid: p.Shutdown(req_id=rid), timeout)
 
     async def close(self) -> None:
+        """Say goodbye if there is room to, fail what is unfinished, release the socket:
+        within ``CLOSE_WITHIN_S`` whatever the scheduler's state."""
         if self._closed:
             return
         # Goodbye: the scheduler stops our unfinished work at once, frees its slots, and
         # does not wait for our keepalives to stop before it forgets us.
-        said_bye = self._welcomed  # a client never welcomed has nothing to end
+        said_bye = self._welcomed and self._up  # a client never welcomed has nothing to end
         if said_bye:
             await self._send_quietly(p.Bye())
         self._closed = True
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(ClusterUnavailable("the client was closed"))
-        self._pending.clear()
-        for stream in self._streams.values():
-            stream.put_nowait(ClusterUnavailable("the client was closed"))
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-        await self._stop_watching_handshakes()
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except BaseException:
-                pass
+        self._lost_why = "the client was closed"
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)  # wakes the calls waiting for room to send
+        self._fail_unfinished(ClusterUnavailable("the client was closed"))
+        tasks = [t for t in (self._keepalive, self._rehello, self._watcher, self._reader)
+                 if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_WITHIN_S / 4)
+        if self._monitor is not None and not self._monitor.closed:  # or term() would wait
+            self.sock.disable_monitor()
+            self._monitor.close(linger=0)
         self.sock.close(linger=BYE_LINGER_MS if said_bye else 0)
         self.ctx.term()
+
+
+MAX_TIMEOUT_S = 7 * 86400.0  # a task's timeout past this is InvalidInput (the scheduler's own
+# bound, scheduler.max_task_timeout_s, is told in its welcome and is usually lower)
+
+
+def check_timeout(timeout: Any, limit: float | None) -> None:
+    """``InvalidInput`` unless ``timeout`` is None or a finite number of seconds in
+    (0, limit]: an unbounded wait would never come back."""
+    if timeout is None:
+        return
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not math.isfinite(
+            timeout) or timeout <= 0:
+        raise InvalidInput(f"timeout must be a positive number of seconds, got {timeout!r:.40}")
+    if limit is not None and timeout > limit:
+        raise InvalidInput(f"timeout of {timeout:g} s is more than this cluster allows "
+                           f"({limit:g} s, scheduler.max_task_timeout_s)")
+
+
+def _left(deadline: float | None, loop: asyncio.AbstractEventLoop) -> float | None:
+    return None if deadline is None else max(0.0, deadline - loop.time())
 
 
 def _reply_id(msg: p.Message | None) -> str | None:
@@ -737,12 +898,25 @@ class Client:
         self._call(self._async.ashutdown(timeout))
 
     def close(self) -> None:
+        """Close within ``CLOSE_WITHIN_S``, whatever state the scheduler is in."""
         if self._loop.closed:
             return
         try:
-            self._call(self._async.close())
-        finally:
-            self._loop.stop()
+            closing = self._loop.submit(self._async.close())
+        except RuntimeError:  # the loop stopped meanwhile
+            return
+        try:
+            closing.result(CLOSE_WITHIN_S)
+        except concurrent.futures.TimeoutError:
+            # Its own thread finishes releasing the sockets, then stops: never another
+            # thread (libzmq sockets are not thread-safe), and never the caller's time.
+            log.warning("closing the client to %s takes over %g s; its thread finishes it",
+                        self.address, CLOSE_WITHIN_S)
+            closing.add_done_callback(lambda _: self._loop.stop())
+            return
+        except Exception as exc:
+            log.debug("closing the client to %s: %s", self.address, exc)
+        self._loop.stop(timeout=CLOSE_WITHIN_S / 4)
 
     def __enter__(self) -> Client:
         return self

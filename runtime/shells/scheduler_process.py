@@ -401,6 +401,8 @@ class SchedulerProcess:
             node=socket.gethostname(), launcher="local", started=self.started,
             ready=self.state.ready() and self.supervisor.settled,
             max_message_bytes=self.config.scheduler.max_message_bytes,
+            task_timeout_s=self.config.scheduler.task_timeout_s,
+            max_task_timeout_s=self.config.scheduler.max_task_timeout_s,
             models=tuple(sorted(self.state.orders)), internal_errors=self.internal_errors,
             backlog_bytes=self.outbox.total_bytes)
 

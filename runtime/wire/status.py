@@ -208,6 +208,8 @@ class ClusterInfo:
     models: tuple[str, ...] = ()
     internal_errors: int = 0  # exceptions caught handling a message or ticking: should stay 0
     backlog_bytes: int = 0  # answers waiting for clients that read slower than they come
+    task_timeout_s: float = 0.0  # a task's deadline when its submit names none (0: unknown)
+    max_task_timeout_s: float = 0.0  # the most a submit may name (0: unknown)
 
 
 @dataclass(frozen=True)
