@@ -112,6 +112,11 @@ def test_closing_a_client_whose_scheduler_is_stopped_takes_at_most_a_second(slow
     finally:
         os.kill(slow.pid, signal.SIGCONT)
     assert took < CLOSE_WITHIN_S + 0.2
+    # And its sockets are released, not left for a garbage collector to hang on.
+    deadline = time.monotonic() + 2
+    while not client._async.ctx.closed and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client._async.sock.closed and client._async.ctx.closed
 
 
 def test_a_client_whose_event_loop_stalled_past_its_silence_limit_says_hello_again(clusters):

@@ -627,14 +627,14 @@ class AsyncClient:
             self._pending.pop(task_id, None)
 
     async def _send_quietly(self, msg: p.Message) -> None:
-        """Send now if there is room (a cancel, a goodbye); never wait for it."""
+        """Send when there is room (a cancel, a goodbye); never wait for it."""
         if self._closed or not self._up:
             return
         try:
-            cast(asyncio.Future, self.sock.send_multipart(p.encode(msg), flags=zmq.NOBLOCK,
-                                                          copy=False)).result()
+            sending = cast(asyncio.Future, self.sock.send_multipart(p.encode(msg), copy=False))
         except (zmq.ZMQError, FanoutError):
-            pass
+            return
+        sending.add_done_callback(_ignore_outcome)  # a full queue: it goes when room is made
 
     async def amap(self, model: str, inputs: Iterable[dict[str, Any]], *,
                    return_exceptions: bool = False, timeout: float | None = None,
@@ -693,13 +693,22 @@ class AsyncClient:
                  if t is not None and not t.done()]
         for task in tasks:
             task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=CLOSE_WITHIN_S / 4)
-        if self._monitor is not None and not self._monitor.closed:  # or term() would wait
-            self.sock.disable_monitor()
-            self._monitor.close(linger=0)
-        self.sock.close(linger=BYE_LINGER_MS if said_bye else 0)
-        self.ctx.term()
+        try:
+            if tasks:
+                await asyncio.wait(tasks, timeout=CLOSE_WITHIN_S / 4)
+            if self._monitor is not None and not self._monitor.closed:  # or term() would wait
+                self.sock.disable_monitor()
+                self._monitor.close(linger=0)
+        except zmq.ZMQError as exc:
+            log.debug("closing the monitor of the client to %s: %s", self.address, exc)
+        finally:  # whatever happened, the sockets go: a context left open hangs its collector
+            self.sock.close(linger=BYE_LINGER_MS if said_bye else 0)
+            self.ctx.term()
+
+
+def _ignore_outcome(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: a send nobody waits for fails quietly
 
 
 MAX_TIMEOUT_S = 7 * 86400.0  # a task's timeout past this is InvalidInput (the scheduler's own
