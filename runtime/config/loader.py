@@ -68,6 +68,10 @@ _SCHEDULER_KEYS = tuple(f.name for f in fields(SchedulerConfig))
 # Which backend can drive which kind of device; anything else would silently run elsewhere.
 _BACKEND_KINDS = {"qnn": ("npu", "gpu"), "onnxruntime": ("cpu",),
                   "openvino": DEVICE_KINDS, "openvino-genai": DEVICE_KINDS}
+# http field -> (type, low, high), besides max_body_bytes
+_HTTP_BOUNDS: dict[str, tuple[type, float, float]] = {
+    "max_generations": (int, 1, 4096),
+}
 # scheduler field -> (type, low, high); addresses and token are checked on their own.
 _SCHEDULER_BOUNDS: dict[str, tuple[type, float, float]] = {
     "max_queue": (int, 1, 1_000_000),
@@ -430,6 +434,11 @@ class _Parser:
         size = self.integer("http.max_body_bytes", d.get("max_body_bytes",
                                                           defaults.max_body_bytes),
                             1024, 1 << 30)
+        bounds = {name: self.integer(f"http.{name}", d.get(name, getattr(defaults, name)),
+                                     int(lo), int(hi)) if kind is int else
+                  self.number(f"http.{name}", d.get(name, getattr(defaults, name)), lo, hi)
+                  for name, (kind, lo, hi) in _HTTP_BOUNDS.items()}
+        ok = ok and None not in bounds.values()
         key = self.secret(self.overridden("http", d, "api_key", ENV_API_KEY))
         ok = ok and key is not _MISSING
         key = None if key is _MISSING else key
@@ -445,7 +454,8 @@ class _Parser:
             ok = False
         if size is None or not ok:
             return None
-        return HttpConfig(address=address, api_key=key, enabled=enabled, max_body_bytes=size)
+        return HttpConfig(address=address, api_key=key, enabled=enabled, max_body_bytes=size,
+                          **bounds)  # type: ignore[arg-type]  # each checked for its type
 
     def cluster(self, raw: Any) -> ClusterConfig | None:
         d = self.mapping("cluster", raw)

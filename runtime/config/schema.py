@@ -176,12 +176,15 @@ class HttpConfig:
       (env FANOUT_API_KEY).
     enabled: start it with ``fanout up``.
     max_body_bytes: largest request body, 1 KiB..1 GiB; larger gets 413.
+    max_generations: generations one request may ask for (prompts x n of /v1/completions,
+      n of a chat), 1..4096; more gets 400 before any is started.
     """
 
     address: str = "127.0.0.1:8470"
     api_key: str | None = field(default=None, repr=False)
     enabled: bool = True
     max_body_bytes: int = 8 * 1024 * 1024
+    max_generations: int = 128
 
 
 KeyRole = Literal["cluster", "client", "worker"]

@@ -340,6 +340,12 @@ class HttpServer:
         """One generation per (input, choice), in OpenAI's choice order. With a seed and
         n > 1, choice j uses seed + j: reproducible, and not n copies of one answer."""
         n = choice_count(body)
+        if len(inputs) * n > self.http.max_generations:  # refused before any is started
+            raise HttpError(400, f"the request asks for {len(inputs)} prompt(s) x n={n} = "
+                                 f"{len(inputs) * n} generations; at most "
+                                 f"{self.http.max_generations} per request "
+                                 f"(http.max_generations)", param="prompt" if n == 1 else "n",
+                            code="too_many_generations")
         calls = []
         for x in inputs:
             for j in range(n):

@@ -1,0 +1,104 @@
+"""The HTTP API's bounds (issue 11, items 5 and 6, and the extras): a request cannot ask for
+unbounded work, nest its JSON past what the parser survives, hold a connection open without
+sending, or stall the event loop; each is refused with its HTTP status and the server and
+the cluster go on serving.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from runtime.config.schema import HttpConfig
+from runtime.frontdoors.http_server import HttpServer
+from runtime.launchers.local import prepare
+
+CONFIG = """
+    devices:
+      - {name: cpu0, kind: cpu, backend: onnxruntime, capacity: 2}
+      - {name: llmcpu, kind: cpu, backend: openvino-genai, capacity: 4}
+    models:
+      - {name: minilm, source: "packaged:minilm", tokenizer: "packaged:minilm-tokenizer",
+         devices: [cpu0]}
+      - {name: smollm2, source: "packaged:smollm2", devices: [llmcpu]}
+"""
+LIVE_WITHIN_S = 0.5  # /health/live answers this fast however busy the server is
+
+
+@pytest.fixture(scope="module")
+def cluster(module_clusters):
+    return module_clusters.start(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def config(module_clusters):
+    return prepare(module_clusters.write(CONFIG, "http-limits.yaml"))
+
+
+def serve(cluster, config, **bounds):
+    http = HttpConfig(address="127.0.0.1:0", **bounds)
+    return HttpServer.from_config(config, cluster.address, cluster.token,
+                                  http=http).serve_in_thread()
+
+
+@pytest.fixture(scope="module")
+def server(cluster, config):
+    handle = serve(cluster, config)
+    yield handle
+    handle.stop()
+
+
+def post(url: str, body: bytes | dict, timeout: float = 60) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def live_s(server) -> float:
+    started = time.monotonic()
+    with urllib.request.urlopen(server.url.removesuffix("/v1") + "/health/live", timeout=30):
+        pass
+    return time.monotonic() - started
+
+
+def while_live_is_polled(server, work):
+    """Run ``work`` while another thread polls /health/live; the slowest answer seen."""
+    slowest, stop = [0.0], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            slowest[0] = max(slowest[0], live_s(server))
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        outcome = work()
+    finally:
+        stop.set()
+        poller.join()
+    return outcome, slowest[0]
+
+
+def test_completions_asking_for_more_generations_than_the_bound_is_400_and_starts_none(
+        server, cluster):
+    before = cluster.status()["counters"]["submitted"]
+    body = {"model": "smollm2", "prompt": ["Say hi."] * 10_000, "n": 16, "max_tokens": 1}
+    (status, err), slowest = while_live_is_polled(
+        server, lambda: post(server.url + "/completions", body))
+    assert status == 400 and err["error"]["code"] == "too_many_generations"
+    assert "http.max_generations" in err["error"]["message"]
+    assert cluster.status()["counters"]["submitted"] == before  # nothing was started
+    assert slowest < LIVE_WITHIN_S, f"/health/live took {slowest:.2f} s meanwhile"
+    status, ok = post(server.url + "/completions",
+                      {"model": "smollm2", "prompt": ["Say hi."] * 4, "n": 2, "max_tokens": 1})
+    assert status == 200 and len(ok["choices"]) == 8
