@@ -102,3 +102,62 @@ def test_completions_asking_for_more_generations_than_the_bound_is_400_and_start
     status, ok = post(server.url + "/completions",
                       {"model": "smollm2", "prompt": ["Say hi."] * 4, "n": 2, "max_tokens": 1})
     assert status == 200 and len(ok["choices"]) == 8
+
+
+def raw_connection(server, first: bytes = b"") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    if first:
+        sock.sendall(first)
+    return sock
+
+
+def answer(sock: socket.socket) -> bytes:
+    """What the server sends until it closes the connection."""
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except TimeoutError:
+        raise AssertionError(f"the connection stayed open after {b''.join(chunks)!r}") from None
+    return b"".join(chunks)
+
+
+HALF_HEADERS = b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+
+def test_connections_past_the_cap_get_429_and_half_sent_headers_get_408_then_all_serve(
+        cluster, config):
+    handle = serve(cluster, config, max_connections=20, header_timeout_s=2.0)
+    slow = [raw_connection(handle, HALF_HEADERS) for _ in range(20)]
+    try:
+        time.sleep(0.3)  # all accepted
+        extra = raw_connection(handle, b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        refused = answer(extra)
+        assert refused.startswith(b"HTTP/1.1 429") and b"http.max_connections" in refused
+        started = time.monotonic()
+        answers = [answer(s) for s in slow]  # the header timeout ends each of them
+        assert all(a.startswith(b"HTTP/1.1 408") and b"http.header_timeout_s" in a
+                   for a in answers)
+        assert time.monotonic() - started < 2.0 + 1.5
+        assert live_s(handle) < LIVE_WITHIN_S
+        status, body = post(handle.url + "/embeddings", {"model": "minilm", "input": "hi"})
+        assert status == 200 and len(body["data"][0]["embedding"]) == 384
+    finally:
+        for s in slow:
+            s.close()
+        handle.stop()
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_server_goes_on(cluster, config):
+    handle = serve(cluster, config, body_timeout_s=1.0)
+    try:
+        sock = raw_connection(handle, HALF_HEADERS + b"Content-Length: 1000\r\n\r\n{\"model\"")
+        started = time.monotonic()
+        reply = answer(sock)
+        sock.close()
+        assert reply.startswith(b"HTTP/1.1 408") and b"http.body_timeout_s" in reply
+        assert 0.9 < time.monotonic() - started < 3.0
+        status, body = post(handle.url + "/embeddings", {"model": "minilm", "input": "hi"})
+        assert status == 200
+    finally:
+        handle.stop()

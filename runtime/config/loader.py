@@ -71,6 +71,9 @@ _BACKEND_KINDS = {"qnn": ("npu", "gpu"), "onnxruntime": ("cpu",),
 # http field -> (type, low, high), besides max_body_bytes
 _HTTP_BOUNDS: dict[str, tuple[type, float, float]] = {
     "max_generations": (int, 1, 4096),
+    "max_connections": (int, 1, 65536),
+    "header_timeout_s": (float, 0.1, 3600.0),
+    "body_timeout_s": (float, 0.1, 3600.0),
 }
 # scheduler field -> (type, low, high); addresses and token are checked on their own.
 _SCHEDULER_BOUNDS: dict[str, tuple[type, float, float]] = {

@@ -178,6 +178,13 @@ class HttpConfig:
     max_body_bytes: largest request body, 1 KiB..1 GiB; larger gets 413.
     max_generations: generations one request may ask for (prompts x n of /v1/completions,
       n of a chat), 1..4096; more gets 400 before any is started.
+    max_connections: connections open at once, 1..65536; one more is answered 429 and closed
+      (keep it well under the process's file limit: the scheduler and workers need some).
+    header_timeout_s: how long a connection may take to send a request's headers, from when
+      it connects or got its last answer, 0.1..3600; later gets 408 and is closed (an idle
+      keep-alive connection is closed quietly).
+    body_timeout_s: how long a request's body may take to arrive once its headers have,
+      0.1..3600; later gets 408.
     """
 
     address: str = "127.0.0.1:8470"
@@ -185,6 +192,9 @@ class HttpConfig:
     enabled: bool = True
     max_body_bytes: int = 8 * 1024 * 1024
     max_generations: int = 128
+    max_connections: int = 256
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
 
 
 KeyRole = Literal["cluster", "client", "worker"]

@@ -34,6 +34,7 @@ from ..wire.status import Status
 from . import responses
 from .client import AsyncClient, TextChunk
 from .embeddings import HIDDEN, TextEncoder, mean_pool
+from .http_guard import ConnectionGuard, GuardedSite
 from .loopthread import END, LoopThread, pump
 from .metrics import prometheus_text
 from .openai_api import (
@@ -66,6 +67,9 @@ MODEL_KEY = web.RequestKey("fanout_model", str)
 FIRST_BYTE_KEY = web.RequestKey("fanout_first_byte", float)
 
 CONNECT_RETRY_S = 1.0
+# After an early answer (408, 413), how long the rest of a body is read before the
+# connection closes (aiohttp's default, 10 s, holds a descriptor per slow sender that long).
+LINGER_S = 1.0
 SHUTDOWN_TIMEOUT_S = 2.0  # open requests were answered by the scheduler's shutdown already
 LLM_BACKENDS = ("openvino-genai",)
 
@@ -131,6 +135,7 @@ class HttpServer:
         self._connected: asyncio.Future | None = None
         self._connector: asyncio.Task | None = None
         self._runner: web.AppRunner | None = None
+        self._guard: ConnectionGuard | None = None
 
     @classmethod
     def from_config(cls, config: Config, scheduler_address: str, token: str | None = None,
@@ -163,12 +168,15 @@ class HttpServer:
         app.router.add_get("/metrics", self.metrics)
         # A client that goes away cancels its handler, and so its generation on the cluster.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                                     shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+                                     shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                                     lingering_time=LINGER_S)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        self._guard = ConnectionGuard(self.http.max_connections, self.http.header_timeout_s)
+        site = GuardedSite(self._runner, self.host, self.port, self._guard)
         try:
             await site.start()
         except OSError as exc:
+            self._guard.close()
             await self._runner.cleanup()
             raise ConfigError(f"cannot listen on http.address {self.http.address}: "
                               f"{exc.strerror or exc}") from exc
@@ -198,6 +206,8 @@ class HttpServer:
     async def stop(self) -> None:
         if self._connector is not None:
             self._connector.cancel()
+        if self._guard is not None:
+            self._guard.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -229,6 +239,8 @@ class HttpServer:
         started = time.perf_counter()
         refused: str | None = None
         response: web.StreamResponse | None = None
+        assert self._guard is not None  # made by start(), before any request
+        self._guard.serving(request.transport)
         try:
             self._authorize(request)
             response = await handler(request)
@@ -237,6 +249,8 @@ class HttpServer:
         except HttpError as exc:
             status, refused = exc.status, exc.message
             response = exc.response()
+            if status == 408:  # the rest of its body may never come: the connection ends
+                response.force_close()
             return response
         except FanoutError as exc:
             err = http_error_from(exc)
@@ -261,6 +275,7 @@ class HttpServer:
                                  "server_error").response()
             return response
         finally:
+            self._guard.served(request.transport)
             self.requests[(endpoint, str(status))] += 1
             _access(request, status, started, response, refused)
 
@@ -277,7 +292,12 @@ class HttpServer:
 
     async def _body(self, request: web.Request, known: set[str],
                     unsupported: dict[str, tuple[Callable, str]] | None = None) -> Body:
-        raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge -> 413
+        try:  # over client_max_size: HTTPRequestEntityTooLarge -> 413
+            raw = await asyncio.wait_for(request.read(), self.http.body_timeout_s)
+        except TimeoutError:
+            raise HttpError(408, f"the request body did not arrive within "
+                                 f"{self.http.body_timeout_s:g} s (http.body_timeout_s)",
+                            code="request_timeout") from None
         try:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
