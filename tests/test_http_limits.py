@@ -161,3 +161,24 @@ def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_server_goes_on(clu
         assert status == 200
     finally:
         handle.stop()
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/completions", "/embeddings",
+                                  "/responses"])
+def test_json_nested_past_the_parsers_limit_is_400_not_500(server, path):
+    body = b'{"model": "smollm2", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    status, err = post(server.url + path, body)
+    assert status == 400 and "nests too deeply" in err["error"]["message"]
+    assert live_s(server) < LIVE_WITHIN_S
+
+
+def test_tokenizing_the_most_embedding_inputs_allowed_leaves_the_server_responsive(server):
+    texts = [f"{i} " + "a fairly long sentence about fan-outs and devices " * 60
+             for i in range(2048)]
+    (status, body), slowest = while_live_is_polled(
+        server, lambda: post(server.url + "/embeddings",
+                             {"model": "minilm", "input": texts}, timeout=300))
+    assert status == 200 and len(body["data"]) == 2048
+    # Tokenized in the event loop it took 1.7 s (10.8 s on this machine under load); what is
+    # left is the answers' way through the loop.
+    assert slowest < 2 * LIVE_WITHIN_S, f"/health/live took {slowest:.2f} s meanwhile"

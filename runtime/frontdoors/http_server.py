@@ -70,6 +70,7 @@ CONNECT_RETRY_S = 1.0
 # After an early answer (408, 413), how long the rest of a body is read before the
 # connection closes (aiohttp's default, 10 s, holds a descriptor per slow sender that long).
 LINGER_S = 1.0
+BIG_BODY_BYTES = 256 * 1024
 SHUTDOWN_TIMEOUT_S = 2.0  # open requests were answered by the scheduler's shutdown already
 LLM_BACKENDS = ("openvino-genai",)
 
@@ -299,9 +300,13 @@ class HttpServer:
                                  f"{self.http.body_timeout_s:g} s (http.body_timeout_s)",
                             code="request_timeout") from None
         try:
-            data = json.loads(raw)
+            # A big body parses off the event loop (8 MB of JSON: a fair part of a second).
+            data = json.loads(raw) if len(raw) < BIG_BODY_BYTES else \
+                await asyncio.to_thread(json.loads, raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise HttpError(400, f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:  # a few KB of brackets nest past what the parser survives
+            raise HttpError(400, "the request body's JSON nests too deeply") from None
         if isinstance(data, dict) and isinstance(data.get("model"), str):
             request[MODEL_KEY] = data["model"][:64]  # for the access log
         return Body(data, known, unsupported or {},
@@ -495,22 +500,28 @@ class HttpServer:
             raise HttpError(400, f'encoding_format must be "float" or "base64", got '
                                  f'{encoding!r}', param="encoding_format")
         encoder = self._encoder(model)
-        inputs = [encoder.inputs(t) for t in texts]
+        # Off the event loop: 2,048 long texts take seconds to tokenize.
+        inputs = await asyncio.to_thread(lambda: [encoder.inputs(t) for t in texts])
         client = await self.client()
         results = await client.amap(model, inputs)
-        data = []
-        for i, (x, r) in enumerate(zip(inputs, results)):
-            vector = mean_pool(_hidden(r.outputs), x["attention_mask"])[0].astype("<f4")
-            value: Any = (base64.b64encode(vector.tobytes()).decode() if encoding == "base64"
-                          else vector.tolist())
-            data.append({"object": "embedding", "index": i, "embedding": value})
-        tokens = sum(int(x["attention_mask"].sum()) for x in inputs)
+
+        def answer() -> str:  # pooling and JSON of 2,048 vectors: off the event loop too
+            data = []
+            for i, (x, r) in enumerate(zip(inputs, results)):
+                vector = mean_pool(_hidden(r.outputs), x["attention_mask"])[0].astype("<f4")
+                value: Any = (base64.b64encode(vector.tobytes()).decode()
+                              if encoding == "base64" else vector.tolist())
+                data.append({"object": "embedding", "index": i, "embedding": value})
+            tokens = sum(int(x["attention_mask"].sum()) for x in inputs)
+            return _dumps({"object": "list", "data": data, "model": model,
+                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                           "fanout": fanout})
+
         attempts = [a for r in results for a in r.attempts]
         fanout = fanout_field(",".join(dict.fromkeys(r.device for r in results)), attempts)
-        return web.json_response(
-            {"object": "list", "data": data, "model": model,
-             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "fanout": fanout},
-            headers=device_headers([r.device for r in results], bool(attempts)), dumps=_dumps)
+        return web.Response(text=await asyncio.to_thread(answer),
+                            content_type="application/json",
+                            headers=device_headers([r.device for r in results], bool(attempts)))
 
     def _encoder(self, model: str) -> TextEncoder:
         if model not in self._encoders:
