@@ -489,6 +489,20 @@ def test_the_http_section_defaults_to_loopback_and_needs_a_key_elsewhere(write):
     cfg = load(path, env={"FANOUT_API_KEY": "k3y"})
     assert cfg.http.api_key == "k3y" and "k3y" not in repr(cfg)
     assert "http.max_body_bytes" in load_error(write(base + "http: {max_body_bytes: 1}\n"))
+    assert (cfg.http.max_generations, cfg.http.max_connections, cfg.http.header_timeout_s,
+            cfg.http.body_timeout_s) == (128, 256, 10.0, 30.0)
+    for bad in ("max_generations: 0", "max_connections: 0", "header_timeout_s: 0",
+                "body_timeout_s: .inf"):
+        field = bad.split(":")[0]
+        assert f"http.{field}: must be" in load_error(write(base + f"http: {{{bad}}}\n"))
+    assert load(write(base + "http: {max_generations: 16, header_timeout_s: 2.5}\n")).http \
+        .max_generations == 16
+
+
+def test_a_default_task_timeout_past_the_longest_allowed_is_refused(write):
+    path = write(TWO_DEVICES + "scheduler: {task_timeout_s: 7200, max_task_timeout_s: 3600}\n")
+    assert "scheduler.task_timeout_s: must be at most max_task_timeout_s = 3600" in \
+        load_error(path)
 
 
 def test_ray_resources_of_a_device_are_parsed_validated_and_survive_the_dict_round_trip(write):
