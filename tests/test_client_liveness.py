@@ -87,8 +87,9 @@ def test_a_stopped_scheduler_with_thousands_of_messages_queued_fails_every_call_
         assert isinstance(outcome, ClusterUnavailable) and took < 2.5
     finally:
         os.kill(slow.pid, signal.SIGCONT)
-    # The scheduler is back: the client reconnected by itself and said hello again.
-    deadline = time.monotonic() + 15
+    # The scheduler is back: the client reconnected by itself and said hello again (after
+    # the scheduler has dealt with what it read late: on a loaded machine, seconds).
+    deadline = time.monotonic() + 40
     while True:
         try:
             result = client.infer("minilm", sentences(1)[0], timeout=10)
