@@ -448,7 +448,7 @@ class SchedulerProcess:
                 self._feed(s.ModelStateChanged(device, epoch, msg.model, msg.load))
             case p.Done():
                 self._feed(s.TaskSucceeded(device, epoch, msg.attempt, msg.outputs,
-                                           msg.service_s))
+                                           msg.service_s, msg.batch))
             case p.Tokens():
                 self._feed(s.TaskTokens(device, epoch, msg.attempt, msg.ids, msg.text,
                                         msg.tool_calls, msg.logprobs))

@@ -271,6 +271,7 @@ class Done(Message):
     attempt: int
     outputs: dict = field(default_factory=dict)
     service_s: float = 0.0
+    batch: int = 1  # tasks of the engine call it ran in (service_s is that call's)
 
 
 @dataclass
