@@ -257,7 +257,7 @@ class WorkerProcess:
                                completion_tokens=g.completion_tokens, service_s=event.service_s)
         if event.kind is None:  # the core has checked that the outputs fit a message
             return p.Done(attempt=event.attempt, outputs=event.outputs or {},
-                          service_s=event.service_s)
+                          service_s=event.service_s, batch=event.batch)
         return p.Failed(attempt=event.attempt, kind=event.kind, message=event.message,
                         service_s=event.service_s)
 
