@@ -8,7 +8,7 @@ import pytest
 
 from runtime.config.schema import Config, DeviceConfig, SchedulerConfig
 from runtime.core.scheduler import (
-    MAX_AUTO_PREFETCH,
+    MAX_PIPELINE,
     CancelAttempt,
     Deliver,
     ModelStateChanged,
@@ -119,7 +119,7 @@ def test_unset_prefetch_covers_a_round_trip_at_the_models_pace_and_is_bounded(ma
     assert h.state.workers["cpu0"].prefetch == 2 * 4  # 2 ms of 0.5 ms tasks per slot
     h.handle(ModelStateChanged("cpu0", h.epochs["cpu0"], "m", ModelLoad(
         "ready", calibration=Calibration(service_s=1e-6))))
-    assert h.state.workers["cpu0"].prefetch == MAX_AUTO_PREFETCH
+    assert h.state.workers["cpu0"].prefetch == 2 * MAX_PIPELINE
 
 
 def test_unset_prefetch_lets_every_slot_fill_a_batch_of_a_model_that_batches(make):
@@ -127,7 +127,7 @@ def test_unset_prefetch_lets_every_slot_fill_a_batch_of_a_model_that_batches(mak
     h.up()
     h.handle(ModelStateChanged("cpu0", h.epochs["cpu0"], "m", ModelLoad(
         "ready", max_batch=16, calibration=Calibration(service_s=0.5))))
-    assert h.state.workers["cpu0"].prefetch == 32
+    assert h.state.workers["cpu0"].prefetch == 2 * 2 * 16  # one batch waiting per slot
 
 
 def test_a_batched_run_refines_the_per_task_share_not_the_time_alone(make):

@@ -55,9 +55,10 @@ class DeviceConfig:
       openvino-genai (LLMs; later issue).
     capacity: tasks run at once, 1..256 (a batch of tasks run as one engine call counts once).
     prefetch: tasks the worker holds beyond ``capacity``, queued there so its slots never wait
-      a round trip for the next one, 0..4096; unset: enough for the round trip and for full
-      batches of its models (``max_batch``). Prefetched tasks are placed, re-run and cancelled
-      like running ones. Generations are never prefetched.
+      a round trip for the next one, 0..4096; unset: per slot, enough to cover a round trip
+      at its fastest model's pace (at most 32), or the next full batch of a model it batches
+      (``max_batch``). Prefetched tasks are placed, re-run and cancelled like running ones.
+      Generations are never prefetched.
     fallback: device names to try after this one for any model it serves (appended to a
       model's own order).
     options: backend options (e.g. qnn: soc_model, htp_performance_mode; openvino: device).

@@ -80,10 +80,11 @@ MAX_RESTART_BACKOFF_S = 30.0
 STABLE_AFTER_S = 30.0  # a worker up this long has its restart backoff reset
 CLIENT_SILENCE_FACTOR = 5  # missed keepalives before a client counts as gone
 CLIENT_SILENCE_FLOOR_S = 2.0  # however often it promised to ping: a GC pause is not a death
-# A worker's prefetch when its config sets none: enough tasks to cover a round trip to it and
-# back (with margin) at its fastest model's pace, and a full batch per slot; at most this many.
+# A worker's prefetch when its config sets none, per slot: enough tasks to cover a round trip
+# to it and back (with margin) at its fastest model's pace (at most MAX_PIPELINE), or, for a
+# model it batches, the next full batch while one runs.
 PIPELINE_S = 0.002
-MAX_AUTO_PREFETCH = 64
+MAX_PIPELINE = 32
 
 
 # ---- events ------------------------------------------------------------------------------
@@ -482,8 +483,9 @@ class SchedulerState:
 
     @staticmethod
     def _set_prefetch(view: WorkerView) -> None:
-        """The tasks ``view`` may hold beyond its slots: the config's, or enough to hide a
-        round trip at its fastest ready model's pace and to fill a batch per slot."""
+        """The tasks ``view`` may hold beyond its slots: the config's, or per slot enough to
+        hide a round trip at its fastest ready model's pace, or to have the next full batch
+        waiting while one runs."""
         if view.prefetch_cfg is not None:
             view.prefetch = view.prefetch_cfg
         else:
@@ -495,8 +497,8 @@ class SchedulerState:
                 each = slot.estimate.expected(batched=slot.load.max_batch > 1)
                 if each:
                     fastest = each if fastest is None else min(fastest, each)
-            pipeline = math.ceil(PIPELINE_S / fastest) if fastest else 1
-            view.prefetch = min(MAX_AUTO_PREFETCH, view.capacity * max(rows, pipeline))
+            pipeline = min(MAX_PIPELINE, math.ceil(PIPELINE_S / fastest)) if fastest else 1
+            view.prefetch = view.capacity * max(2 * rows if rows > 1 else 1, pipeline)
         view.peak_prefetch = max(view.peak_prefetch, view.prefetch)
 
     def _expand_orders(self) -> None:
