@@ -521,6 +521,19 @@ class SchedulerState:
         self._place(actions)
         return actions
 
+    def handle_each(self, events: list[Event]) -> tuple[list, list[tuple[Event, Exception]]]:
+        """``handle`` for many events at once (one placement pass), each on its own: an event
+        whose handler raises is reported with its error, and the others still count."""
+        actions: list = []
+        failed: list[tuple[Event, Exception]] = []
+        for event in events:
+            try:
+                self._handler(type(event))(self, event, actions)
+            except Exception as exc:  # one bad event must not lose the others' answers
+                failed.append((event, exc))
+        self._place(actions)
+        return actions, failed
+
     @functools.singledispatchmethod
     def _on(self, event: object, actions: list) -> None:
         raise TypeError(f"the scheduler has no handler for {type(event).__name__}: {event!r:.200}")

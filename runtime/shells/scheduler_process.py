@@ -156,6 +156,7 @@ class SchedulerProcess:
         # A supervisor that tracks nodes (Ray) adds and removes workers as nodes come and go.
         self.state = s.SchedulerState(config, clock, track_nodes=self.supervisor.tracks_nodes)
         self._stopping = False
+        self._held: list | None = None  # events of the drain under way, fed when it ends
         self._last_ping = 0.0
         self.started = time.time()
 
@@ -244,26 +245,70 @@ class SchedulerProcess:
                              "(%s); it goes on", where, _describe(exc), exc_info=True)
 
     def _drain(self, sock: zmq.Socket, handler) -> bool:
-        """Handle waiting messages; True if the socket is now empty."""
-        for _ in range(DRAIN_BATCH):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return True
-            if len(frames) < 2:
-                continue
-            ident = frames[0].bytes
-            self._answered.clear()
-            try:
-                handler(ident, frames[1:])
-            except Exception as exc:  # a bug in handling one message fails that message only
-                self._failed_to_handle(sock is self.front, ident, frames[1:], exc)
-        return False
+        """Handle waiting messages; True if the socket is now empty. Their events are fed to
+        the state together at the end, so one placement pass serves the whole drain."""
+        self._held = []
+        self._answered.clear()
+        try:
+            for _ in range(DRAIN_BATCH):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    return True
+                if len(frames) < 2:
+                    continue
+                ident = frames[0].bytes
+                try:
+                    handler(ident, frames[1:])
+                except Exception as exc:  # a bug in handling one message fails that message only
+                    self._failed_to_handle(sock is self.front, ident, frames[1:], exc)
+            return False
+        finally:
+            self._flush()
+            self._held = None
+
+    def _flush(self) -> None:
+        """Feed the events held so far (before a reply that must see them). Each event is
+        handled, and reported to ``on_change``, on its own: one that fails costs no other its
+        answer, and a client's task that could not be taken is answered with an error."""
+        held, self._held = self._held, None
+        if held:
+            actions, failed = self.state.handle_each(held)
+            self._execute(actions)
+            for event, exc in failed:
+                self._failed_event(event, exc)
+            if self.on_change is not None:
+                for event in held:
+                    if not isinstance(event, (s.Tick, s.ClientHeard)):
+                        try:
+                            self.on_change(self, event)
+                        except Exception as exc:
+                            self._failed_event(event, exc)
+        if held is not None:
+            self._held = []
+
+    def _failed_event(self, event: s.Event, exc: Exception) -> None:
+        self.internal_errors += 1
+        client = event.client if isinstance(event, s.TaskSubmitted) else None
+        who = f"client {client.hex()[:16]}" if client else "events"
+        self.peers.error(who, "internal", "%s: the scheduler failed to handle %s (%s); the "
+                         "cluster goes on", who, type(event).__name__, _describe(exc),
+                         exc_info=exc)
+        if isinstance(event, s.TaskSubmitted) and client is not None:
+            key = event.key
+            if key not in self.state.tasks and key not in self._answered:
+                try:
+                    self._reply(key[0], p.Failure(task_id=key[1], error=FanoutError(
+                        f"the scheduler failed to take this task ({_describe(exc)}); it "
+                        f"goes on serving")))
+                except Exception:  # answering failed too: the log line above says it all
+                    pass
 
     def _failed_to_handle(self, from_client: bool, ident: bytes, frames: list,
                           exc: Exception) -> None:
         """Log it (once per peer and period), and answer the sender with a typed error if
         nothing answered that message yet and nothing will."""
+        self._flush()  # so the state knows of what this drain held
         self.internal_errors += 1
         who = f"{'client' if from_client else 'worker'} {ident.hex()[:16]}"
         self.peers.error(who, "internal", "%s: the scheduler failed to handle a message "
@@ -287,6 +332,14 @@ class SchedulerProcess:
             pass
 
     def _feed(self, *events: s.Event) -> None:
+        if self._held is not None:  # in a drain: fed together at its end
+            self._held.extend(events)
+            return
+        self._feed_now(*events)
+
+    def _feed_now(self, *events: s.Event) -> None:
+        """Feed at once (after what is held), letting an error reach the message's handler."""
+        self._flush()
         self._execute(self.state.handle(*events))
         if self.on_change is not None:
             for ev in events:
@@ -359,10 +412,12 @@ class SchedulerProcess:
                     "FANOUT_TOKEN")))
                 return
             self._forgotten.pop(ident, None)
-            self._feed(s.ClientHello(ident, msg.keepalive_s))
+            self._feed_now(s.ClientHello(ident, msg.keepalive_s))
             self._reply(ident, p.Welcome(version=p.PROTOCOL_VERSION, cluster=self.info()))
             return
         if sc.token and ident not in self.state.clients:  # they said hello with the token
+            self._flush()  # a hello earlier in this drain counts
+        if sc.token and ident not in self.state.clients:
             self._reply(ident, p.error_reply(getattr(msg, "req_id", None), Unauthorized(
                 "say hello with the cluster token first")))
             return
@@ -387,6 +442,7 @@ class SchedulerProcess:
                 self._feed(heard, s.TaskCancelled((ident, msg.task_id)))
             case p.StatusRequest():
                 self._feed(heard)
+                self._flush()
                 self._reply(ident, p.Reply(req_id=msg.req_id, body=self.status().to_wire()))
             case p.Shutdown():
                 self._feed(heard)
@@ -429,6 +485,7 @@ class SchedulerProcess:
                 self._to_worker(ident, p.error_reply(None, ProtocolError(refusal)))
                 return
             self._workers = {i: w for i, w in self._workers.items() if w[0] != msg.device}
+            self._flush()  # what its earlier incarnation said comes first
             self._workers[ident] = (msg.device, msg.epoch)
             self._routes[msg.device] = ident
             self._to_worker(ident, p.Welcome(version=p.PROTOCOL_VERSION))
