@@ -174,6 +174,10 @@ class AsyncClient:
         self.keys = resolve_keys(keys)
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
+        # The same socket without futures, used on the loop's own thread: sends and reads of
+        # what has already arrived cost no future, no callback and no wake-up each.
+        self._raw: zmq.Socket = zmq.Socket.shadow(self.sock.underlying)
+        self._room = asyncio.Event()  # set while the socket can take a message
         self.sock.setsockopt(zmq.LINGER, 0)
         # Our own routing id, unguessable: nobody can claim it, nor predict the next.
         self.sock.setsockopt(zmq.ROUTING_ID, b"C" + secrets.token_bytes(16))
@@ -301,24 +305,61 @@ class AsyncClient:
             raise InvalidInput(f"the request's header is {p.frames_size(frames[:1])} bytes, "
                                f"over the limit of {p.MAX_HEADER_BYTES}: text or parameters "
                                f"that large do not fit a request (tensors do, as arrays)")
-        await self.sock.send_multipart(frames, copy=False)
-
-    async def _read(self) -> None:
         while True:
             try:
-                frames = await self.sock.recv_multipart(copy=False)
-            except (zmq.ZMQError, asyncio.CancelledError):
-                return
-            msg = None
-            try:
-                msg = self.decoder.decode(frames)
-                self._dispatch(msg)
-            except ProtocolError as exc:
-                self._unreadable(exc, exc.ref, exc.msg_type)
-            except Exception as exc:  # a bug here must not end the reader: calls would hang
-                log.exception("error while handling a reply from %s", self.address)
-                self._unreadable(ProtocolError(f"{type(exc).__name__}: {exc}"),
-                                 _reply_id(msg), msg.TYPE if msg is not None else None)
+                self._raw.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                break
+            except zmq.Again:  # the queue to the scheduler is full: wait for room
+                self._room.clear()
+                self._drain()  # a send may have taken the descriptor's wake-up: look now
+                await self._room.wait()
+        if int(self._raw.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # the send took its wake-up
+            asyncio.get_running_loop().call_soon(self._drain)
+
+    async def _read(self) -> None:
+        """Read replies as they arrive: when the socket's descriptor signals, every reply
+        waiting, with no future or task per reply. Ends when cancelled."""
+        loop = asyncio.get_running_loop()
+        try:
+            fd = int(self._raw.getsockopt(zmq.FD))
+            loop.add_reader(fd, self._drain)
+        except zmq.ZMQError:
+            return
+        try:
+            self._drain()
+            await loop.create_future()  # until cancelled
+        except asyncio.CancelledError:
+            return
+        finally:
+            loop.remove_reader(fd)
+
+    def _drain(self, most: int = 1000) -> None:
+        """Take the replies waiting (at most ``most``, then again soon: others get the loop),
+        and wake senders waiting for room."""
+        try:
+            for _ in range(most):
+                events = int(self._raw.getsockopt(zmq.EVENTS))
+                if events & zmq.POLLOUT:
+                    self._room.set()
+                if not events & zmq.POLLIN:
+                    return
+                self._take(self._raw.recv_multipart(zmq.NOBLOCK, copy=False))
+            asyncio.get_running_loop().call_soon(self._drain)
+        except zmq.ZMQError:  # closed, or nothing after all
+            return
+
+    def _take(self, frames: list) -> None:
+        """Read one reply and hand it to whoever waits for it."""
+        msg = None
+        try:
+            msg = self.decoder.decode(frames)
+            self._dispatch(msg)
+        except ProtocolError as exc:
+            self._unreadable(exc, exc.ref, exc.msg_type)
+        except Exception as exc:  # a bug here must not end the reader: calls would hang
+            log.exception("error while handling a reply from %s", self.address)
+            self._unreadable(ProtocolError(f"{type(exc).__name__}: {exc}"),
+                             _reply_id(msg), msg.TYPE if msg is not None else None)
 
     def _unreadable(self, exc: ProtocolError, ref: str | None, msg_type: str | None) -> None:
         """Fail the call a reply that cannot be read was for (by its id, else the hello
@@ -505,8 +546,12 @@ class AsyncClient:
         the scheduler's queue. With ``return_exceptions`` a failed item yields its error in
         its place; otherwise the first error is raised after every task has ended.
         """
-        return await self._gather([lambda x=x: self.ainfer(model, x, timeout) for x in inputs],
-                                  return_exceptions, window)
+        results = await _Fan(self, model, timeout, max(1, window)).run(list(inputs))
+        if not return_exceptions:
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+        return results
 
     @staticmethod
     async def _gather(calls: list, return_exceptions: bool, window: int) -> list:
@@ -560,6 +605,86 @@ class AsyncClient:
                 pass
         self.sock.close(linger=BYE_LINGER_MS if said_bye else 0)
         self.ctx.term()
+
+
+class _Fan:
+    """One ``amap``: its submits go out as the window allows, each answer lands in its place
+    from the reader's callback (no coroutine, semaphore or timer per task unless a timeout
+    is set); being cancelled cancels its unanswered tasks at the scheduler."""
+
+    def __init__(self, client: AsyncClient, model: str, timeout: float | None, window: int):
+        self.client, self.model, self.timeout, self.window = client, model, timeout, window
+        self.loop = asyncio.get_running_loop()
+        self.open: dict[str, asyncio.Future] = {}  # task id -> its answer, while unanswered
+        self.room = asyncio.Event()
+        self.room.set()
+        self.all_done = self.loop.create_future()
+        self.results: list = []
+        self.left = 0
+
+    async def run(self, items: list) -> list:
+        self.results = [None] * len(items)
+        self.left = len(items) + 1  # the sending itself counts until it is over
+        try:
+            for i, inputs in enumerate(items):
+                while len(self.open) >= self.window:
+                    self.room.clear()
+                    await self.room.wait()
+                await self._submit(i, inputs)
+            self._one_done()
+            await asyncio.shield(self.all_done)
+        except asyncio.CancelledError:
+            for task_id, fut in list(self.open.items()):
+                if not fut.done():
+                    await self.client._send_quietly(p.Cancel(task_id=task_id))
+            raise
+        finally:
+            for task_id in self.open:
+                self.client._pending.pop(task_id, None)
+        return self.results
+
+    async def _submit(self, i: int, inputs: Any) -> None:
+        client = self.client
+        try:
+            arrays = _as_arrays(inputs)
+        except FanoutError as exc:
+            self.results[i] = exc
+            self._one_done()
+            return
+        task_id = client._new_id()
+        fut = self.loop.create_future()
+        client._pending[task_id] = fut
+        self.open[task_id] = fut
+        fut.add_done_callback(lambda f: self._answered(i, task_id, f))
+        if self.timeout is not None:  # the scheduler's deadline, and the way back
+            timer = self.loop.call_later(self.timeout + 5.0, self._expire, task_id, fut)
+            fut.add_done_callback(lambda _: timer.cancel())
+        try:
+            await client._send(p.Submit(task_id=task_id, model=self.model, inputs=arrays,
+                                        timeout_s=self.timeout))
+        except FanoutError as exc:
+            client._pending.pop(task_id, None)
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def _expire(self, task_id: str, fut: asyncio.Future) -> None:
+        self.client._pending.pop(task_id, None)
+        if not fut.done():
+            fut.set_exception(ClusterUnavailable(
+                f"no answer for task {task_id} from {self.client.address}"))
+
+    def _answered(self, i: int, task_id: str, fut: asyncio.Future) -> None:
+        self.open.pop(task_id, None)
+        self.client._pending.pop(task_id, None)
+        self.results[i] = (fut.exception() or fut.result()) if not fut.cancelled() else \
+            ClusterUnavailable("the client was closed")
+        self.room.set()
+        self._one_done()
+
+    def _one_done(self) -> None:
+        self.left -= 1
+        if self.left == 0 and not self.all_done.done():
+            self.all_done.set_result(None)
 
 
 def _reply_id(msg: p.Message | None) -> str | None:
