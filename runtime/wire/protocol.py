@@ -306,6 +306,7 @@ class _Field:
     read: Any  # records.Reader
     required: bool
     plain: bool  # a record: written as plain data
+    where: str  # how an error names it: "TYPE.field"
 
 
 _FIELDS: dict[str, tuple[_Field, ...]] = {}
@@ -331,8 +332,20 @@ def _plan(cls: type[Message]) -> tuple[_Field, ...]:
         as_is = (tp in _AS_IS or typing.get_origin(tp) is Literal
                  or typing.get_origin(tp) is UnionType and all(a in _AS_IS for a in args))
         out.append(_Field(f.name, reader(tp),
-                          f.default is MISSING and f.default_factory is MISSING, not as_is))
+                          f.default is MISSING and f.default_factory is MISSING, not as_is,
+                          f"{cls.TYPE}.{f.name}"))
     return tuple(out)
+
+
+_DTYPE_NAMES: dict[np.dtype, str] = {}  # numpy works a dtype's name out anew at each ask
+_ITEMSIZES = {name: np.dtype(name).itemsize for name in ALLOWED_DTYPES}
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = dtype.name
+    return name
 
 
 # ---- encoding ----------------------------------------------------------------------------
@@ -352,10 +365,11 @@ def encode(msg: Message) -> list:
                     buffers.extend(arr.frames)
                     continue
                 arr = np.ascontiguousarray(arr)
-                if arr.dtype.name not in ALLOWED_DTYPES:
+                dtype = _dtype_name(arr.dtype)
+                if dtype not in ALLOWED_DTYPES:
                     raise ProtocolError(f"array {name!r} has dtype {arr.dtype}; allowed: "
                                         f"{', '.join(sorted(ALLOWED_DTYPES))}")
-                specs.append([name, arr.dtype.name, list(arr.shape)])
+                specs.append([name, dtype, list(arr.shape)])
                 buffers.extend(_chunks(arr))
             header[f.name] = specs
         else:
@@ -485,7 +499,7 @@ class Decoder:
             if f.name == cls.ARRAYS:
                 value = self._arrays(cls, value, frames[1:])
             else:
-                value = f.read(value, f"{cls.TYPE}.{f.name}")
+                value = f.read(value, f.where)
             kwargs[f.name] = value
         if cls.ARRAYS is None and len(frames) > 1:
             raise ProtocolError(f"{cls.TYPE}: unexpected {len(frames) - 1} data frames")
@@ -511,7 +525,7 @@ class Decoder:
                                           and 0 <= d < 2**40 for d in shape):
                 raise ProtocolError(f"{cls.TYPE}: array {brief(name)} has bad shape "
                                     f"{brief(shape)}")
-            expected = math.prod(shape) * np.dtype(dtype).itemsize
+            expected = math.prod(shape) * _ITEMSIZES[dtype]
             count = frame_count(expected)
             frames = data[at:at + count]
             at += count
