@@ -15,10 +15,12 @@ OPSET = 13
 FLOAT = 1  # TensorProto.DataType
 
 
-def one_node_model(op: str, inputs: list[str], shape: tuple[int, ...],
+def one_node_model(op: str, inputs: list[str], shape: tuple[int | str, ...],
                    name: str = "graph") -> bytes:
-    """``y = op(*inputs)`` over float32 tensors of ``shape`` (IR 7, opset 13)."""
-    dims = b"".join(_field(1, _field(1, d)) for d in shape)  # TensorShapeProto.dim.dim_value
+    """``y = op(*inputs)`` over float32 tensors of ``shape`` (IR 7, opset 13); a dimension
+    given as a name is dynamic."""
+    # TensorShapeProto.dim: dim_value (1) for a size, dim_param (2) for a named dynamic one
+    dims = b"".join(_field(1, _field(1 if isinstance(d, int) else 2, d)) for d in shape)
     tensor_type = _field(1, _field(1, FLOAT) + _field(2, dims))  # TypeProto.tensor_type
 
     def value_info(value: str) -> bytes:
