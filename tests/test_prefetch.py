@@ -11,6 +11,7 @@ from runtime.core.scheduler import (
     MAX_PIPELINE,
     CancelAttempt,
     Deliver,
+    Reject,
     ModelStateChanged,
     TaskFailed,
     TaskSubmitted,
@@ -163,3 +164,17 @@ def test_prefetched_tasks_are_committed_work_on_the_lanes_of_their_worker(make):
         h.submit(key)
     sent = [h.where(key) for key in keys]
     assert sent.count("a") == 3 and sent.count("b") == 3  # spread by projected finish
+
+
+def test_submits_fed_together_are_refused_only_past_what_the_workers_take_at_once(make):
+    # Given one slot, no prefetch and room for 4 waiting tasks,
+    h = make(one_cpu(capacity=1, prefetch=0, max_queue=4))
+    h.up()
+    keys = [f"t{i}" for i in range(10)]
+    h.pending |= set(keys)
+    # when ten submits of one socket drain are fed together (one placement pass),
+    actions = h.handle(*(TaskSubmitted(k, "m", payload=k) for k in keys))
+    # then, as had they come one at a time, one runs, four wait and the rest are refused.
+    assert [d.payload for d in dispatches(actions)] == ["t0"]
+    assert [t.key for t in h.state.queue] == keys[1:5]
+    assert [a.key for a in actions if isinstance(a, Reject)] == keys[5:]

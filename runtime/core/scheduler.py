@@ -734,6 +734,11 @@ class SchedulerState:
             self._fail(task, actions)
             return
         crowded = self._crowded(task, ev.backlog)
+        if crowded is not None and self.queue and any(v.free for v in self.workers.values()):
+            # Events fed together place once, at the end: before refusing, let the workers
+            # take what they would have taken had each event come alone.
+            self._place(actions)
+            crowded = self._crowded(task, ev.backlog)
         if crowded is not None:
             self.counters["overloaded"] += 1
             actions.append(Reject(ev.key, Overloaded(crowded)))
