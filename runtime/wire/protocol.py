@@ -28,6 +28,7 @@ import msgpack
 import numpy as np
 
 from ..errors import Attempt, ErrorKind, FanoutError, ProtocolError, brief
+from . import typed
 from .records import plain, reader
 from .status import ClusterInfo, ModelLoad
 
@@ -442,10 +443,14 @@ class Decoder:
         self.allowed = {cls.TYPE: cls for cls in allowed}
         self.max_bytes = max_bytes
         self.decode_arrays = decode_arrays
+        self._typed = typed.Reader(set(self.allowed))  # the hot messages' fast path
 
     def decode(self, frames: list) -> Message:
         """The message, or ``ProtocolError`` whose ``ref`` is the task or request id when the
         header was readable, so the sender can be told which of its messages failed."""
+        fast = self._fast(frames)
+        if fast is not None:
+            return fast
         header: Any = None
         try:
             header = self._header(frames)
@@ -462,6 +467,30 @@ class Decoder:
             elif exc.ref is None and frames:
                 exc.msg_type, exc.ref = peek_ids(_head_bytes(frames[0]))
             raise
+
+    def _fast(self, frames: list) -> Message | None:
+        """The message read through its typed header (``typed.py``), or None: then the full
+        path reads it (and says what is wrong, if anything)."""
+        if not frames:
+            return None
+        head = frames[0].buffer if hasattr(frames[0], "buffer") else frames[0]
+        if len(head) > MAX_HEADER_BYTES:
+            return None
+        got = self._typed.read(head)
+        if got is None or frames_size(frames) > self.max_bytes:
+            return None
+        t, kwargs = got
+        cls = self.allowed[t]
+        if kwargs.pop("v") != PROTOCOL_VERSION:
+            return None
+        if cls.ARRAYS in kwargs:
+            try:
+                kwargs[cls.ARRAYS] = self._arrays(cls, kwargs[cls.ARRAYS], frames[1:])
+            except ProtocolError:
+                return None
+        elif len(frames) > 1:
+            return None
+        return cls(**kwargs)
 
     @staticmethod
     def _header(frames: list) -> dict:
@@ -589,3 +618,17 @@ def peek_ids(head: bytes) -> tuple[str | None, str | None]:
 def error_reply(req_id: str | None, exc: Exception) -> Reply:
     return Reply(req_id=req_id,
                  error=exc if isinstance(exc, FanoutError) else FanoutError(str(exc)))
+
+
+def _check_typed() -> None:
+    """A field added to a message the fast path reads must be added to its typed header too
+    (else that path would drop it): checked at import."""
+    for cls in (Submit, Run, Done, Result):
+        want = {"v"} | {f.name for f in fields(cls)}
+        have = set(typed.TYPES[cls.TYPE].__struct_fields__)
+        if have != want:
+            raise TypeError(f"wire/typed.py's {cls.TYPE} header has fields {sorted(have)}, "
+                            f"the message {sorted(want)}")
+
+
+_check_typed()
