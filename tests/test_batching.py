@@ -168,6 +168,8 @@ def test_batching_is_off_unless_asked_or_a_static_batch_is_compiled():
     assert batching_for(static, {"max_batch": 2}).max_rows == 2
     assert batching_for(static, {"max_batch": 1}) is None
     assert batching_for([TensorSpec("x", "float32", (1, 8))], {"max_batch": 8}) is None
+    # a vector's one static axis is its length: no batch of 1,024 tasks a call
+    assert batching_for([TensorSpec("x", "float32", (1024,))], {}) is None
 
 
 def test_openvino_batched_results_match_its_runs_alone():

@@ -7,6 +7,7 @@ import signal
 
 import numpy as np
 
+from ._peers import tiny_models
 from .conftest import sentences, wait_for, worker
 
 ONE_SLOW_WORKER = """
@@ -58,3 +59,34 @@ def test_a_cancel_of_a_prefetched_task_frees_its_credit_for_the_next(clusters):
         future.cancel()
     wait_for(lambda: worker(cluster.status(), "cpu0")["in_flight"] == 0, timeout=10,
              what="the hanging run to honour its cancel")
+
+
+def test_a_worker_given_thousands_of_credits_while_stopped_loses_none_of_its_runs(
+        clusters, tmp_path):
+    # Given a worker that may hold 4,000 tasks, and is stopped (not reading its socket)
+    models = tiny_models(tmp_path, add_shape=(1024,))
+    cluster = clusters.start(f"""
+        scheduler: {{heartbeat_interval_s: 0.5, heartbeat_timeout_s: 20}}
+        devices:
+          - {{name: cpu0, kind: cpu, backend: onnxruntime, capacity: 1, prefetch: 3999}}
+        models:
+          - {{name: add, source: {models['add']}}}
+    """)
+    client = cluster.client()
+    pid = worker(cluster.status(), "cpu0")["pid"]
+    one = np.ones(1024, np.float32)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        # when 3,000 tasks of 8 KiB are sent to it at once (24 MB: more than ZMQ's queues
+        # of 1,000 messages a side and the kernel's buffers hold),
+        futures = [client.submit("add", {"a": one * i, "b": one}, timeout=60)
+                   for i in range(3000)]
+        wait_for(lambda: worker(cluster.status(), "cpu0")["in_flight"] == 3000, timeout=30,
+                 what="every task to be given to the stopped worker")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # then once it reads again, every one is answered, by that worker, none re-run.
+    results = [f.result(timeout=60) for f in futures]
+    assert [float(r["y"][0]) for r in results] == [i + 1.0 for i in range(3000)]
+    assert all(not r.attempts for r in results)
+    assert worker(cluster.status(), "cpu0")["pid"] == pid

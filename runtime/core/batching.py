@@ -48,6 +48,8 @@ def batching_for(specs: list[TensorSpec], options: dict[str, Any]) -> Batching |
     if not specs or 0 in firsts or len(firsts) > 1:
         return None  # a scalar input, or inputs whose first axes are not one batch
     static = firsts.pop()
+    if static and all(len(spec.shape) == 1 for spec in specs):
+        static = None  # a vector's one static axis is its length, not a batch
     want = options.get("max_batch")
     rows = (static if want is None else min(int(want), static)) if static else int(want or 1)
     if rows <= 1:

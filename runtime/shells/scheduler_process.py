@@ -50,6 +50,9 @@ log = logging.getLogger("fanout.scheduler")
 TICK_S = 0.05
 DRAIN_BATCH = 1000  # messages read from one socket at a time: neither can starve the other
 HANDSHAKE_MS = 10_000  # a connection that has not authenticated by then is closed
+# Messages queued for one worker before its ROUTER drops them: above what its credits let it
+# hold (capacity 256 + prefetch 4096 tasks, their cancels, pings), so none is ever dropped.
+WORKER_SNDHWM = 16_384
 MAX_FORGOTTEN = 10_000  # clients remembered as forgotten for not reading their answers
 # Submits refused to a client whose answers pile up unread, before it is forgotten: answers
 # to its accepted tasks are bounded by its share of the queue; refusals only by this.
@@ -171,6 +174,7 @@ class SchedulerProcess:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full pipe says so: answers wait
         else:  # an authenticated worker with its own unguessable id takes its route back
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            sock.setsockopt(zmq.SNDHWM, WORKER_SNDHWM)
         self._gate.serve(sock, door)
         try:
             if address.startswith("tcp://") and address.rsplit(":", 1)[1] in ("0", "*"):
