@@ -550,20 +550,21 @@ class Decoder:
             if dtype not in ALLOWED_DTYPES:
                 raise ProtocolError(f"{cls.TYPE}: array {brief(name)} has dtype {brief(dtype)}; "
                                     f"allowed: {', '.join(sorted(ALLOWED_DTYPES))}")
-            if len(shape) > 32 or not all(isinstance(d, int) and not isinstance(d, bool)
-                                          and 0 <= d < 2**40 for d in shape):
+            if len(shape) > 32 or not all(type(d) is int and 0 <= d < 2**40 for d in shape):
                 raise ProtocolError(f"{cls.TYPE}: array {brief(name)} has bad shape "
                                     f"{brief(shape)}")
             expected = math.prod(shape) * _ITEMSIZES[dtype]
             count = frame_count(expected)
             frames = data[at:at + count]
             at += count
-            got = sum(_frame_len(fr) for fr in frames)
-            if got != expected or any(_frame_len(fr) > FRAME_BYTES for fr in frames) \
-                    or len(frames) != count:
-                raise ProtocolError(f"{cls.TYPE}: array {brief(name)} {dtype}{shape} needs "
-                                    f"{expected} bytes in {count} frame(s) of at most "
-                                    f"{FRAME_BYTES}, got {got} in {len(frames)}")
+            # The common case, one frame of the right size, costs one length to check.
+            if not (count == 1 and len(frames) == 1 and _frame_len(frames[0]) == expected):
+                got = sum(_frame_len(fr) for fr in frames)
+                if got != expected or any(_frame_len(fr) > FRAME_BYTES for fr in frames) \
+                        or len(frames) != count:
+                    raise ProtocolError(f"{cls.TYPE}: array {brief(name)} {dtype}{shape} "
+                                        f"needs {expected} bytes in {count} frame(s) of at "
+                                        f"most {FRAME_BYTES}, got {got} in {len(frames)}")
             if name in out:
                 raise ProtocolError(f"{cls.TYPE}: array {brief(name)} appears twice")
             raw = RawArray(dtype, tuple(shape), tuple(frames))
