@@ -430,7 +430,8 @@ def parser() -> argparse.ArgumentParser:
     p["models"].add_argument("action", choices=["list", "fetch"])
     p["models"].add_argument("names", nargs="*", help="fetch: the models (default: all)")
     bp = p["bench"]
-    bp.add_argument("which", choices=["llm", "minilm", "http", "scale", "placement", "chaos"])
+    bp.add_argument("which", choices=["llm", "minilm", "overhead", "http", "scale",
+                                    "placement", "chaos"])
     bp.add_argument("--tasks", type=int, help="scale: no-op tasks per figure (MiniLM: a quarter)")
     bp.add_argument("--quick", action="store_true",
                     help="scale, placement, chaos: a tiny run, for the smoke test")

@@ -167,8 +167,9 @@ def test_the_queue_is_bounded_in_bytes_and_per_client(clusters, tmp_path, ctx):
 
 
 def test_a_clients_share_of_the_queue_is_bounded_in_tasks_too(clusters, models, ctx):
+    # No prefetch: the one slot holds one task, so the rest wait in the scheduler's queue.
     cluster = start(clusters, models, "max_queue: 10, max_client_share: 0.5", capacity=1,
-                    faults=", faults: {hang_s: 0.2}")
+                    faults=", prefetch: 0, faults: {hang_s: 0.2}")
     greedy = welcomed(ctx, cluster.address)
     for i in range(10):
         greedy.send_multipart(p.encode(p.Submit(task_id=f"g{i}", model="noop",

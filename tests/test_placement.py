@@ -128,8 +128,9 @@ def two_devices(slow: str = "npu0", fast: str = "cpu0", *, slow_capacity: int = 
                 fast_capacity: int = 2, order: tuple[str, ...] | None = None,
                 **scheduler: Any) -> Config:
     """A slow and a fast device; model ``m`` prefers the slow one unless ``order`` says."""
-    return Config(devices=[DeviceConfig(slow, "npu", "qnn", capacity=slow_capacity),
-                           DeviceConfig(fast, "cpu", "onnxruntime", capacity=fast_capacity)],
+    return Config(devices=[DeviceConfig(slow, "npu", "qnn", capacity=slow_capacity, prefetch=0),
+                           DeviceConfig(fast, "cpu", "onnxruntime", capacity=fast_capacity,
+                                        prefetch=0)],
                   models=[model("m", *(order or (slow, fast)))],
                   scheduler=SchedulerConfig(**scheduler))
 
@@ -396,8 +397,8 @@ def test_an_accelerator_that_burns_cores_a_sleeping_cpu_worker_does_not_need_tak
 
 
 def two_cpu_workers() -> Config:
-    return Config(devices=[DeviceConfig("slow", "cpu", "onnxruntime", capacity=2),
-                           DeviceConfig("fast", "cpu", "onnxruntime", capacity=2)],
+    return Config(devices=[DeviceConfig("slow", "cpu", "onnxruntime", capacity=2, prefetch=0),
+                           DeviceConfig("fast", "cpu", "onnxruntime", capacity=2, prefetch=0)],
                   models=[model("m", "slow", "fast")])
 
 

@@ -67,11 +67,12 @@ def model(name: str, *devices: str) -> ModelConfig:
 
 
 def cluster(*, npu: int = 1, cpu: int = 2, models: list[ModelConfig] | None = None,
-            **scheduler: Any) -> Config:
-    """npu0 (capacity ``npu``) and cpu0 (capacity ``cpu``); model ``m`` prefers npu0."""
+            prefetch: int | None = 0, **scheduler: Any) -> Config:
+    """npu0 (capacity ``npu``) and cpu0 (capacity ``cpu``); model ``m`` prefers npu0. No
+    prefetch unless asked: these rules are about slots (prefetch has tests of its own)."""
     return Config(
-        devices=[DeviceConfig("npu0", "npu", "qnn", capacity=npu),
-                 DeviceConfig("cpu0", "cpu", "onnxruntime", capacity=cpu)],
+        devices=[DeviceConfig("npu0", "npu", "qnn", capacity=npu, prefetch=prefetch),
+                 DeviceConfig("cpu0", "cpu", "onnxruntime", capacity=cpu, prefetch=prefetch)],
         models=models if models is not None else [model("m", "npu0", "cpu0")],
         scheduler=SchedulerConfig(**scheduler))
 
@@ -622,7 +623,7 @@ def test_a_lost_worker_is_restarted_with_a_higher_epoch_after_the_backoff(make):
 
 
 def test_the_restart_backoff_doubles_on_repeated_crashes_up_to_30_s(make):
-    h = make(Config(devices=[DeviceConfig("npu0", "npu", "qnn")], models=[model("m", "npu0")],
+    h = make(Config(devices=[DeviceConfig("npu0", "npu", "qnn", prefetch=0)], models=[model("m", "npu0")],
                     scheduler=SchedulerConfig(restart_backoff_s=0.5)))
     h.up()
     for epoch, backoff in enumerate((0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0), start=1):
@@ -1348,8 +1349,9 @@ def test_silence_while_the_scheduler_had_messages_unread_does_not_count_against_
 
 def per_node_cluster() -> Config:
     """npu0 (fixed) then ``cpu``, one worker per node; model ``m`` prefers npu0."""
-    return Config(devices=[DeviceConfig("npu0", "npu", "qnn", capacity=1),
-                           DeviceConfig("cpu", "cpu", "onnxruntime", capacity=2, per_node=True)],
+    return Config(devices=[DeviceConfig("npu0", "npu", "qnn", capacity=1, prefetch=0),
+                           DeviceConfig("cpu", "cpu", "onnxruntime", capacity=2, per_node=True,
+                                        prefetch=0)],
                   models=[model("m", "npu0", "cpu")])
 
 

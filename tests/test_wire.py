@@ -3,14 +3,17 @@ and anything malformed is a ``ProtocolError`` that says where, not a ``KeyError`
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 
 import msgpack
 import numpy as np
 import pytest
 
 from runtime import errors
+from runtime.bench.fuzz import Fuzzer
 from runtime.errors import ERROR_KINDS, Attempt, DeviceError, ProtocolError, error_from_wire
 from runtime.wire import protocol as p
+from runtime.wire import typed
 from runtime.wire.status import (
     ClusterInfo,
     Histogram,
@@ -218,3 +221,80 @@ def test_a_field_nested_a_thousand_deep_is_a_protocol_error_not_a_crash(where):
     deep = packed.replace(msgpack.packb("PLACEHOLDER"), b"\x91" * 1020 + b"\xc0")
     with pytest.raises(ProtocolError):
         p.Decoder(EVERY_TYPE, 1 << 30).decode([deep])
+
+
+# -- the typed fast path (wire/typed.py) -------------------------------------------------------
+
+def _full_only(decoder: p.Decoder) -> p.Decoder:
+    full = p.Decoder(frozenset(decoder.allowed.values()), decoder.max_bytes,
+                     decode_arrays=decoder.decode_arrays)
+    full._typed = typed.Reader(set())  # reads nothing: every message takes the full path
+    return full
+
+
+def _outcome(decoder: p.Decoder, frames: list):
+    try:
+        return decoder.decode(frames)
+    except ProtocolError as exc:
+        return ("refused", exc.message, exc.ref, exc.msg_type)
+
+
+def _fuzzed(side: str, seed: int, count: int, extra: tuple[str, ...] = ()):
+    """Fuzzed messages of one side; ``extra``: types the fuzzer does not send (from the
+    scheduler), built from valid headers and mutated the same way."""
+    fuzzer = Fuzzer(side, seed=seed)
+    valid = {"run": {"attempt": 3, "model": "noop", "inputs": [["x", "float32", [4]]],
+                     "timeout_s": 2.0},
+             "result": {"task_id": "fz-1", "device": "cpu0", "outputs": [["x", "float32", [4]]],
+                        "service_s": 0.01, "submitted_at": 1.0, "started_at": 1.5,
+                        "finished_at": 2.0, "attempts": []}}
+    for i in range(count):
+        if extra and i % 2:
+            header = {"v": p.PROTOCOL_VERSION, "t": extra[i % len(extra)],
+                      **valid[extra[i % len(extra)]]}
+            for _ in range(fuzzer.rng.choice([0, 0, 1, 2])):
+                fuzzer._mutate(header)
+            yield [fuzzer._pack(header)] + fuzzer._data_frames(header)
+        else:
+            yield fuzzer.frames()
+
+
+@pytest.mark.parametrize("side, allowed, extra", [
+    ("client", p.CLIENT_TO_SCHEDULER, ()),
+    ("worker", p.WORKER_TO_SCHEDULER, ()),
+    ("client", p.SCHEDULER_TO_WORKER, ("run",)),
+    ("client", p.SCHEDULER_TO_CLIENT, ("result",)),
+])
+def test_the_typed_fast_path_reads_exactly_what_the_full_decoder_reads(side, allowed, extra):
+    # Given a socket's decoder, and the same one made to read everything the full way,
+    fast = p.Decoder(allowed, 1 << 20, decode_arrays=False)
+    full = _full_only(fast)
+    took_fast = 0
+    # when thousands of fuzzed messages (valid ones among them) are read by both,
+    for frames in _fuzzed(side, seed=7, count=3000, extra=extra):
+        took_fast += fast._fast(frames) is not None
+        # then each is the same message, or refused with the same error.
+        assert _outcome(fast, frames) == _outcome(full, frames), frames[:1]
+    assert took_fast >= 50  # the fast path did read a good share of them
+
+
+def test_the_typed_fast_path_reads_every_field_of_a_task_round_trip():
+    inputs = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    for msg, allowed in [
+            (p.Submit(task_id="t", model="m", inputs=inputs, timeout_s=1.5),
+             p.CLIENT_TO_SCHEDULER),
+            (p.Run(attempt=7, model="m", inputs=inputs, timeout_s=None), p.SCHEDULER_TO_WORKER),
+            (p.Done(attempt=7, outputs=inputs, service_s=0.25, batch=4), p.WORKER_TO_SCHEDULER),
+            (p.Result(task_id="t", device="cpu0", outputs=inputs, service_s=0.25,
+                      submitted_at=1.0, started_at=2.0, finished_at=3.0),
+             p.SCHEDULER_TO_CLIENT)]:
+        decoder = p.Decoder(allowed, 1 << 20)
+        frames = p.encode(msg)
+        got = decoder._fast(frames)
+        assert got is not None, msg
+        assert type(got) is type(msg)
+        for f in fields(msg):
+            if f.name == type(msg).ARRAYS:
+                np.testing.assert_array_equal(getattr(got, f.name)["x"], inputs["x"])
+            else:
+                assert getattr(got, f.name) == getattr(msg, f.name), f.name

@@ -23,7 +23,7 @@ from .onnx_proto import read_onnx_inputs
 # Keys of a device's model options that this module interprets; every other key of a QNN
 # device is passed to the QNN EP as a provider option (soc_model, htp_performance_mode, ...).
 _OWN_OPTIONS = {"shapes", "pad", "device", "intra_op_num_threads", "inter_op_num_threads",
-                "log_severity_level", "context_cache", "warmup"}
+                "log_severity_level", "context_cache", "warmup", "max_batch", "max_delay_ms"}
 
 _ORT_DTYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -271,7 +271,8 @@ def _cache_key(model: ModelSpec, opts: dict[str, Any], kind: str) -> str:
         qnn_version = "?"
     blob = json.dumps([st.st_size, st.st_mtime_ns, kind, ort.__version__, qnn_version,
                        {k: v for k, v in opts.items()
-                        if k not in ("pad", "log_severity_level", "warmup")}],
+                        if k not in ("pad", "log_severity_level", "warmup", "max_batch",
+                                     "max_delay_ms")}],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -18,4 +18,5 @@ def _lazy(module: str) -> Callable[..., int]:
 
 
 BENCHES: dict[str, Callable[..., int]] = {
-    name: _lazy(name) for name in ("llm", "minilm", "http", "scale", "placement", "chaos")}
+    name: _lazy(name)
+    for name in ("llm", "minilm", "overhead", "http", "scale", "placement", "chaos")}

@@ -576,6 +576,9 @@ class _Parser:
             self.error(f"{path}.kind", f"backend {backend} drives only "
                        f"{' or '.join(_BACKEND_KINDS[backend])} devices", kind)
         capacity = self.integer(f"{path}.capacity", d.get("capacity", 1), 1, 256)
+        prefetch = d.get("prefetch")
+        if prefetch is not None:
+            prefetch = self.integer(f"{path}.prefetch", prefetch, 0, 4096)
         fallback = self.name_list(f"{path}.fallback", d.get("fallback", []), _NAME_RE, "device")
         options = self.plain_options(f"{path}.options", d.get("options", {}))
         if backend in ("openvino", "openvino-genai") and options and "device" in options:
@@ -588,7 +591,7 @@ class _Parser:
         # Each check returned None only after recording an error, and there was none.
         return DeviceConfig(name=name, kind=kind, backend=backend,  # type: ignore[arg-type]
                             capacity=capacity, fallback=fallback,  # type: ignore[arg-type]
-                            options=options, faults=faults,  # type: ignore[arg-type]
+                            prefetch=prefetch, options=options, faults=faults,  # type: ignore[arg-type]
                             resources=resources, per_node=per_node)  # type: ignore[arg-type]
 
     def resources(self, path: str, raw: Any) -> dict[str, float] | None:
@@ -697,6 +700,16 @@ class _Parser:
                         ok = False
         if "pad" in opts and not isinstance(opts["pad"], bool):
             self.error(f"{path}.pad", "must be true or false", opts["pad"])
+            ok = False
+        if "max_batch" in opts and not (_is_int(opts["max_batch"])
+                                        and 1 <= opts["max_batch"] <= 4096):
+            self.error(f"{path}.max_batch", "must be an integer 1..4096 (1: no batching)",
+                       opts["max_batch"])
+            ok = False
+        if "max_delay_ms" in opts and not (_is_number(opts["max_delay_ms"])
+                                           and 0 <= opts["max_delay_ms"] <= 10_000):
+            self.error(f"{path}.max_delay_ms", "must be a number of milliseconds 0..10000",
+                       opts["max_delay_ms"])
             ok = False
         warmup = opts.get("warmup", True)
         if not isinstance(warmup, bool) and not (isinstance(warmup, dict) and all(

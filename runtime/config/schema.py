@@ -53,7 +53,12 @@ class DeviceConfig:
     backend: qnn (onnxruntime + QNN plugin EP; kind npu = HTP backend, gpu = QNN GPU backend),
       onnxruntime (CPU EP), openvino (device from ``options.device`` or kind: NPU/GPU/CPU),
       openvino-genai (LLMs; later issue).
-    capacity: tasks run at once, 1..256.
+    capacity: tasks run at once, 1..256 (a batch of tasks run as one engine call counts once).
+    prefetch: tasks the worker holds beyond ``capacity``, queued there so its slots never wait
+      a round trip for the next one, 0..4096; unset: per slot, enough to cover a round trip
+      at its fastest model's pace (at most 32), or the next full batch of a model it batches
+      (``max_batch``). Prefetched tasks are placed, re-run and cancelled like running ones.
+      Generations are never prefetched.
     fallback: device names to try after this one for any model it serves (appended to a
       model's own order).
     options: backend options (e.g. qnn: soc_model, htp_performance_mode; openvino: device).
@@ -77,6 +82,7 @@ class DeviceConfig:
     faults: FaultConfig | None = None
     resources: dict[str, float] = field(default_factory=dict)
     per_node: bool = False
+    prefetch: int | None = None
 
 
 @dataclass
@@ -92,6 +98,11 @@ class ModelConfig:
       ``warmup`` (default true): when the model loads there, one warm-up run on a
       representative input (free dims: 1 for the first, 16 for others) measures its service
       time for placement; ``false`` skips it, ``{input: [dims]}`` sets the input's shape.
+      ``max_batch`` (1..4096, default 1: off; an NPU compiled with a static batch B > 1:
+      B): up to this many rows of queued tasks (the first axis of every input) run as one
+      engine call, their inputs padded to the longest along other free axes when ``pad``
+      holds (tasks of other shapes then wait for their own batch) and the outputs cut back
+      per task; ``max_delay_ms`` (0..10000, default 2) is how long a batch may wait to fill.
     tokenizer: a tokenizer.json (``packaged:NAME`` or a path) that makes this a text-embedding
       model for the HTTP API's /v1/embeddings: text is tokenized, run, mean-pooled, normalized.
     """

@@ -72,11 +72,15 @@ class Lanes:
     def __contains__(self, device: str) -> bool:
         return device in self._slots
 
-    def add(self, device: str, capacity: int, remaining_s: Sequence[float]) -> None:
-        """A worker with ``capacity`` slots whose running tasks need ``remaining_s`` more."""
+    def add(self, device: str, capacity: int, remaining_s: Sequence[float],
+            waiting_s: Sequence[float] = ()) -> None:
+        """A worker with ``capacity`` slots whose running tasks need ``remaining_s`` more,
+        and tasks waiting there (prefetched) of ``waiting_s`` each, taken in that order."""
         running = sorted(max(HELD_S, r) for r in remaining_s)[:capacity]
         slots = running + [0.0] * (capacity - len(running))
         heapq.heapify(slots)
+        for service_s in waiting_s:
+            heapq.heapreplace(slots, max(HELD_S, slots[0] + service_s))
         self._slots[device] = slots
         self.booked[device] = 0
 

@@ -13,6 +13,9 @@ Rules:
   unanswered task (``max_queue_bytes``), each client's share of tasks and bytes
   (``max_client_share``), and the answers waiting for a client to read them
   (``max_client_backlog_bytes``, measured by the shell): past any, ``Overloaded`` at once;
+- a worker holds up to ``capacity + prefetch`` tensor tasks (credits): those beyond its slots
+  wait there, so a slot never idles for a round trip; they are committed work on its lanes,
+  re-run if it is lost and cancelled like running ones. A generation takes a free slot only;
 - a device error re-runs the task on the next device of the model's order that it has not
   failed on; an input error is answered at once and never re-run;
 - a lost worker (exit, missed heartbeats, a run that ignores its deadline) has its in-flight
@@ -31,6 +34,7 @@ import collections
 import dataclasses
 import functools
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +82,11 @@ MAX_RESTART_BACKOFF_S = 30.0
 STABLE_AFTER_S = 30.0  # a worker up this long has its restart backoff reset
 CLIENT_SILENCE_FACTOR = 5  # missed keepalives before a client counts as gone
 CLIENT_SILENCE_FLOOR_S = 2.0  # however often it promised to ping: a GC pause is not a death
+# A worker's prefetch when its config sets none, per slot: enough tasks to cover a round trip
+# to it and back (with margin) at its fastest model's pace (at most MAX_PIPELINE), or, for a
+# model it batches, the next full batch while one runs.
+PIPELINE_S = 0.002
+MAX_PIPELINE = 32
 
 
 # ---- events ------------------------------------------------------------------------------
@@ -169,6 +178,7 @@ class TaskSucceeded:
     attempt: int
     payload: Any
     service_s: float
+    batch: int = 1  # tasks of the engine call it ran in
 
 
 @dataclass
@@ -311,6 +321,7 @@ class ModelSlot:
     queue_wait: Histogram = field(default_factory=Histogram)  # queued, until dispatched here
     prompt_tokens: int = 0  # of generations answered here
     completion_tokens: int = 0  # generated here, all time
+    batches: collections.Counter[int] = field(default_factory=collections.Counter)  # size -> tasks
 
     @property
     def state(self) -> LoadState:
@@ -356,10 +367,14 @@ class WorkerView:
     cpu_mark: tuple[float, float] | None = None  # (cpu_s, busy_s) when host_cores was sampled
     cpu_rate: float = 0.0  # cores its process used between its last two heartbeats
     beat: tuple[float, float] | None = None  # (time, cpu_s) of its last heartbeat
+    prefetch_cfg: int | None = None  # the config's prefetch; None: worked out (``prefetch``)
+    prefetch: int = 0  # tasks it may hold beyond its capacity now
+    peak_prefetch: int = 0  # the most it was allowed since it started (for ``validate``)
 
     @property
     def free(self) -> int:
-        return self.capacity - len(self.in_flight) if self.state == "up" else 0
+        """Tasks it may take now: its credits left."""
+        return self.capacity + self.prefetch - len(self.in_flight) if self.state == "up" else 0
 
 
 @dataclass
@@ -468,10 +483,33 @@ class SchedulerState:
         self.nodes: dict[str, NodeLoad] = {}  # what else keeps each node's cores busy
 
     def _view(self, device: str, template: str, capacity: int) -> WorkerView:
-        view = WorkerView(device, self.config.device(template).kind, capacity, template=template)
+        dev = self.config.device(template)
+        view = WorkerView(device, dev.kind, capacity, template=template,
+                          prefetch_cfg=dev.prefetch)
         view.models = {m: ModelSlot() for m, order in self._base_orders.items()
                        if template in order}
+        self._set_prefetch(view)
         return view
+
+    @staticmethod
+    def _set_prefetch(view: WorkerView) -> None:
+        """The tasks ``view`` may hold beyond its slots: the config's, or per slot enough to
+        hide a round trip at its fastest ready model's pace, or to have the next full batch
+        waiting while one runs."""
+        if view.prefetch_cfg is not None:
+            view.prefetch = view.prefetch_cfg
+        else:
+            rows, fastest = 1, None
+            for slot in view.models.values():
+                if slot.state != "ready":
+                    continue
+                rows = max(rows, slot.load.max_batch)
+                each = slot.estimate.expected(batched=slot.load.max_batch > 1)
+                if each:
+                    fastest = each if fastest is None else min(fastest, each)
+            pipeline = min(MAX_PIPELINE, math.ceil(PIPELINE_S / fastest)) if fastest else 1
+            view.prefetch = view.capacity * max(2 * rows if rows > 1 else 1, pipeline)
+        view.peak_prefetch = max(view.peak_prefetch, view.prefetch)
 
     def _expand_orders(self) -> None:
         self.orders = {m: [name for t in order for name in self.instances.get(t, [t])]
@@ -493,6 +531,19 @@ class SchedulerState:
         self._place(actions)
         return actions
 
+    def handle_each(self, events: list[Event]) -> tuple[list, list[tuple[Event, Exception]]]:
+        """``handle`` for many events at once (one placement pass), each on its own: an event
+        whose handler raises is reported with its error, and the others still count."""
+        actions: list = []
+        failed: list[tuple[Event, Exception]] = []
+        for event in events:
+            try:
+                self._handler(type(event))(self, event, actions)
+            except Exception as exc:  # one bad event must not lose the others' answers
+                failed.append((event, exc))
+        self._place(actions)
+        return actions, failed
+
     @functools.singledispatchmethod
     def _on(self, event: object, actions: list) -> None:
         raise TypeError(f"the scheduler has no handler for {type(event).__name__}: {event!r:.200}")
@@ -511,6 +562,8 @@ class SchedulerState:
         view.cpu_mark = None  # a new process counts its CPU time from zero
         for slot in view.models.values():
             slot.load = ModelLoad("loading", detail="starting worker")
+        view.peak_prefetch = 0
+        self._set_prefetch(view)
         return StartWorker(view.device, view.epoch)
 
     def _current(self, device: str, epoch: int) -> WorkerView | None:
@@ -546,6 +599,7 @@ class SchedulerState:
         slot.load = load
         if load.state == "ready" and load.calibration is not None:
             self._calibrate(view, slot, load.calibration)
+        self._set_prefetch(view)
         if load.state == "unavailable":
             self._reject_hopeless(model, actions)
 
@@ -696,6 +750,11 @@ class SchedulerState:
             self._fail(task, actions)
             return
         crowded = self._crowded(task, ev.backlog)
+        if crowded is not None and self.queue and any(v.free for v in self.workers.values()):
+            # Events fed together place once, at the end: before refusing, let the workers
+            # take what they would have taken had each event come alone.
+            self._place(actions)
+            crowded = self._crowded(task, ev.backlog)
         if crowded is not None:
             self.counters["overloaded"] += 1
             actions.append(Reject(ev.key, Overloaded(crowded)))
@@ -713,7 +772,7 @@ class SchedulerState:
         slot = view.models.get(task.model) if task else None
         view.busy_s += ev.service_s
         if slot is not None and task is not None:
-            self._observe(view, slot, task, ev.service_s)
+            self._observe(view, slot, task, ev.service_s, ev.batch)
             slot.consecutive_errors, slot.open_until, slot.probing = 0, None, False
             slot.done += 1
             slot.latency.observe(ev.service_s)
@@ -733,14 +792,19 @@ class SchedulerState:
                                task.generation, task.submitted_at, task.started_at,
                                self.clock()))
 
-    def _observe(self, view: WorkerView, slot: ModelSlot, task: Task, service_s: float) -> None:
-        """Refine the estimate from a measured run; a generation's per token, at its batch."""
+    def _observe(self, view: WorkerView, slot: ModelSlot, task: Task, service_s: float,
+                 batch: int = 1) -> None:
+        """Refine the estimate from a measured run: a tensor task's alone or as its share of
+        a batch; a generation's per token, at its batch."""
         if task.generation is None:
-            slot.estimate.observe(service_s)
+            slot.estimate.observe_call(service_s, batch)
+            slot.batches[batch] += 1
+            if view.prefetch_cfg is None:
+                self._set_prefetch(view)
             return
         made = len(task.generation.ids) - task.tokens_before
-        batch = (task.batch + len(view.in_flight) + 1) / 2  # mean of at dispatch and at end
-        slot.estimate.observe(service_s, made, batch)
+        mean = (task.batch + len(view.in_flight) + 1) / 2  # sequences at dispatch and at end
+        slot.estimate.observe(service_s, made, mean)
         total = len(task.generation.ids)
         if total:
             old = self.typical_tokens.get(task.model)
@@ -1054,12 +1118,15 @@ class SchedulerState:
     # -- placement --
 
     def _lanes(self, now: float) -> placement.Lanes:
-        """Every up worker's slots, each free at once or when its running task should end."""
+        """Every up worker's slots, each free at once or when its running task should end,
+        and then its prefetched tasks (beyond its slots, in the order sent) in turn."""
         lanes = placement.Lanes()
         for v in self.workers.values():
             if v.state == "up":
+                held = list(v.in_flight.values())
                 lanes.add(v.device, v.capacity,
-                          [self._remaining(v, t, now) for t in v.in_flight.values()])
+                          [self._remaining(v, t, now) for t in held[:v.capacity]],
+                          [t.expected_s for t in held[v.capacity:]])
         return lanes
 
     def _remaining(self, view: WorkerView, task: Task, now: float) -> float:
@@ -1087,8 +1154,9 @@ class SchedulerState:
             batch = min(view.capacity, len(view.in_flight) + booked + 1)
             left = self._tokens_total(task) - len(task.generation.ids)
             expected = slot.estimate.expected(max(1, left), batch)
-        else:
-            expected = slot.estimate.expected()
+        else:  # tasks ahead of it fill the slots: it will share an engine call, if it batches
+            batched = slot.load.max_batch > 1 and len(view.in_flight) + booked >= view.capacity
+            expected = slot.estimate.expected(batched=batched)
         if expected is not None:
             return expected
         known = [s.estimate.service_s for v in self.workers.values()
@@ -1195,11 +1263,11 @@ class SchedulerState:
                 eligible[sig] = self._eligible(task, lanes, now)
             candidates = self._candidates(task, eligible[sig], lanes)
             choice = self.policy(candidates)
-            if not any(c.free for c in candidates):
+            if not any(self._takes(c, task) for c in candidates):
                 stuck.add(sig)
             if choice is not None:
                 lanes.commit(choice.device, choice.service_s)
-            if choice is None or not choice.free:  # none, or a busy one: wait for it
+            if choice is None or not self._takes(choice, task):  # none, or full: wait for it
                 waiting[sig] += choice is not None
                 kept.append(task)
                 self._done_with(task.model, live, unseen, stuck, waiting)
@@ -1210,6 +1278,14 @@ class SchedulerState:
                 servable = self._servable()
                 live &= servable  # nothing left for a model no free slot could take
         self.queue.extendleft(reversed(kept))  # the passed-over tasks, back in their order
+
+    def _takes(self, candidate: placement.Candidate, task: Task) -> bool:
+        """Whether the candidate's worker takes the task now: a slot free for a generation,
+        a credit left (a slot, or room to prefetch) for a tensor task."""
+        view = self.workers[candidate.device]
+        if task.generation is not None:
+            return candidate.free and len(view.in_flight) < view.capacity
+        return view.free > 0
 
     @staticmethod
     def _done_with(model: str, live: set[str], unseen: dict[str, list[int]],
@@ -1248,7 +1324,7 @@ class SchedulerState:
         queued = collections.Counter(t.model for t in self.queue)
         workers = tuple(WorkerStatus(
             device=v.device, kind=v.kind, state=v.state, pid=v.pid, node=v.node,
-            capacity=v.capacity, in_flight=len(v.in_flight),
+            capacity=v.capacity, in_flight=len(v.in_flight), prefetch=v.prefetch,
             queued=sum(queued[m] for m in v.models), done=v.done, failed=v.failed,
             failed_over=v.failed_over, lost=v.lost, restarts=v.restarts,
             peak_running=v.peak_running, last_exit=v.last_exit, template=v.template,
@@ -1271,7 +1347,8 @@ class SchedulerState:
                            breaker=s.breaker(now), latency=s.latency.copy(),
                            request=s.request.copy(), ttft=s.ttft.copy(), itl=s.itl.copy(),
                            queue_wait=s.queue_wait.copy(), prompt_tokens=s.prompt_tokens,
-                           completion_tokens=s.completion_tokens)
+                           completion_tokens=s.completion_tokens,
+                           batches={str(k): n for k, n in sorted(s.batches.items())})
 
     def ready(self) -> bool:
         """Every worker is up (or gone with its node) and no model is still loading."""
@@ -1282,7 +1359,10 @@ class SchedulerState:
         """Invariants, for tests: capacity honoured, no task both queued and running, every
         client's tasks indexed under it."""
         for v in self.workers.values():
-            assert len(v.in_flight) <= v.capacity, (v.device, len(v.in_flight), v.capacity)
+            held = len(v.in_flight)
+            assert held <= v.capacity + v.peak_prefetch, (v.device, held, v.capacity)
+            gens = sum(t.generation is not None for t in v.in_flight.values())
+            assert gens <= v.capacity, (v.device, gens, v.capacity)
         for t in self.queue:
             assert t.running is None and not t.finished, t
         counted = collections.Counter(t.model for t in self.queue)

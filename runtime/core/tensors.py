@@ -28,41 +28,26 @@ class Padding:
         return out
 
 
-
 def fit_inputs(specs: list[TensorSpec], inputs: dict[str, np.ndarray], model: str,
-               device: str, pad: bool = True) -> tuple[dict[str, np.ndarray], Padding]:
+               device: str, pad: bool = True, batch_free: bool = False
+               ) -> tuple[dict[str, np.ndarray], Padding]:
     """Check names, dtypes and ranks (``InvalidInput``) and fit static dims.
 
     An input smaller than a static dimension is zero-padded when ``pad`` is set (a BERT
     attention mask of zeros ignores the padding); a larger one cannot run on this device
-    (``Unsupported``), though a device with free dimensions may take it.
+    (``Unsupported``), though a device with free dimensions may take it. ``batch_free``:
+    the first axis (the batch) is left as it is, for a batch to fill.
     """
-    expected = {s.name: s for s in specs}
-    missing = sorted(set(expected) - set(inputs))
-    extra = sorted(set(inputs) - set(expected))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing}")
-        if extra:
-            parts.append(f"unexpected {extra}")
-        takes = ", ".join(f"{s.name}: {s.dtype}{_dims(s.shape)}" for s in specs)
-        raise InvalidInput(f"model {model!r} inputs: {'; '.join(parts)}; it takes {takes}")
+    check_inputs(specs, inputs, model)
     fitted: dict[str, np.ndarray] = {}
     axes: dict[int, tuple[int, int]] = {}
     for spec in specs:
         arr = inputs[spec.name]
-        if arr.dtype.name != spec.dtype:
-            raise InvalidInput(f"model {model!r} input {spec.name!r}: dtype {arr.dtype.name}, "
-                               f"expected {spec.dtype}")
-        if arr.ndim != len(spec.shape):
-            raise InvalidInput(f"model {model!r} input {spec.name!r}: shape {list(arr.shape)} "
-                               f"has rank {arr.ndim}, expected {_dims(spec.shape)}")
-    _check_shared_dims(specs, inputs, model)
-    for spec in specs:
-        arr = inputs[spec.name]
         widths: list[tuple[int, int]] = []
         for axis, (have, want) in enumerate(zip(arr.shape, spec.shape)):
+            if batch_free and axis == 0 and (want is None or have <= want):
+                widths.append((0, 0))  # the batch fills this axis, up to its static size
+                continue
             if want is None or have == want:
                 widths.append((0, 0))
                 continue
@@ -74,6 +59,30 @@ def fit_inputs(specs: list[TensorSpec], inputs: dict[str, np.ndarray], model: st
                 raise InvalidInput(f"model {model!r}: inputs disagree on the size of axis {axis}")
         fitted[spec.name] = np.pad(arr, widths) if any(w for _, w in widths) else arr
     return fitted, Padding(axes)
+
+
+def check_inputs(specs: list[TensorSpec], inputs: dict[str, np.ndarray], model: str) -> None:
+    """The inputs' names, dtypes and ranks are the session's (else ``InvalidInput``)."""
+    expected = {s.name: s for s in specs}
+    missing = sorted(set(expected) - set(inputs))
+    extra = sorted(set(inputs) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if extra:
+            parts.append(f"unexpected {extra}")
+        takes = ", ".join(f"{s.name}: {s.dtype}{_dims(s.shape)}" for s in specs)
+        raise InvalidInput(f"model {model!r} inputs: {'; '.join(parts)}; it takes {takes}")
+    for spec in specs:
+        arr = inputs[spec.name]
+        if arr.dtype.name != spec.dtype:
+            raise InvalidInput(f"model {model!r} input {spec.name!r}: dtype {arr.dtype.name}, "
+                               f"expected {spec.dtype}")
+        if arr.ndim != len(spec.shape):
+            raise InvalidInput(f"model {model!r} input {spec.name!r}: shape {list(arr.shape)} "
+                               f"has rank {arr.ndim}, expected {_dims(spec.shape)}")
+    _check_shared_dims(specs, inputs, model)
 
 
 def _check_shared_dims(specs: list[TensorSpec], inputs: dict[str, np.ndarray],

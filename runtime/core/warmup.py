@@ -4,7 +4,8 @@ user does, and measures the service time the scheduler's placement starts from.
 Tensor models run once on a representative input built from the session's inputs: static
 dimensions as the session declares them (an NPU's ``shapes``), a free leading dimension 1 (the
 batch), any other free dimension ``DEFAULT_FREE_DIM``, unless the device's model options give
-``warmup: {input: [dims]}``; ``warmup: false`` skips it. LLMs generate ``WARMUP_TOKENS`` tokens
+``warmup: {input: [dims]}``; ``warmup: false`` skips it; a model that batches also runs one
+full batch, so the estimate knows what a task costs in one. LLMs generate ``WARMUP_TOKENS`` tokens
 alone, then, on a worker that batches, as many sequences at once as its capacity (up to
 ``MAX_WARMUP_BATCH``), so the estimate knows what a fuller batch costs per token.
 """
@@ -47,22 +48,40 @@ def representative_inputs(specs: list[TensorSpec], shapes: dict | None = None
 
 def warm_up(session: Any, spec: ModelSpec, capacity: int,
             clock: Callable[[], float] = time.perf_counter,
-            cpu: Callable[[], float] = time.process_time) -> Calibration | None:
-    """Warm ``session`` up and measure it; None if the options say ``warmup: false``."""
+            cpu: Callable[[], float] = time.process_time, max_batch: int = 1
+            ) -> Calibration | None:
+    """Warm ``session`` up and measure it; None if the options say ``warmup: false``. A model
+    that batches ``max_batch`` rows is also measured running a full batch."""
     option = spec.options.get("warmup", True)
     if option is False:
         return None
     if isinstance(session, LLMSession):
         return _warm_up_llm(session, capacity, clock, cpu)
     inputs = representative_inputs(session.inputs, option if isinstance(option, dict) else None)
+    started, cpu0 = clock(), cpu()
+    _timed_run(session, inputs)
+    alone = Calibration(service_s=clock() - started, cpu_s=max(0.0, cpu() - cpu0))
+    rows = min((a.shape[0] for a in inputs.values() if a.ndim), default=1)
+    if max_batch <= 1:
+        return alone
+    if rows >= max_batch:  # a static batch: the run above was a full one
+        return Calibration(service_s=alone.service_s, cpu_s=alone.cpu_s, batch=rows,
+                           batch_service_s=alone.service_s)
+    full = {name: np.zeros((max_batch, *a.shape[1:]), a.dtype) for name, a in inputs.items()}
+    started = clock()
+    _timed_run(session, full)
+    return Calibration(service_s=alone.service_s, cpu_s=alone.cpu_s, batch=max_batch,
+                       batch_service_s=clock() - started)
+
+
+def _timed_run(session: Any, inputs: dict[str, np.ndarray]) -> None:
+    """One warm-up run, stopped after ``WARMUP_TIMEOUT_S`` (then timed as that long)."""
     with _deadline() as token:
-        started, cpu0 = clock(), cpu()
         try:
             session.run(inputs, token)
         except Cancelled:
             if not token.cancelled:
                 raise
-        return Calibration(service_s=clock() - started, cpu_s=max(0.0, cpu() - cpu0))
 
 
 def _warm_up_llm(session: Any, capacity: int, clock: Callable[[], float],

@@ -17,6 +17,7 @@ most ``CLOSE_WITHIN_S``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import itertools
@@ -29,7 +30,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import zmq
@@ -189,6 +190,11 @@ class AsyncClient:
         self.keys = resolve_keys(keys)
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
+        # The same socket without futures, used on the loop's own thread: sends and reads of
+        # what has already arrived cost no future, no callback and no wake-up each.
+        self._raw: zmq.Socket = zmq.Socket.shadow(self.sock.underlying)
+        self._room = asyncio.Event()  # set while the socket can take a message
+        self._later: collections.deque[list] = collections.deque()  # to go when there is room
         self.sock.setsockopt(zmq.LINGER, 0)
         # Our own routing id, unguessable: nobody can claim it, nor predict the next.
         self.sock.setsockopt(zmq.ROUTING_ID, b"C" + secrets.token_bytes(16))
@@ -241,7 +247,7 @@ class AsyncClient:
         self.sock.connect(self.address)
         self._reader = asyncio.create_task(self._read())
         # Sent once a connection is made (IMMEDIATE): the wait for it is within the timeout.
-        hello = asyncio.ensure_future(self.sock.send_multipart(p.encode(self._hello_msg())))
+        hello = asyncio.ensure_future(self._send(self._hello_msg(), None, hello=True))
         try:
             cluster: ClusterInfo = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
             self.cluster = cluster
@@ -327,6 +333,7 @@ class AsyncClient:
         if self._up:
             return
         self._up = True
+        self._room.set()  # a sender waiting for a connection tries again
         if self._lost is None or self._lost.done():
             self._lost = asyncio.get_running_loop().create_future()
         if self._welcomed and not self._closed:  # made again: the scheduler may be a new one
@@ -384,18 +391,44 @@ class AsyncClient:
             raise InvalidInput(f"the request's header is {p.frames_size(frames[:1])} bytes, "
                                f"over the limit of {p.MAX_HEADER_BYTES}: text or parameters "
                                f"that large do not fit a request (tensors do, as arrays)")
-        now = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         if self._welcomed and not hello and now - self._last_sent > REHELLO_AFTER_S:
             await self._send(self._hello_msg(), timeout, hello=True)  # we may be forgotten
-        sending = cast(asyncio.Future, self.sock.send_multipart(frames, copy=False))
-        if not sending.done():  # the queue is full: wait for room, within bounds
-            await self._wait_or_lose(sending, timeout, "sending")
-        sending.result()
+        deadline = None if timeout is None else now + timeout
+        while True:
+            if self._later:
+                self._send_later()
+            try:
+                if self._later:  # earlier messages still wait: keep the order
+                    raise zmq.Again()
+                self._raw.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                break
+            except zmq.Again:  # the queue to the scheduler is full: wait for room, in bounds
+                self._room.clear()
+                self._drain()  # a send may have taken the descriptor's wake-up: look now
+                if not self._room.is_set():
+                    await self._wait_or_lose(asyncio.ensure_future(self._room.wait()),
+                                             _left(deadline, loop), "sending")
+        if int(self._raw.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # the send took its wake-up
+            loop.call_soon(self._drain)
         self._last_sent = now
+
+    def _send_later(self) -> None:
+        """Send the messages left to go when there is room (cancels, goodbyes), in order."""
+        while self._later:
+            try:
+                self._raw.send_multipart(self._later[0], zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:  # closed: nobody to tell
+                self._later.clear()
+                return
+            self._later.popleft()
 
     async def _wait_or_lose(self, fut: asyncio.Future, timeout: float | None, what: str):
         """``fut``'s result, unless the connection is lost or ``timeout`` passes first (the
-        future is cancelled then: a cancelled send is never sent)."""
+        future is cancelled then: nothing was queued, so nothing is sent)."""
         lost = self._lost if self._lost is not None else asyncio.get_running_loop(
             ).create_future()
         done, _ = await asyncio.wait({fut, lost}, timeout=timeout,
@@ -409,21 +442,51 @@ class AsyncClient:
                                  f"within {timeout:g} s ({what}); is it overloaded or stopped?")
 
     async def _read(self) -> None:
-        while True:
-            try:
-                frames = await self.sock.recv_multipart(copy=False)
-            except (zmq.ZMQError, asyncio.CancelledError):
-                return
-            msg = None
-            try:
-                msg = self.decoder.decode(frames)
-                self._dispatch(msg)
-            except ProtocolError as exc:
-                self._unreadable(exc, exc.ref, exc.msg_type)
-            except Exception as exc:  # a bug here must not end the reader: calls would hang
-                log.exception("error while handling a reply from %s", self.address)
-                self._unreadable(ProtocolError(f"{type(exc).__name__}: {exc}"),
-                                 _reply_id(msg), msg.TYPE if msg is not None else None)
+        """Read replies as they arrive: when the socket's descriptor signals, every reply
+        waiting, with no future or task per reply. Ends when cancelled."""
+        loop = asyncio.get_running_loop()
+        try:
+            fd = int(self._raw.getsockopt(zmq.FD))
+            loop.add_reader(fd, self._drain)
+        except zmq.ZMQError:
+            return
+        try:
+            self._drain()
+            await loop.create_future()  # until cancelled
+        except asyncio.CancelledError:
+            return
+        finally:
+            loop.remove_reader(fd)
+
+    def _drain(self, most: int = 1000) -> None:
+        """Take the replies waiting (at most ``most``, then again soon: others get the loop),
+        and wake senders waiting for room."""
+        try:
+            for _ in range(most):
+                events = int(self._raw.getsockopt(zmq.EVENTS))
+                if events & zmq.POLLOUT:
+                    if self._later:
+                        self._send_later()
+                    self._room.set()
+                if not events & zmq.POLLIN:
+                    return
+                self._take(self._raw.recv_multipart(zmq.NOBLOCK, copy=False))
+            asyncio.get_running_loop().call_soon(self._drain)
+        except zmq.ZMQError:  # closed, or nothing after all
+            return
+
+    def _take(self, frames: list) -> None:
+        """Read one reply and hand it to whoever waits for it."""
+        msg = None
+        try:
+            msg = self.decoder.decode(frames)
+            self._dispatch(msg)
+        except ProtocolError as exc:
+            self._unreadable(exc, exc.ref, exc.msg_type)
+        except Exception as exc:  # a bug here must not end the reader: calls would hang
+            log.exception("error while handling a reply from %s", self.address)
+            self._unreadable(ProtocolError(f"{type(exc).__name__}: {exc}"),
+                             _reply_id(msg), msg.TYPE if msg is not None else None)
 
     def _unreadable(self, exc: ProtocolError, ref: str | None, msg_type: str | None) -> None:
         """Fail the call a reply that cannot be read was for (by its id, else the hello
@@ -631,10 +694,15 @@ class AsyncClient:
         if self._closed or not self._up:
             return
         try:
-            sending = cast(asyncio.Future, self.sock.send_multipart(p.encode(msg), copy=False))
+            frames = p.encode(msg)
+            if not self._later:
+                self._raw.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                return
+        except zmq.Again:
+            pass
         except (zmq.ZMQError, FanoutError):
             return
-        sending.add_done_callback(_ignore_outcome)  # a full queue: it goes when room is made
+        self._later.append(frames)  # a full queue: it goes when room is made
 
     async def amap(self, model: str, inputs: Iterable[dict[str, Any]], *,
                    return_exceptions: bool = False, timeout: float | None = None,
@@ -645,8 +713,13 @@ class AsyncClient:
         the scheduler's queue. With ``return_exceptions`` a failed item yields its error in
         its place; otherwise the first error is raised after every task has ended.
         """
-        return await self._gather([lambda x=x: self.ainfer(model, x, timeout) for x in inputs],
-                                  return_exceptions, window)
+        check_timeout(timeout, self._max_timeout())
+        results = await _Fan(self, model, timeout, max(1, window)).run(list(inputs))
+        if not return_exceptions:
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+        return results
 
     @staticmethod
     async def _gather(calls: list, return_exceptions: bool, window: int) -> list:
@@ -706,11 +779,6 @@ class AsyncClient:
             self.ctx.term()
 
 
-def _ignore_outcome(fut: asyncio.Future) -> None:
-    if not fut.cancelled():
-        fut.exception()  # retrieved: a send nobody waits for fails quietly
-
-
 MAX_TIMEOUT_S = 7 * 86400.0  # a task's timeout past this is InvalidInput (the scheduler's own
 # bound, scheduler.max_task_timeout_s, is told in its welcome and is usually lower)
 
@@ -730,6 +798,87 @@ def check_timeout(timeout: Any, limit: float | None) -> None:
 
 def _left(deadline: float | None, loop: asyncio.AbstractEventLoop) -> float | None:
     return None if deadline is None else max(0.0, deadline - loop.time())
+
+
+class _Fan:
+    """One ``amap``: its submits go out as the window allows, each answer lands in its place
+    from the reader's callback (no coroutine, semaphore or timer per task unless a timeout
+    is set); being cancelled cancels its unanswered tasks at the scheduler."""
+
+    def __init__(self, client: AsyncClient, model: str, timeout: float | None, window: int):
+        self.client, self.model, self.timeout, self.window = client, model, timeout, window
+        self.wait = client._answer_within(timeout)  # how long each answer may take
+        self.loop = asyncio.get_running_loop()
+        self.open: dict[str, asyncio.Future] = {}  # task id -> its answer, while unanswered
+        self.room = asyncio.Event()
+        self.room.set()
+        self.all_done = self.loop.create_future()
+        self.results: list = []
+        self.left = 0
+
+    async def run(self, items: list) -> list:
+        self.results = [None] * len(items)
+        self.left = len(items) + 1  # the sending itself counts until it is over
+        try:
+            for i, inputs in enumerate(items):
+                while len(self.open) >= self.window:
+                    self.room.clear()
+                    await self.room.wait()
+                await self._submit(i, inputs)
+            self._one_done()
+            await asyncio.shield(self.all_done)
+        except asyncio.CancelledError:
+            for task_id, fut in list(self.open.items()):
+                if not fut.done():
+                    await self.client._send_quietly(p.Cancel(task_id=task_id))
+            raise
+        finally:
+            for task_id in self.open:
+                self.client._pending.pop(task_id, None)
+        return self.results
+
+    async def _submit(self, i: int, inputs: Any) -> None:
+        client = self.client
+        try:
+            arrays = _as_arrays(inputs)
+        except FanoutError as exc:
+            self.results[i] = exc
+            self._one_done()
+            return
+        task_id = client._new_id()
+        fut = self.loop.create_future()
+        client._pending[task_id] = fut
+        self.open[task_id] = fut
+        fut.add_done_callback(lambda f: self._answered(i, task_id, f))
+        if self.wait is not None:  # the scheduler's deadline, and the way back
+            timer = self.loop.call_later(self.wait, self._expire, task_id, fut)
+            fut.add_done_callback(lambda _: timer.cancel())
+        try:
+            await client._send(p.Submit(task_id=task_id, model=self.model, inputs=arrays,
+                                        timeout_s=self.timeout), self.wait)
+        except FanoutError as exc:
+            client._pending.pop(task_id, None)
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def _expire(self, task_id: str, fut: asyncio.Future) -> None:
+        self.client._pending.pop(task_id, None)
+        if not fut.done():
+            fut.set_exception(ClusterUnavailable(
+                f"no answer for task {task_id} from {self.client.address}"))
+
+    def _answered(self, i: int, task_id: str, fut: asyncio.Future) -> None:
+        self.open.pop(task_id, None)
+        self.client._pending.pop(task_id, None)
+        self.results[i] = (fut.exception() or fut.result()) if not fut.cancelled() else \
+            ClusterUnavailable("the client was closed")
+        self.room.set()
+        self._one_done()
+
+    def _one_done(self) -> None:
+        self.left -= 1
+        if self.left == 0 and not self.all_done.done():
+            self.all_done.set_result(None)
 
 
 def _reply_id(msg: p.Message | None) -> str | None:

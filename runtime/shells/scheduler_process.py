@@ -50,6 +50,9 @@ log = logging.getLogger("fanout.scheduler")
 TICK_S = 0.05
 DRAIN_BATCH = 1000  # messages read from one socket at a time: neither can starve the other
 HANDSHAKE_MS = 10_000  # a connection that has not authenticated by then is closed
+# Messages queued for one worker before its ROUTER drops them: above what its credits let it
+# hold (capacity 256 + prefetch 4096 tasks, their cancels, pings), so none is ever dropped.
+WORKER_SNDHWM = 16_384
 MAX_FORGOTTEN = 10_000  # clients remembered as forgotten for not reading their answers
 # Submits refused to a client whose answers pile up unread, before it is forgotten: answers
 # to its accepted tasks are bounded by its share of the queue; refusals only by this.
@@ -156,6 +159,7 @@ class SchedulerProcess:
         # A supervisor that tracks nodes (Ray) adds and removes workers as nodes come and go.
         self.state = s.SchedulerState(config, clock, track_nodes=self.supervisor.tracks_nodes)
         self._stopping = False
+        self._held: list | None = None  # events of the drain under way, fed when it ends
         self._last_ping = 0.0
         self.started = time.time()
 
@@ -170,6 +174,7 @@ class SchedulerProcess:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full pipe says so: answers wait
         else:  # an authenticated worker with its own unguessable id takes its route back
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            sock.setsockopt(zmq.SNDHWM, WORKER_SNDHWM)
         self._gate.serve(sock, door)
         try:
             if address.startswith("tcp://") and address.rsplit(":", 1)[1] in ("0", "*"):
@@ -244,26 +249,70 @@ class SchedulerProcess:
                              "(%s); it goes on", where, _describe(exc), exc_info=True)
 
     def _drain(self, sock: zmq.Socket, handler) -> bool:
-        """Handle waiting messages; True if the socket is now empty."""
-        for _ in range(DRAIN_BATCH):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return True
-            if len(frames) < 2:
-                continue
-            ident = frames[0].bytes
-            self._answered.clear()
-            try:
-                handler(ident, frames[1:])
-            except Exception as exc:  # a bug in handling one message fails that message only
-                self._failed_to_handle(sock is self.front, ident, frames[1:], exc)
-        return False
+        """Handle waiting messages; True if the socket is now empty. Their events are fed to
+        the state together at the end, so one placement pass serves the whole drain."""
+        self._held = []
+        self._answered.clear()
+        try:
+            for _ in range(DRAIN_BATCH):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    return True
+                if len(frames) < 2:
+                    continue
+                ident = frames[0].bytes
+                try:
+                    handler(ident, frames[1:])
+                except Exception as exc:  # a bug in handling one message fails that message only
+                    self._failed_to_handle(sock is self.front, ident, frames[1:], exc)
+            return False
+        finally:
+            self._flush()
+            self._held = None
+
+    def _flush(self) -> None:
+        """Feed the events held so far (before a reply that must see them). Each event is
+        handled, and reported to ``on_change``, on its own: one that fails costs no other its
+        answer, and a client's task that could not be taken is answered with an error."""
+        held, self._held = self._held, None
+        if held:
+            actions, failed = self.state.handle_each(held)
+            self._execute(actions)
+            for event, exc in failed:
+                self._failed_event(event, exc)
+            if self.on_change is not None:
+                for event in held:
+                    if not isinstance(event, (s.Tick, s.ClientHeard)):
+                        try:
+                            self.on_change(self, event)
+                        except Exception as exc:
+                            self._failed_event(event, exc)
+        if held is not None:
+            self._held = []
+
+    def _failed_event(self, event: s.Event, exc: Exception) -> None:
+        self.internal_errors += 1
+        client = event.client if isinstance(event, s.TaskSubmitted) else None
+        who = f"client {client.hex()[:16]}" if client else "events"
+        self.peers.error(who, "internal", "%s: the scheduler failed to handle %s (%s); the "
+                         "cluster goes on", who, type(event).__name__, _describe(exc),
+                         exc_info=exc)
+        if isinstance(event, s.TaskSubmitted) and client is not None:
+            key = event.key
+            if key not in self.state.tasks and key not in self._answered:
+                try:
+                    self._reply(key[0], p.Failure(task_id=key[1], error=FanoutError(
+                        f"the scheduler failed to take this task ({_describe(exc)}); it "
+                        f"goes on serving")))
+                except Exception:  # answering failed too: the log line above says it all
+                    pass
 
     def _failed_to_handle(self, from_client: bool, ident: bytes, frames: list,
                           exc: Exception) -> None:
         """Log it (once per peer and period), and answer the sender with a typed error if
         nothing answered that message yet and nothing will."""
+        self._flush()  # so the state knows of what this drain held
         self.internal_errors += 1
         who = f"{'client' if from_client else 'worker'} {ident.hex()[:16]}"
         self.peers.error(who, "internal", "%s: the scheduler failed to handle a message "
@@ -287,6 +336,14 @@ class SchedulerProcess:
             pass
 
     def _feed(self, *events: s.Event) -> None:
+        if self._held is not None:  # in a drain: fed together at its end
+            self._held.extend(events)
+            return
+        self._feed_now(*events)
+
+    def _feed_now(self, *events: s.Event) -> None:
+        """Feed at once (after what is held), letting an error reach the message's handler."""
+        self._flush()
         self._execute(self.state.handle(*events))
         if self.on_change is not None:
             for ev in events:
@@ -359,10 +416,12 @@ class SchedulerProcess:
                     "FANOUT_TOKEN")))
                 return
             self._forgotten.pop(ident, None)
-            self._feed(s.ClientHello(ident, msg.keepalive_s))
+            self._feed_now(s.ClientHello(ident, msg.keepalive_s))
             self._reply(ident, p.Welcome(version=p.PROTOCOL_VERSION, cluster=self.info()))
             return
         if sc.token and ident not in self.state.clients:  # they said hello with the token
+            self._flush()  # a hello earlier in this drain counts
+        if sc.token and ident not in self.state.clients:
             self._reply(ident, p.error_reply(getattr(msg, "req_id", None), Unauthorized(
                 "say hello with the cluster token first")))
             return
@@ -387,6 +446,7 @@ class SchedulerProcess:
                 self._feed(heard, s.TaskCancelled((ident, msg.task_id)))
             case p.StatusRequest():
                 self._feed(heard)
+                self._flush()
                 self._reply(ident, p.Reply(req_id=msg.req_id, body=self.status().to_wire()))
             case p.Shutdown():
                 self._feed(heard)
@@ -431,6 +491,7 @@ class SchedulerProcess:
                 self._to_worker(ident, p.error_reply(None, ProtocolError(refusal)))
                 return
             self._workers = {i: w for i, w in self._workers.items() if w[0] != msg.device}
+            self._flush()  # what its earlier incarnation said comes first
             self._workers[ident] = (msg.device, msg.epoch)
             self._routes[msg.device] = ident
             self._to_worker(ident, p.Welcome(version=p.PROTOCOL_VERSION))
@@ -450,7 +511,7 @@ class SchedulerProcess:
                 self._feed(s.ModelStateChanged(device, epoch, msg.model, msg.load))
             case p.Done():
                 self._feed(s.TaskSucceeded(device, epoch, msg.attempt, msg.outputs,
-                                           msg.service_s))
+                                           msg.service_s, msg.batch))
             case p.Tokens():
                 self._feed(s.TaskTokens(device, epoch, msg.attempt, msg.ids, msg.text,
                                         msg.tool_calls, msg.logprobs))

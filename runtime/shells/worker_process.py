@@ -109,6 +109,7 @@ class WorkerProcess:
         self.decoder = p.Decoder(p.SCHEDULER_TO_WORKER, sc.max_message_bytes + p.ENVELOPE_BYTES)
         self.peers = PeerLog(log)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self._woken = False  # a wake-up is on its way to the main thread
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         cache = home(config.model_cache) / "compiled"
@@ -119,6 +120,9 @@ class WorkerProcess:
 
     def _emit(self, event) -> None:  # called from the core's threads
         self.events.put(event)
+        if self._woken:
+            return  # a wake-up is on its way, and the flush it leads to takes this too
+        self._woken = True
         try:
             self._wake_w.send(b"x")
         except (BlockingIOError, OSError):
@@ -142,6 +146,7 @@ class WorkerProcess:
                 ready = dict(poller.poll(int(self.heartbeat_s * 1000 / 2)))
                 if self._wake_r.fileno() in ready:
                     self._drain_wakeups()
+                self._woken = False  # after the drain, before the flush: no event is missed
                 self._flush_events()
                 if self.sock in ready:
                     while True:
@@ -264,7 +269,7 @@ class WorkerProcess:
                                completion_tokens=g.completion_tokens, service_s=event.service_s)
         if event.kind is None:  # the core has checked that the outputs fit a message
             return p.Done(attempt=event.attempt, outputs=event.outputs or {},
-                          service_s=event.service_s)
+                          service_s=event.service_s, batch=event.batch)
         return p.Failed(attempt=event.attempt, kind=event.kind, message=event.message,
                         service_s=event.service_s)
 

@@ -32,7 +32,7 @@ class PeerLog:
         return len(self._last)
 
     def log(self, level: int, peer: str, kind: str, message: str, *args,
-            exc_info: bool = False) -> bool:
+            exc_info: bool | BaseException = False) -> bool:
         """Log ``message % args`` unless this (peer, kind) was logged within the period;
         True if it was written."""
         now = self.clock()
@@ -54,5 +54,6 @@ class PeerLog:
     def warning(self, peer: str, kind: str, message: str, *args) -> bool:
         return self.log(logging.WARNING, peer, kind, message, *args)
 
-    def error(self, peer: str, kind: str, message: str, *args, exc_info: bool = False) -> bool:
+    def error(self, peer: str, kind: str, message: str, *args,
+              exc_info: bool | BaseException = False) -> bool:
         return self.log(logging.ERROR, peer, kind, message, *args, exc_info=exc_info)

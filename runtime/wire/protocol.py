@@ -28,6 +28,7 @@ import msgpack
 import numpy as np
 
 from ..errors import Attempt, ErrorKind, FanoutError, ProtocolError, brief
+from . import typed
 from .records import plain, reader
 from .status import ClusterInfo, ModelLoad
 
@@ -271,6 +272,7 @@ class Done(Message):
     attempt: int
     outputs: dict = field(default_factory=dict)
     service_s: float = 0.0
+    batch: int = 1  # tasks of the engine call it ran in (service_s is that call's)
 
 
 @dataclass
@@ -305,6 +307,7 @@ class _Field:
     read: Any  # records.Reader
     required: bool
     plain: bool  # a record: written as plain data
+    where: str  # how an error names it: "TYPE.field"
 
 
 _FIELDS: dict[str, tuple[_Field, ...]] = {}
@@ -330,8 +333,20 @@ def _plan(cls: type[Message]) -> tuple[_Field, ...]:
         as_is = (tp in _AS_IS or typing.get_origin(tp) is Literal
                  or typing.get_origin(tp) is UnionType and all(a in _AS_IS for a in args))
         out.append(_Field(f.name, reader(tp),
-                          f.default is MISSING and f.default_factory is MISSING, not as_is))
+                          f.default is MISSING and f.default_factory is MISSING, not as_is,
+                          f"{cls.TYPE}.{f.name}"))
     return tuple(out)
+
+
+_DTYPE_NAMES: dict[np.dtype, str] = {}  # numpy works a dtype's name out anew at each ask
+_ITEMSIZES = {name: np.dtype(name).itemsize for name in ALLOWED_DTYPES}
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = dtype.name
+    return name
 
 
 # ---- encoding ----------------------------------------------------------------------------
@@ -351,10 +366,11 @@ def encode(msg: Message) -> list:
                     buffers.extend(arr.frames)
                     continue
                 arr = np.ascontiguousarray(arr)
-                if arr.dtype.name not in ALLOWED_DTYPES:
+                dtype = _dtype_name(arr.dtype)
+                if dtype not in ALLOWED_DTYPES:
                     raise ProtocolError(f"array {name!r} has dtype {arr.dtype}; allowed: "
                                         f"{', '.join(sorted(ALLOWED_DTYPES))}")
-                specs.append([name, arr.dtype.name, list(arr.shape)])
+                specs.append([name, dtype, list(arr.shape)])
                 buffers.extend(_chunks(arr))
             header[f.name] = specs
         else:
@@ -427,10 +443,14 @@ class Decoder:
         self.allowed = {cls.TYPE: cls for cls in allowed}
         self.max_bytes = max_bytes
         self.decode_arrays = decode_arrays
+        self._typed = typed.Reader(set(self.allowed))  # the hot messages' fast path
 
     def decode(self, frames: list) -> Message:
         """The message, or ``ProtocolError`` whose ``ref`` is the task or request id when the
         header was readable, so the sender can be told which of its messages failed."""
+        fast = self._fast(frames)
+        if fast is not None:
+            return fast
         header: Any = None
         try:
             header = self._header(frames)
@@ -447,6 +467,30 @@ class Decoder:
             elif exc.ref is None and frames:
                 exc.msg_type, exc.ref = peek_ids(_head_bytes(frames[0]))
             raise
+
+    def _fast(self, frames: list) -> Message | None:
+        """The message read through its typed header (``typed.py``), or None: then the full
+        path reads it (and says what is wrong, if anything)."""
+        if not frames:
+            return None
+        head = frames[0].buffer if hasattr(frames[0], "buffer") else frames[0]
+        if len(head) > MAX_HEADER_BYTES:
+            return None
+        got = self._typed.read(head)
+        if got is None or frames_size(frames) > self.max_bytes:
+            return None
+        t, kwargs = got
+        cls = self.allowed[t]
+        if kwargs.pop("v") != PROTOCOL_VERSION:
+            return None
+        if cls.ARRAYS in kwargs:
+            try:
+                kwargs[cls.ARRAYS] = self._arrays(cls, kwargs[cls.ARRAYS], frames[1:])
+            except ProtocolError:
+                return None
+        elif len(frames) > 1:
+            return None
+        return cls(**kwargs)
 
     @staticmethod
     def _header(frames: list) -> dict:
@@ -484,7 +528,7 @@ class Decoder:
             if f.name == cls.ARRAYS:
                 value = self._arrays(cls, value, frames[1:])
             else:
-                value = f.read(value, f"{cls.TYPE}.{f.name}")
+                value = f.read(value, f.where)
             kwargs[f.name] = value
         if cls.ARRAYS is None and len(frames) > 1:
             raise ProtocolError(f"{cls.TYPE}: unexpected {len(frames) - 1} data frames")
@@ -506,20 +550,21 @@ class Decoder:
             if dtype not in ALLOWED_DTYPES:
                 raise ProtocolError(f"{cls.TYPE}: array {brief(name)} has dtype {brief(dtype)}; "
                                     f"allowed: {', '.join(sorted(ALLOWED_DTYPES))}")
-            if len(shape) > 32 or not all(isinstance(d, int) and not isinstance(d, bool)
-                                          and 0 <= d < 2**40 for d in shape):
+            if len(shape) > 32 or not all(type(d) is int and 0 <= d < 2**40 for d in shape):
                 raise ProtocolError(f"{cls.TYPE}: array {brief(name)} has bad shape "
                                     f"{brief(shape)}")
-            expected = math.prod(shape) * np.dtype(dtype).itemsize
+            expected = math.prod(shape) * _ITEMSIZES[dtype]
             count = frame_count(expected)
             frames = data[at:at + count]
             at += count
-            got = sum(_frame_len(fr) for fr in frames)
-            if got != expected or any(_frame_len(fr) > FRAME_BYTES for fr in frames) \
-                    or len(frames) != count:
-                raise ProtocolError(f"{cls.TYPE}: array {brief(name)} {dtype}{shape} needs "
-                                    f"{expected} bytes in {count} frame(s) of at most "
-                                    f"{FRAME_BYTES}, got {got} in {len(frames)}")
+            # The common case, one frame of the right size, costs one length to check.
+            if not (count == 1 and len(frames) == 1 and _frame_len(frames[0]) == expected):
+                got = sum(_frame_len(fr) for fr in frames)
+                if got != expected or any(_frame_len(fr) > FRAME_BYTES for fr in frames) \
+                        or len(frames) != count:
+                    raise ProtocolError(f"{cls.TYPE}: array {brief(name)} {dtype}{shape} "
+                                        f"needs {expected} bytes in {count} frame(s) of at "
+                                        f"most {FRAME_BYTES}, got {got} in {len(frames)}")
             if name in out:
                 raise ProtocolError(f"{cls.TYPE}: array {brief(name)} appears twice")
             raw = RawArray(dtype, tuple(shape), tuple(frames))
@@ -574,3 +619,17 @@ def peek_ids(head: bytes) -> tuple[str | None, str | None]:
 def error_reply(req_id: str | None, exc: Exception) -> Reply:
     return Reply(req_id=req_id,
                  error=exc if isinstance(exc, FanoutError) else FanoutError(str(exc)))
+
+
+def _check_typed() -> None:
+    """A field added to a message the fast path reads must be added to its typed header too
+    (else that path would drop it): checked at import."""
+    for cls in (Submit, Run, Done, Result):
+        want = {"v"} | {f.name for f in fields(cls)}
+        have = set(typed.TYPES[cls.TYPE].__struct_fields__)
+        if have != want:
+            raise TypeError(f"wire/typed.py's {cls.TYPE} header has fields {sorted(have)}, "
+                            f"the message {sorted(want)}")
+
+
+_check_typed()

@@ -95,8 +95,11 @@ def _scalar(tp: type) -> Reader:
     def read_scalar(value: Any, where: str) -> Any:
         if not isinstance(value, accepts) or (isinstance(value, bool) and tp is not bool):
             raise _expected(where, tp.__name__, value)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ProtocolError(f"{where}: expected a finite float, got {value!r}")
+        if tp is float:  # an int sent for a float is read as one, as msgspec reads it
+            number = float(typing.cast(float, value))
+            if not math.isfinite(number):
+                raise ProtocolError(f"{where}: expected a finite float, got {value!r}")
+            return number
         return value
     return read_scalar
 

@@ -36,6 +36,8 @@ class Calibration:
     cpu_s: process CPU seconds the warm-up burned: how many host cores the device's runs use.
     ttft_s, token_s: LLM, alone: time to the first token, then seconds per further token.
     batch, batch_token_s: LLM: seconds per token with ``batch`` sequences decoded together.
+    batch, batch_service_s: a tensor model that batches: the wall time of one engine call
+      of ``batch`` tasks.
     """
 
     service_s: float | None = None
@@ -44,6 +46,7 @@ class Calibration:
     token_s: float | None = None
     batch: int = 1
     batch_token_s: float | None = None
+    batch_service_s: float | None = None
 
     @property
     def host_cores(self) -> float | None:
@@ -63,6 +66,7 @@ class ModelLoad:
     detail: str = ""  # the current step: "compiling for HTP", "worker restarting"
     load_s: float = 0.0
     calibration: Calibration | None = None  # what its warm-up measured, once ready
+    max_batch: int = 1  # tasks (rows) the worker runs as one engine call, once ready
 
     def to_wire(self) -> dict:
         return plain(self)
@@ -152,6 +156,7 @@ class ModelStatus(ModelLoad):
     queue_wait: Histogram = field(default_factory=Histogram)  # queued, until dispatched here
     prompt_tokens: int = 0  # of the generations finished here
     completion_tokens: int = 0  # generated here, all time
+    batches: dict[str, int] = field(default_factory=dict)  # batch size -> tasks run in one
 
 
 @dataclass(frozen=True)
@@ -164,8 +169,9 @@ class WorkerStatus:
     pid: int | None = None
     node: str = ""
     capacity: int = 1
-    in_flight: int = 0
+    in_flight: int = 0  # running, or prefetched: held by the worker
     queued: int = 0  # tasks waiting for a model this worker serves
+    prefetch: int = 0  # tasks it may hold beyond its capacity, as placement sees it now
     done: int = 0
     failed: int = 0
     failed_over: int = 0
