@@ -3,11 +3,12 @@
 One CPU session is loaded per module and shared; generations are short (the file takes
 well under a minute on 2 cores).
 
-Batched vs alone: with the session's CPU numerics (f32, no dynamic activation quantization,
-f16 KV cache; see ``genai._CPU_EXACT``) 0 of 24 greedy requests decoded 8 at a time differed
-from the same request alone within 32 tokens. With OpenVINO's CPU defaults (bf16 on this AMX
-machine, u8 KV cache, dynamic quantization) 16-20 of 24 differed within 32 tokens and 6 of 24
-already within the first 8, so these tests would fail there.
+Batched vs alone: the shared session opts in to ``deterministic: true`` (f32, no dynamic
+activation quantization, f16 KV cache; ``genai.DETERMINISTIC_PROPERTIES``), with which 0 of 24
+greedy requests decoded 8 at a time differed from the same request alone within 32 tokens.
+With OpenVINO's fast CPU defaults (bf16 on this AMX machine, u8 KV cache, dynamic
+quantization), the backend's default, 14-20 of 24 differed within 32 tokens and 4-6 of 24
+already within the first 8, so the tests that compare runs would fail there.
 """
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ import pytest
 from runtime import env
 from runtime.backends import make_backend
 from runtime.backends.base import CancelToken, GenRequest, LLMSession, ModelSpec
-from runtime.backends.deltas import TextDeltas
 from runtime.backends.faults import FaultyBackend
 from runtime.backends.genai import GenAIBackend, model_context_length
+from runtime.backends.genai.deltas import TextDeltas
 from runtime.config.schema import DeviceConfig, FaultConfig
 from runtime.errors import Cancelled, DeviceError, InvalidInput, ModelUnavailable, Unsupported
 from runtime.launchers.models import fetch
@@ -67,7 +68,7 @@ def smollm2() -> str:
 
 @pytest.fixture(scope="module")
 def backend():
-    b = GenAIBackend("CPU", {})
+    b = GenAIBackend("CPU", {"deterministic": True})
     yield b
     b.close()
 
@@ -283,7 +284,7 @@ def test_run_faults_apply_to_each_generate_call(session):
 
 
 def test_the_serial_pipeline_runs_requests_one_at_a_time_and_close_cancels(smollm2, session):
-    serial = GenAIBackend("CPU", {"continuous_batching": False})
+    serial = GenAIBackend("CPU", {"continuous_batching": False, "deterministic": True})
     s = serial.load(ModelSpec("smollm2", smollm2), print)
     try:
         out: dict = {}

@@ -7,7 +7,7 @@ import time
 import runtime
 
 from .. import env
-from ..backends.genai import CPU_EXACT_PROPERTIES
+from ..backends.genai import DETERMINISTIC_PROPERTIES
 from ..launchers.models import fetch
 from .common import LLM_PROMPTS, cluster_config, hardware, row
 from .constrained import bench_constrained, bench_tool_use
@@ -19,12 +19,12 @@ def bench_llm(tokens: int = 64, n: int = 8) -> int:
     path = str(fetch("smollm2", env.home(), print))
     prompts = [LLM_PROMPTS[i % len(LLM_PROMPTS)] for i in range(n)]
     print(f"fanout bench llm: {n} chat requests x {tokens} new tokens (end of sequence "
-          f"ignored), SmolLM2-135M Q4_1 on CPU, greedy, numerics {CPU_EXACT_PROPERTIES}\n"
+          f"ignored), SmolLM2-135M Q4_1 on CPU, greedy, numerics {DETERMINISTIC_PROPERTIES}\n"
           f"hardware: {hardware()}\n")
 
     # The baselines use the numerics the runtime's CPU workers use (batch-independent, so a
     # batched sequence equals its run alone); OpenVINO's faster defaults are shown apart.
-    pipe = ov_genai.LLMPipeline(path, "CPU", **CPU_EXACT_PROPERTIES)
+    pipe = ov_genai.LLMPipeline(path, "CPU", **DETERMINISTIC_PROPERTIES)
     tok = pipe.get_tokenizer()
     chats = [tok.apply_chat_template([{"role": "user", "content": p}],
                                      add_generation_prompt=True) for p in prompts]
