@@ -1,5 +1,5 @@
-"""openvino-genai on one device: "CPU" and "GPU" batch continuously, "NPU" runs one request
-at a time.
+"""openvino-genai on one device: "CPU" and "GPU" batch continuously (in an engine process of
+their own), "NPU" runs one request at a time.
 
 Options (device options, overridden per model):
 - ``context_length``: default from the model file, else 2048.
@@ -9,6 +9,9 @@ Options (device options, overridden per model):
   decoded in a batch may differ from its run alone after a few tokens. True sets
   ``DETERMINISTIC_PROPERTIES`` on CPU and GPU: a sequence decoded in a batch equals its run
   alone, a mid-stream continuation equals the uninterrupted run, for ~1.6x the time here.
+- ``engine_process``: default true. The batching pipeline runs in a child process, so that
+  ``step()``, which holds the GIL, never stalls the worker; false runs it on a thread of
+  the worker (for debugging).
 - ``structured_output``: whether constrained decoding may run here; default true wherever
   the installed openvino-genai has structural tags, since every pipeline, the NPU's
   included, samples through the engine's Sampler that applies them.
@@ -27,9 +30,10 @@ from typing import Any
 from ...errors import ModelUnavailable
 from ..base import ModelSpec, ProgressFn
 from . import constraints
-from .batched import BatchedLLMSession
+from .engine_process import open_session
 from .jobs import genai
 from .model_file import DEFAULT_CONTEXT_LENGTH, model_context_length
+from .remote import EngineProcessSession
 from .serial import SerialLLMSession
 
 log = logging.getLogger("fanout.worker")
@@ -42,7 +46,7 @@ NPU_PROMPT_LEN, NPU_RESPONSE_LEN = 1024, 128
 DETERMINISTIC_PROPERTIES = {"INFERENCE_PRECISION_HINT": "f32",
                             "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0, "KV_CACHE_PRECISION": "f16"}
 _OWN_OPTIONS = {"device", "context_length", "continuous_batching", "warmup",
-                "structured_output", "deterministic"}
+                "structured_output", "deterministic", "engine_process"}
 _RETIRED_OPTIONS = {"gather_s": "requests join the running batch at the next engine step"}
 SCHEDULER_OPTIONS = {"cache_size", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks",
                      "dynamic_split_fuse", "enable_prefix_caching"}
@@ -84,17 +88,14 @@ class GenAIBackend:
                 progress(f"loading {model.name} on {self.device} (continuous batching) ...")
                 scheduler = {"enable_prefix_caching": True,
                              **{k: opts[k] for k in SCHEDULER_OPTIONS & opts.keys()}}
-                sched = genai().SchedulerConfig()
-                for key, value in scheduler.items():
-                    setattr(sched, key, value)
-
-                def make() -> Any:
-                    return genai().ContinuousBatchingPipeline(model.path, sched, self.device,
-                                                              props)
-
-                session: Any = BatchedLLMSession(make, label, context, structured,
-                                                 scheduler["enable_prefix_caching"])
-                session.warm_up()
+                spec = {"path": model.path, "device": self.device, "properties": props,
+                        "scheduler": scheduler, "label": label, "context_length": context,
+                        "structured_output": structured}
+                if _flag(opts, "engine_process", True, label):
+                    session: Any = EngineProcessSession(spec, progress)
+                else:
+                    session = open_session(spec, None)
+                    session.warm_up()
                 if scheduler["enable_prefix_caching"]:
                     numerics += ", prefix caching"
             else:

@@ -17,8 +17,8 @@ gather. Two things can hold a job back:
   them elsewhere), and the pipeline is rebuilt.
 
 ``step()`` holds the GIL for its whole length (the pipeline's bindings do not release it),
-and the engine compiles a new grammar inside it: other threads of the process run between
-steps, not during them.
+and the engine compiles a new grammar inside it: run this session in its own process
+(``engine_process.py``), as the backend does, so that no other thread waits on it.
 """
 from __future__ import annotations
 
