@@ -322,6 +322,13 @@ def test_loading_for_the_npu_here_is_model_unavailable_with_the_engine_text(smol
     assert notes == ["loading smollm2 on NPU (one request at a time) ..."]
 
 
+@pytest.mark.parametrize("option", ["deterministic", "engine_process"])
+def test_a_switch_that_is_not_true_or_false_is_model_unavailable_saying_so(smollm2, option):
+    with pytest.raises(ModelUnavailable, match=f"option {option} must be true or false, got "
+                                               f"'yes'"):
+        GenAIBackend("CPU", {option: "yes"}).load(ModelSpec("smollm2", smollm2), print)
+
+
 def test_make_backend_maps_openvino_genai_to_the_device_kind_or_option():
     cpu = make_backend(DeviceConfig(name="cpu1", kind="cpu", backend="openvino-genai"))
     npu = make_backend(DeviceConfig(name="x", kind="cpu", backend="openvino-genai",
