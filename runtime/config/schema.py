@@ -45,6 +45,13 @@ class FaultConfig:
     fail_after_tokens: int | None = None
 
 
+# The default capacity of a continuously batching LLM device, from the capacity sweep of
+# `fanout bench llm`: the fewest streams reaching 90% of the best tokens/s with p95 time per
+# token <= 100 ms was 32 in two of three sweeps here (~530 tokens/s, p95 77-91 ms), 4 in one
+# under heavy load (README).
+LLM_BATCH_CAPACITY = 32
+
+
 @dataclass
 class DeviceConfig:
     """One device = one worker process.
@@ -53,7 +60,8 @@ class DeviceConfig:
     backend: qnn (onnxruntime + QNN plugin EP; kind npu = HTP backend, gpu = QNN GPU backend),
       onnxruntime (CPU EP), openvino (device from ``options.device`` or kind: NPU/GPU/CPU),
       openvino-genai (LLMs; later issue).
-    capacity: tasks run at once, 1..256.
+    capacity: tasks run at once, 1..256. Default 1, except an openvino-genai device of kind cpu
+      or gpu that batches continuously: ``LLM_BATCH_CAPACITY`` sequences per engine step.
     fallback: device names to try after this one for any model it serves (appended to a
       model's own order).
     options: backend options (e.g. qnn: soc_model, htp_performance_mode; openvino: device).
