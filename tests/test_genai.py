@@ -565,6 +565,11 @@ def test_a_schema_the_engine_cannot_compile_is_invalid_input_and_others_are_serv
     with pytest.raises(InvalidInput, match="cannot compile"):  # known now: refused at once
         generate(session, chat_request("Hi", response_format=bad, max_tokens=4))
     assert generate(session, ask("chess", max_tokens=4))[0].completion_tokens == 4
+    # alone in the engine, a new bad grammar fails the only job of the step: still answered
+    alone = {"type": "json_schema", "json_schema": {"name": "bad2", "schema": {
+        "type": "string", "pattern": "(a"}}}
+    with pytest.raises(InvalidInput, match="cannot compile"):
+        generate(session, chat_request("Hello", response_format=alone, max_tokens=4))
 
 
 def test_logprobs_come_one_per_token_and_penalties_change_the_answer(session):

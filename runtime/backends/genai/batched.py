@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import Cancelled, DeviceError
+from ...errors import Cancelled, DeviceError, FanoutError
 from .jobs import Job, genai, grammar_error
 from .session import EngineSession
 
@@ -49,8 +49,9 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
 class BatchedLLMSession(EngineSession):
     """``prefix_caching``: whether the pipeline's scheduler caches prompt prefixes (then jobs
     wait for a shared prefix in prefill, as above). ``after_step`` is called on the engine
-    thread after each step's tokens have been handed out (the engine process sends them
-    in one message then)."""
+    thread at the top of each pass of its loop, so after each step's tokens have been handed
+    out and before it blocks for more work, and once more when the thread ends (the engine
+    process sends what ended since the last call in one message then)."""
 
     def __init__(self, make_pipe: Callable[[], Any], label: str, context_length: int,
                  structured_output: bool = True, prefix_caching: bool = False,
@@ -67,6 +68,11 @@ class BatchedLLMSession(EngineSession):
         self._broken = ""
         super().__init__(make_pipe(), label, context_length, structured_output)
 
+    def _fail_all(self, exc: FanoutError) -> None:
+        super()._fail_all(exc)
+        if self.after_step is not None:
+            self.after_step()
+
     def _active(self) -> list[Job]:
         jobs, self._running = list(self._running.values()), {}
         jobs += list(self._waiting) + [j for held in self._held.values() for j in held]
@@ -79,6 +85,10 @@ class BatchedLLMSession(EngineSession):
     def _serve(self) -> None:
         g = genai()
         while True:
+            if self.after_step is not None:
+                # Every pass, not only after a good step: a failed step or a refused
+                # admission also ends generations, and the loop may block next.
+                self.after_step()
             self._admit_waiting()
             busy = bool(self._running) or (self._pipe is not None and
                                            self._pipe.has_non_finished_requests())
@@ -104,8 +114,6 @@ class BatchedLLMSession(EngineSession):
                 continue
             for job in list(self._running.values()):
                 self._collect(job, g)
-            if self.after_step is not None:
-                self.after_step()
 
     # -- admission --
 
