@@ -10,6 +10,7 @@ import pytest
 
 from runtime.config.loader import config_from_dict, load_config
 from runtime.config.schema import (
+    LLM_BATCH_CAPACITY,
     Config,
     DeviceConfig,
     FaultConfig,
@@ -93,6 +94,22 @@ def test_the_issue_example_is_accepted_as_written(write):
                           "soc_model": "69"}})]
     assert cfg.device_order("minilm") == ["npu0", "cpu0"]
     assert cfg.scheduler == SchedulerConfig()
+
+
+def test_a_batching_llm_device_defaults_to_the_measured_capacity_and_others_to_one(write):
+    cfg = load(write("""\
+        devices:
+          - {name: llm, kind: cpu, backend: openvino-genai}
+          - {name: serial, kind: cpu, backend: openvino-genai,
+             options: {continuous_batching: false}}
+          - {name: llmnpu, kind: npu, backend: openvino-genai}
+          - {name: set, kind: gpu, backend: openvino-genai, capacity: 3}
+          - {name: cpu0, kind: cpu, backend: onnxruntime}
+        models:
+          - {name: smollm2, source: packaged:smollm2}
+        """))
+    assert [d.capacity for d in cfg.devices] == [LLM_BATCH_CAPACITY, 1, 1, 3, 1]
+    assert LLM_BATCH_CAPACITY > 1
 
 
 def test_config_source_is_the_file_path(write):

@@ -26,11 +26,13 @@ def chat(text: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def llm(module_clusters):
-    """One CPU worker batching up to 8 sequences, behind an OpenVINO NPU that cannot load."""
+    """One CPU worker batching up to 8 sequences, behind an OpenVINO NPU that cannot load;
+    with deterministic numerics, so that a sequence batched equals its run alone."""
     return module_clusters.start("""
         devices:
           - {name: ovnpu, kind: npu, backend: openvino-genai, capacity: 1}
-          - {name: cpu0, kind: cpu, backend: openvino-genai, capacity: 8}
+          - {name: cpu0, kind: cpu, backend: openvino-genai, capacity: 8,
+             options: {deterministic: true}}
         models:
           - {name: smollm2, source: "packaged:smollm2", devices: [ovnpu, cpu0]}
     """)
@@ -176,13 +178,15 @@ def test_a_client_that_disappears_mid_stream_frees_its_slot(one_slot):
 def test_a_device_failing_mid_stream_continues_on_the_next_without_losing_text(clusters):
     # llm1 waits 1.5 s before each smollm2 generation (its warm-up measures it), more than
     # two identical workers' calibrations differ while they load side by side: placement
-    # starts the stream on llm0.
+    # starts the stream on llm0. Deterministic numerics: the continuation on llm1 from the
+    # streamed ids equals the uninterrupted run.
     cluster = clusters.start("""
         devices:
           - {name: llm0, kind: cpu, backend: openvino-genai, capacity: 1,
+             options: {deterministic: true},
              faults: {fail_after_tokens: 5, message: "device reset mid-stream"}}
           - {name: llm1, kind: cpu, backend: openvino-genai, capacity: 1,
-             faults: {hang_s: 1.5, models: [smollm2]}}
+             options: {deterministic: true}, faults: {hang_s: 1.5, models: [smollm2]}}
         models:
           - {name: smollm2, source: "packaged:smollm2", devices: [llm0, llm1]}
           - {name: smollm2-ref, source: "packaged:smollm2", devices: [llm1]}

@@ -10,6 +10,8 @@ One module cluster:
 Placement goes by measured speed; these models skip the warm-up that measures it, so both
 their devices are unmeasured alike and the model's device order decides each one's first
 task (one model per check: after it, cpu0 is measured and the order no longer decides).
+The CPU workers run deterministic numerics: a constrained re-run replays the streamed tokens
+only if the device that re-runs it decodes them the same, batched or not.
 """
 from __future__ import annotations
 
@@ -29,10 +31,12 @@ from runtime.wire.generation import ToolCall
 
 CONFIG = """
     devices:
-      - {name: cpu0, kind: cpu, backend: openvino-genai, capacity: 8}
+      - {name: cpu0, kind: cpu, backend: openvino-genai, capacity: 8,
+         options: {deterministic: true}}
       - {name: npu0, kind: npu, backend: openvino-genai, capacity: 1,
          options: {device: CPU, continuous_batching: false, structured_output: false}}
       - {name: flaky, kind: cpu, backend: openvino-genai, capacity: 2,
+         options: {deterministic: true},
          faults: {fail_after_tokens: 6, message: "device reset mid-stream"}}
     models:
       - {name: smollm2, source: "packaged:smollm2", devices: [cpu0]}

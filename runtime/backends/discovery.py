@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+from ..config.schema import LLM_BATCH_CAPACITY
 from .onnx_proto import one_node_model
 
 PROBE_TIMEOUT_S = 15.0  # a healthy probe takes well under 1 s; this only bounds a hung driver
@@ -64,9 +65,6 @@ except Exception as e:
 '''
 
 
-LLM_CPU_CAPACITY = 8
-
-
 def discover(timeout_s: float = PROBE_TIMEOUT_S) -> list[dict]:
     """Device dicts for this machine; ``cpu0`` (onnxruntime CPU EP) is always there."""
     probe_model = one_node_model("Add", ["x", "x"], (1, 4), "probe").hex()
@@ -90,9 +88,9 @@ def discover(timeout_s: float = PROBE_TIMEOUT_S) -> list[dict]:
                             "capacity": 1 if kind == "npu" else 4, "options": {"device": dev}})
     devices.append({"name": "cpu0", "kind": "cpu", "backend": "onnxruntime",
                     "capacity": max(1, os.cpu_count() or 1)})
-    if ov.get("genai"):  # an LLM worker decodes up to 8 sequences together on the CPU
+    if ov.get("genai"):  # an LLM worker decodes sequences together on the CPU
         llm.append({"name": "llmcpu", "kind": "cpu", "backend": "openvino-genai",
-                    "capacity": LLM_CPU_CAPACITY})
+                    "capacity": LLM_BATCH_CAPACITY})
     return devices + llm
 
 

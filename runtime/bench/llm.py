@@ -1,112 +1,152 @@
-"""``fanout bench llm``: 8 chats x 64 tokens through the runtime against the engine in-process."""
+"""``fanout bench llm``: chat fan-outs through the runtime against the engine in-process
+(issue 13). SmolLM2-135M on the CPU, greedy, 64 new tokens a chat (end of sequence ignored).
+
+In one run: the engine in-process one request after another and in one batched call at both
+numerics; the runtime at 8 and 32 concurrent streams; control during a 64-stream burst; the
+capacity sweep; the shared-prefix case with and without prefix caching; constrained
+decoding and tool use; and ``llama-server`` as a peer if one is on PATH."""
 from __future__ import annotations
 
-import threading
+import statistics
 import time
 
 import runtime
 
 from .. import env
-from ..backends.genai import CPU_EXACT_PROPERTIES
+from ..backends.genai import DETERMINISTIC_PROPERTIES
 from ..launchers.models import fetch
-from .common import LLM_PROMPTS, cluster_config, hardware, row
+from . import control, peer
+from .common import LLM_PROMPTS, cluster_config, hardware, pct, row
 from .constrained import bench_constrained, bench_tool_use
+from .fanouts import Load, best_of, fan_out
+from .prefix import bench_prefix
+
+SWEEP = [1, 4, 8, 16, 32]
+P95_TOKEN_BOUND_S = 0.1  # a stream slower than 10 tokens/s reads as stalling to a person
+ROUNDS = 3
+
+
+def chats_for(n: int) -> list[list[dict]]:
+    return [[{"role": "user", "content": LLM_PROMPTS[i % len(LLM_PROMPTS)]}] for i in range(n)]
+
+
+def engine_rows(path: str, tokens: int, n: int) -> dict[str, float | list[float]]:
+    """The engine alone, in this process: what the runtime is measured against."""
+    import openvino_genai as ov_genai
+
+    out: dict[str, float | list[float]] = {}
+    config = ov_genai.GenerationConfig(max_new_tokens=tokens, ignore_eos=True, do_sample=False)
+    first_only = ov_genai.GenerationConfig(max_new_tokens=1, do_sample=False)
+    for numerics, props in (("fast", {}), ("deterministic", DETERMINISTIC_PROPERTIES)):
+        pipe = ov_genai.LLMPipeline(path, "CPU", **props)
+        tok = pipe.get_tokenizer()
+        texts = [tok.apply_chat_template(c, add_generation_prompt=True) for c in chats_for(32)]
+        pipe.generate(texts[0], config)  # warm up
+        out[f"batched {n} {numerics}"] = min(_timed(pipe.generate, texts[:n], config)
+                                             for _ in range(ROUNDS))
+        if numerics == "fast":
+            out[f"prefill {n}"] = min(_timed(pipe.generate, texts[:n], first_only)
+                                      for _ in range(ROUNDS))
+            out["batched 32 fast"] = min(_timed(pipe.generate, texts, config)
+                                         for _ in range(2))
+            ttfts: list[float] = []
+            started = time.perf_counter()
+            for text in texts[:n]:  # one after another, streaming to time the first token
+                t0 = time.perf_counter()
+                first: list[float] = []
+
+                def streamer(_text, first=first, t0=t0):
+                    if not first:
+                        first.append(time.perf_counter() - t0)
+                    return ov_genai.StreamingStatus.RUNNING
+
+                pipe.generate(text, config, streamer=streamer)
+                ttfts.append(first[0])
+            out["sequential"] = time.perf_counter() - started
+            out["sequential ttfts"] = ttfts
+        del pipe
+    return out
+
+
+def _timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
 
 
 def bench_llm(tokens: int = 64, n: int = 8) -> int:
-    import openvino_genai as ov_genai
-
     path = str(fetch("smollm2", env.home(), print))
-    prompts = [LLM_PROMPTS[i % len(LLM_PROMPTS)] for i in range(n)]
-    print(f"fanout bench llm: {n} chat requests x {tokens} new tokens (end of sequence "
-          f"ignored), SmolLM2-135M Q4_1 on CPU, greedy, numerics {CPU_EXACT_PROPERTIES}\n"
-          f"hardware: {hardware()}\n")
+    print(f"fanout bench llm: chat requests x {tokens} new tokens (end of sequence ignored), "
+          f"SmolLM2-135M Q4_1 on CPU, greedy; the runtime and the engine at OpenVINO's fast "
+          f"numerics (the default) unless a row says otherwise\nhardware: {hardware()}\n")
+    engine = engine_rows(path, tokens, n)
 
-    # The baselines use the numerics the runtime's CPU workers use (batch-independent, so a
-    # batched sequence equals its run alone); OpenVINO's faster defaults are shown apart.
-    pipe = ov_genai.LLMPipeline(path, "CPU", **CPU_EXACT_PROPERTIES)
-    tok = pipe.get_tokenizer()
-    chats = [tok.apply_chat_template([{"role": "user", "content": p}],
-                                     add_generation_prompt=True) for p in prompts]
-    config = ov_genai.GenerationConfig(max_new_tokens=tokens, ignore_eos=True, do_sample=False)
-    pipe.generate(chats[0], config)  # warm up
-
-    # 1. one after another in one in-process pipeline, streaming to time the first token
-    ttfts: list[float] = []
-    started = time.perf_counter()
-    for chat in chats:
-        t0 = time.perf_counter()
-        first: list[float] = []
-
-        def streamer(_text, first=first, t0=t0):
-            if not first:
-                first.append(time.perf_counter() - t0)
-            return ov_genai.StreamingStatus.RUNNING
-
-        pipe.generate(chat, config, streamer=streamer)
-        ttfts.append(first[0] if first else float("nan"))
-    sequential = time.perf_counter() - started
-    seq_ttft = ttfts
-
-    # 2. all at once in one in-process pipeline call (no per-request streaming for a batch)
-    started = time.perf_counter()
-    pipe.generate(chats, config)
-    batched = time.perf_counter() - started
-    del pipe
-    fast = ov_genai.LLMPipeline(path, "CPU")
-    fast.generate(chats[0], config)
-    started = time.perf_counter()
-    fast.generate(chats, config)
-    batched_default = time.perf_counter() - started
-    del fast
-
-    # 3. fanned out through the runtime: one CPU worker batching up to n sequences
     config_path = cluster_config(f"""
         scheduler: {{address: "tcp://127.0.0.1:0"}}
         devices:
-          - {{name: cpu0, kind: cpu, backend: openvino-genai, capacity: {n}}}
+          - {{name: cpu0, kind: cpu, backend: openvino-genai, capacity: {max(SWEEP)}}}
         models:
           - {{name: smollm2, source: "{path}", devices: [cpu0]}}
+          - {{name: smollm2-prefix, source: "{path}", devices: [cpu0],
+             options: {{cpu0: {{deterministic: true, warmup: false}}}}}}
+          - {{name: smollm2-noprefix, source: "{path}", devices: [cpu0],
+             options: {{cpu0: {{deterministic: true, enable_prefix_caching: false,
+                               warmup: false}}}}}}
     """)
     with runtime.start(config_path) as cluster:
         client = cluster.client()
-        client.generate("smollm2", prompts[0], max_tokens=8)  # warm up
-        run_ttfts: list[float] = []
-
-        def one(prompt: str) -> int:
-            t0 = time.perf_counter()
-            count = 0
-            for chunk in client.stream("smollm2", [{"role": "user", "content": prompt}],
-                                       max_tokens=tokens, ignore_eos=True):
-                if chunk.text and count == 0:
-                    run_ttfts.append(time.perf_counter() - t0)
-                    count = 1
-                if chunk.usage:
-                    return chunk.usage["completion_tokens"]
-            return 0
-
-        counts: list[int] = []
-        started = time.perf_counter()
-        threads = [threading.Thread(target=lambda p=p: counts.append(one(p))) for p in prompts]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        fanned = time.perf_counter() - started
-        bench_constrained(client, "smollm2", prompts, tokens)
+        # first, on the fresh worker: 64 streams at once while status is polled
+        burst = control.status_during(cluster, client, "smollm2", chats_for(64), tokens)
+        client.generate("smollm2", LLM_PROMPTS[0], max_tokens=8)
+        fan8 = best_of([fan_out(client, "smollm2", chats_for(n), tokens) for _ in range(ROUNDS)])
+        fan32 = best_of([fan_out(client, "smollm2", chats_for(32), tokens) for _ in range(2)])
+        sweep = {k: best_of([fan_out(client, "smollm2", chats_for(k), tokens)
+                             for _ in range(2)]) for k in SWEEP}
+        bench_prefix(client)
+        bench_constrained(client, "smollm2", LLM_PROMPTS[:n], tokens)
         bench_tool_use(client, "smollm2")
-    total_tokens = n * tokens
-    assert sum(counts) == total_tokens, f"expected {total_tokens} tokens, got {sum(counts)}"
+    for load, k in ((fan8, n), (fan32, 32)):
+        assert load.tokens == k * tokens, f"expected {k * tokens} tokens, got {load.tokens}"
 
-    print(f"{'':<44} {'total s':>8} {'tokens/s':>9} {'TTFT ms':>8} {'p95 ms':>8}  "
+    sequential = float(engine["sequential"])  # type: ignore[arg-type]
+    batched = float(engine[f"batched {n} fast"])  # type: ignore[arg-type]
+    batched32 = float(engine["batched 32 fast"])  # type: ignore[arg-type]
+    prefill = float(engine[f"prefill {n}"])  # type: ignore[arg-type]
+    print(f"\n{'':<44} {'total s':>8} {'tokens/s':>9} {'TTFT ms':>8} {'p95 ms':>8}  "
           f"vs one-after-another")
-    print(row("in-process, one after another", sequential, total_tokens, seq_ttft, None))
-    print(row("in-process, batched in one call", batched, total_tokens, [], sequential))
-    print(row("  (the same with OpenVINO's default numerics)", batched_default, total_tokens,
-               [], sequential))
-    print(row("fanout runtime, fanned out (streaming)", fanned, total_tokens, run_ttfts,
-               sequential))
-    print(f"\nruntime vs one after another: {sequential / fanned:.2f}x faster (target >= 4x)")
-    print(f"runtime vs in-process batched call: {fanned / batched:.2f}x the time "
-          f"(target <= 1.15x); vs the default-numerics call: {fanned / batched_default:.2f}x")
+    print(row(f"in-process, {n} one after another", sequential, n * tokens,
+              engine["sequential ttfts"], None))  # type: ignore[arg-type]
+    print(row(f"in-process, {n} in one batched call", batched, n * tokens, [], sequential))
+    print(row("  (the same, deterministic numerics)",
+              float(engine[f"batched {n} deterministic"]),  # type: ignore[arg-type]
+              n * tokens, [], sequential))
+    print(row(f"fanout runtime, {n} streams at once", fan8.total_s, fan8.tokens, fan8.ttfts,
+              sequential))
+    print(row("in-process, 32 in one batched call", batched32, 32 * tokens, [], sequential))
+    print(row("fanout runtime, 32 streams at once", fan32.total_s, fan32.tokens, fan32.ttfts,
+              sequential))
+    print(f"\nruntime vs one after another ({n}): {sequential / fan8.total_s:.2f}x faster "
+          f"(target >= 4x)")
+    print(f"runtime vs the engine's batched call: {n}-way {fan8.total_s / batched:.2f}x, 32-way "
+          f"{fan32.total_s / batched32:.2f}x the time (target <= 1.10x)")
+    print(f"first tokens of the {n}-way fan-out: p95 {pct(fan8.ttfts, 95) * 1000:.0f} ms against "
+          f"the engine's batched prefill of {prefill * 1000:.0f} ms: "
+          f"{pct(fan8.ttfts, 95) / prefill:.2f}x (target <= 1.2x)")
+    control.report(path, burst)
+    _report_sweep(sweep, tokens)
+    peer.bench_llama_server(path, chats_for(n), tokens, fan8)
     return 0
+
+
+def _report_sweep(sweep: dict[int, Load], tokens: int) -> None:
+    print(f"\ncapacity sweep (issue 13 item 5): k streams at once into one CPU worker, "
+          f"{tokens} tokens each; p95 gap between a stream's chunks (~ time per token)")
+    best = max(load.rate for load in sweep.values())
+    for k, load in sweep.items():
+        print(f"  k={k:<3} {load.rate:7.1f} tokens/s  p95 per token {load.p95_gap_ms():6.1f} ms  "
+              f"TTFT p50 {statistics.median(load.ttfts) * 1000:5.0f} ms  "
+              f"{load.rate / best:5.2f}x the best")
+    fits = [k for k, load in sweep.items() if load.p95_gap_ms() <= P95_TOKEN_BOUND_S * 1000]
+    pick = next((k for k in fits if sweep[k].rate >= 0.9 * best), fits[-1] if fits else 1)
+    print(f"  suggested capacity: {pick} (the fewest streams reaching 90% of the best tokens/s "
+          f"with p95 per token <= {P95_TOKEN_BOUND_S * 1000:.0f} ms)")

@@ -29,6 +29,7 @@ from .schema import (
     BACKENDS,
     DEVICE_KINDS,
     LAUNCHERS,
+    LLM_BATCH_CAPACITY,
     PACKAGED_PREFIX,
     ClusterConfig,
     Config,
@@ -575,12 +576,15 @@ class _Parser:
         elif backend in BACKENDS and kind in DEVICE_KINDS and kind not in _BACKEND_KINDS[backend]:
             self.error(f"{path}.kind", f"backend {backend} drives only "
                        f"{' or '.join(_BACKEND_KINDS[backend])} devices", kind)
-        capacity = self.integer(f"{path}.capacity", d.get("capacity", 1), 1, 256)
+        fallback = self.name_list(f"{path}.fallback", d.get("fallback", []), _NAME_RE, "device")
+        options = self.plain_options(f"{path}.options", d.get("options", {}))
+        batches = (backend == "openvino-genai" and kind in ("cpu", "gpu") and
+                   (options or {}).get("continuous_batching", True) is not False)
+        capacity = self.integer(f"{path}.capacity",
+                                d.get("capacity", LLM_BATCH_CAPACITY if batches else 1), 1, 256)
         prefetch = d.get("prefetch")
         if prefetch is not None:
             prefetch = self.integer(f"{path}.prefetch", prefetch, 0, 4096)
-        fallback = self.name_list(f"{path}.fallback", d.get("fallback", []), _NAME_RE, "device")
-        options = self.plain_options(f"{path}.options", d.get("options", {}))
         if backend in ("openvino", "openvino-genai") and options and "device" in options:
             self.string(f"{path}.options.device", options["device"], "an OpenVINO device name")
         faults = self.faults(f"{path}.faults", d["faults"]) if d.get("faults") is not None else None

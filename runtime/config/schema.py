@@ -45,6 +45,13 @@ class FaultConfig:
     fail_after_tokens: int | None = None
 
 
+# The default capacity of a continuously batching LLM device, from the capacity sweep of
+# `fanout bench llm`: the fewest streams reaching 90% of the best tokens/s with p95 time per
+# token <= 100 ms was 32 in two of three sweeps here (~530 tokens/s, p95 77-91 ms), 4 in one
+# under heavy load (README).
+LLM_BATCH_CAPACITY = 32
+
+
 @dataclass
 class DeviceConfig:
     """One device = one worker process.
@@ -54,6 +61,8 @@ class DeviceConfig:
       onnxruntime (CPU EP), openvino (device from ``options.device`` or kind: NPU/GPU/CPU),
       openvino-genai (LLMs; later issue).
     capacity: tasks run at once, 1..256 (a batch of tasks run as one engine call counts once).
+      Default 1, except an openvino-genai device of kind cpu or gpu that batches
+      continuously: ``LLM_BATCH_CAPACITY`` sequences per engine step.
     prefetch: tasks the worker holds beyond ``capacity``, queued there so its slots never wait
       a round trip for the next one, 0..4096; unset: per slot, enough to cover a round trip
       at its fastest model's pace (at most 32), or the next full batch of a model it batches

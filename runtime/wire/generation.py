@@ -100,7 +100,7 @@ class GenRequest:
     another device (mid-stream failover): generation continues after them, exactly as if it
     had never stopped, and ``max_tokens`` counts them too. ``prefix_text`` is the text the
     caller has already been sent for them (a constrained request re-runs instead: see
-    ``backends/deltas.py``).
+    ``backends/genai/deltas.py``).
     """
 
     messages: list[dict] | None = None

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..errors import DeviceError
-from ..wire.generation import Delta, GenRequest, TokenLogprob, ToolCall
+from ...errors import DeviceError
+from ...wire.generation import Delta, GenRequest, TokenLogprob, ToolCall
 from .tool_calls import ToolCallReader
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from ..wire.generation import ToolCall
+from ...wire.generation import ToolCall
 
 TRIGGER = '"tool_calls"'  # under tool_choice "auto", writing this key opens the calls
 KEY = TRIGGER + ": ["

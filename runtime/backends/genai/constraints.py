@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..wire.generation import GenRequest, Tool
+from ...wire.generation import GenRequest, Tool
 from .tool_calls import CLOSE, ID_FIELD, KEY, OPEN, SEPARATOR, TRIGGER, call_begin
 
 JSON_OBJECT_SCHEMA = {"type": "object"}  # any object: xgrammar allows any properties here

@@ -1,0 +1,72 @@
+"""Streaming fan-outs against a cluster, timed per request: the loads of ``fanout bench llm``."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .common import pct
+
+
+@dataclass
+class Load:
+    """What one fan-out measured: its wall time, each request's time to first text, the
+    gaps between the chunks of every stream (one chunk per engine step: ~ time per token),
+    the completion tokens and each request's text, in input order."""
+
+    total_s: float = 0.0
+    ttfts: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
+    tokens: int = 0
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.total_s
+
+    def p95_gap_ms(self) -> float:
+        return pct(self.gaps, 95) * 1000
+
+
+def fan_out(client, model: str, chats: list[list[dict]], tokens: int,
+            ignore_eos: bool = True) -> Load:
+    """Every chat streamed at once, one thread each, ``tokens`` new tokens per chat."""
+    load = Load(texts=[""] * len(chats))
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        t0 = last = time.perf_counter()
+        first: float | None = None
+        gaps: list[float] = []
+        parts: list[str] = []
+        count = 0
+        for chunk in client.stream(model, chats[i], max_tokens=tokens, ignore_eos=ignore_eos):
+            now = time.perf_counter()
+            if chunk.text:
+                parts.append(chunk.text)
+                if first is None:
+                    first = now - t0
+                else:
+                    gaps.append(now - last)
+                last = now
+            if chunk.usage:
+                count = chunk.usage["completion_tokens"]
+        with lock:
+            load.ttfts.append(first if first is not None else float("nan"))
+            load.gaps += gaps
+            load.tokens += count
+            load.texts[i] = "".join(parts)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(chats))]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    load.total_s = time.perf_counter() - started
+    return load
+
+
+def best_of(runs: list[Load]) -> Load:
+    """The median run by wall time (the machine is shared: one run can catch a neighbour)."""
+    return sorted(runs, key=lambda r: r.total_s)[len(runs) // 2]
