@@ -40,7 +40,7 @@ def test_up_on_ray_serves_status_through_ray_and_stops_on_ctrl_c(tmp_path):
                  timeout=120, what="fanout up --ray to be ready")
         # the address it printed: on a shared machine "auto" may find a newer Ray cluster
         gcs = next(m.group(1) for line in lines
-                   if (m := re.search(r"Ray cluster at (\S+) ", line)))
+                   if (m := re.search(r"\] Ray cluster at (\S+) \(`fanout status", line)))
         status = subprocess.run([sys.executable, "-m", "runtime.cli", "status", "--ray",
                                  "--address", gcs, "--timeout", "30"], capture_output=True,
                                 text=True, timeout=120)
@@ -80,7 +80,7 @@ def test_up_from_the_cluster_section_with_ray_token_auth_on_stops_whole_on_a_gro
         # the workers' progress as they start, then the ready table
         assert any(re.match(r"\[.*\] cpu@[0-9a-f]{8}: worker up on ", line) for line in lines)
         gcs = next(m.group(1) for line in lines
-                   if (m := re.search(r"Ray cluster at (\S+) ", line)))
+                   if (m := re.search(r"\] Ray cluster at (\S+) \(`fanout status", line)))
         status = [sys.executable, "-m", "runtime.cli", "status", "--ray", "--address", gcs,
                   "--timeout", "30"]
         # Ray's token authentication is on: with the token, status works through Ray...
