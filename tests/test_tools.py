@@ -140,9 +140,10 @@ def test_a_round_trip_goes_from_the_call_to_its_result_to_an_answer(oai):
     history = [*PARIS, first.message.model_dump(exclude_none=True),
                {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"}]
     final = oai.chat.completions.create(model="smollm2", messages=history, tools=[WEATHER],
-                                        max_tokens=60).choices[0]
-    # This 135M model repeats the tool's answer back rather than phrase it; it is text.
-    assert final.finish_reason == "stop" and final.message.tool_calls is None
+                                        max_tokens=120).choices[0]
+    # This 135M model repeats the tool's answer back rather than phrase it; it is text. How
+    # long it goes on depends on the call id it read (random), so it may not end by itself.
+    assert final.finish_reason in ("stop", "length") and final.message.tool_calls is None
     assert "Sunny, 21 C" in final.message.content
 
 

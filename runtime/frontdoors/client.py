@@ -229,6 +229,9 @@ class AsyncClient:
         self._lost_why = ""
         self._last_sent = 0.0  # loop time of the last message sent
         self.reconnects = 0  # connections made again after one was lost
+        # Tasks whose calls failed here when the connection dropped: the scheduler may still
+        # hold them (sent before it stopped answering), so they are cancelled once back.
+        self._orphans: set[str] = set()
         self.unmatched = 0  # answers for tasks not waiting (late or duplicate): should stay 0
         self.unreadable = 0  # replies that could not be read: should stay 0
         self._unreadable_logged_at = -BAD_REPLY_LOG_S
@@ -352,6 +355,8 @@ class AsyncClient:
         if self._welcomed:
             log.warning("%s; its unfinished calls fail, and this client reconnects by itself",
                         self._lost_why)
+            self._orphans.update(self._pending)
+            self._orphans.update(self._streams)
             self._fail_unfinished(ClusterUnavailable(
                 f"{self._lost_why}; the call's task may or may not have run"))
 
@@ -368,6 +373,12 @@ class AsyncClient:
             await self._send(self._hello_msg(), LIVENESS_TIMEOUT_S, hello=True)
         except (zmq.ZMQError, FanoutError) as exc:
             log.debug("hello to %s after reconnecting failed: %s", self.address, exc)
+            return
+        # What the scheduler read of them before it stopped would run for nobody, ahead of
+        # the calls made now: cancel them (an id it does not hold is ignored).
+        orphans, self._orphans = self._orphans, set()
+        for task_id in orphans:
+            await self._send_quietly(p.Cancel(task_id=task_id))
 
     def _fail_hello(self, err: FanoutError) -> None:
         if self._hello is not None and not self._hello.done():
