@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zmq
 
 import runtime
 from runtime.shells.supervisor import process_alive
 
 from ._models import minilm_inputs, minilm_path
+from ._peers import tiny_models
 
 
 @pytest.fixture(scope="session")
@@ -212,3 +214,17 @@ def module_clusters(request, launcher, tmp_path_factory):
     factory = factory_for(request, launcher, tmp_path_factory.mktemp("cluster"))
     yield factory
     factory.close()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The tiny ONNX models of ``_peers`` (no-op and friends), built once per module."""
+    return tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def ctx():
+    """A ZMQ context for raw sockets posing as peers, destroyed without lingering."""
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)

@@ -21,18 +21,6 @@ from .conftest import worker
 LIMIT = 64 * 1024
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return tiny_models(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
 def start(clusters, models, scheduler: str = "", capacity: int = 4, faults: str = ""):
     return clusters.start(f"""
         scheduler: {{{scheduler}}}

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import msgpack
 import pytest
-import zmq
 
 import runtime
 from runtime.config.loader import load_config
@@ -24,13 +23,8 @@ from runtime.shells.scheduler_process import SchedulerProcess
 from runtime.wire import protocol as p
 from runtime.wire.peerlog import PeerLog
 
-from ._peers import dealer, hello, noop_input, tiny_models, to_client, wait_until
+from ._peers import dealer, hello, noop_input, to_client, wait_until
 from .conftest import worker
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return tiny_models(tmp_path_factory.mktemp("models"))
 
 
 def config_text(models, scheduler: str = "") -> str:
@@ -41,13 +35,6 @@ def config_text(models, scheduler: str = "") -> str:
         models:
           - {{name: noop, source: {models['noop']}}}
     """
-
-
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
 
 
 # -- the tick path ------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from ._peers import (
     noop_input,
     received,
     rss_mb,
-    tiny_models,
     to_client,
     wait_until,
 )
@@ -56,18 +55,6 @@ def config(models, *, token: str | None = None, keys=None, extra: str = "",
           - {{name: noop, source: {models['noop']}}}
           - {{name: add, source: {models['add']}}}
     """
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return tiny_models(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
 
 
 def add_batch(n: int) -> list[dict[str, np.ndarray]]:
