@@ -21,6 +21,7 @@ from typing import Any
 import msgpack
 import zmq
 
+from ..shells.supervisor import process_alive
 from ..wire import protocol as p
 
 # Message types a fuzzed client or worker sends, and puts anywhere. Shutdown is never among
@@ -364,7 +365,7 @@ def fuzz_cluster(cluster, client, peers: list[Peer], count: int, seed: int = 0,
         sampling.set()
         sampler.join()
     after = cluster.status()
-    crashed = [] if _alive(cluster.pid) else ["scheduler"]
+    crashed = [] if process_alive(cluster.pid) else ["scheduler"]
     crashed += [w["device"] for w in after["workers"]
                 if (w["pid"], w["epoch"]) != pids.get(w["device"])]
     rng = np.random.default_rng(seed)
@@ -378,14 +379,3 @@ def fuzz_cluster(cluster, client, peers: list[Peer], count: int, seed: int = 0,
             raise AssertionError(f"a wrong result after the fuzz: {result}")
     return FuzzReport(rows, crashed, after["cluster"]["internal_errors"],
                       (rss[0], max(rss)), took)
-
-
-def _alive(pid: int) -> bool:
-    import os
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
