@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,6 +141,31 @@ def test_ctrl_c_during_a_sync_map_cancels_its_tasks_and_the_client_goes_on(modul
     assert client.infer("minilm", sentences(1)[0]).device == "cpu0"
     client.close()
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+def test_a_client_left_open_at_exit_says_goodbye_and_its_process_waits_for_nothing(clusters):
+    import subprocess
+    import sys
+
+    cluster = clusters.start("""
+        devices:
+          - {name: cpu0, kind: cpu, backend: onnxruntime, capacity: 1, faults: {hang_s: 1.0}}
+        models:
+          - {name: minilm, source: "packaged:minilm"}
+    """)
+    script = (f"import runtime\nfrom tests.conftest import sentences\n"
+              f"c = runtime.connect({cluster.address!r}, token={cluster.token!r})\n"
+              f"fs = [c.submit('minilm', x) for x in sentences(3)]\n"
+              f"print('submitted', flush=True)\n")  # and exits, the client still open
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0 and "submitted" in done.stdout, done.stderr
+    # closed at exit while its thread still ran: not left to the interpreter's teardown,
+    # where each close waited its whole second for a frozen thread
+    assert "takes over" not in done.stderr, done.stderr
+    status = wait_for(lambda: (s := cluster.status())["counters"]["cancelled"] == 3 and s,
+                      timeout=3.0, what="its goodbye's cancels")  # silence would take 5 s
+    assert status["unanswered"] == 0
 
 
 def test_closing_a_client_says_goodbye_and_its_unfinished_tasks_end_at_once_quietly(

@@ -17,6 +17,7 @@ most ``CLOSE_WITHIN_S``.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import concurrent.futures
 import dataclasses
@@ -28,6 +29,7 @@ import queue
 import secrets
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -907,6 +909,21 @@ def _answer(msg: p.Result | p.Completion) -> TaskResult | TextCompletion:
                           tool_calls=_calls(msg.tool_calls), logprobs=_logprobs(msg.logprobs))
 
 
+_OPEN: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_clients() -> None:
+    """Close the clients still open when the interpreter exits, while their loop threads
+    still run: later (a ``__del__`` in the interpreter's teardown) a daemon thread is frozen,
+    and each close would wait its whole ``CLOSE_WITHIN_S`` for nothing."""
+    for client in list(_OPEN):
+        try:
+            client.close()
+        except Exception as exc:  # exiting anyway: nothing to do but say so
+            log.debug("closing the client to %s at exit: %s", client.address, exc)
+
+
 class Client:
     """The sync client, and ``a*`` twins usable from any event loop. Thread-safe.
 
@@ -926,6 +943,7 @@ class Client:
         except BaseException:
             self._loop.stop()
             raise
+        _OPEN.add(self)
 
     # Every method below hands a coroutine of the AsyncClient to the private loop.
     def _submit(self, coro) -> concurrent.futures.Future:
