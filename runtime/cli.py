@@ -161,6 +161,12 @@ def cmd_up_ray(args) -> int:
             try:
                 changes(cluster.cluster_status())
             except FanoutError as exc:
+                # The scheduler runs in an actor this process does not own: once it stopped
+                # (`fanout down`) or died, nothing here would ever answer again.
+                if not cluster.serving():
+                    progress.line("the scheduler stopped (`fanout down`, or see its log in "
+                                  "the Ray session's logs)")
+                    break
                 progress.line(f"status: {exc}")
         progress.line("stopping: the worker actors and the scheduler actor")
     finally:

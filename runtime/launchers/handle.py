@@ -46,6 +46,15 @@ class ClusterHandle:
     def _check_alive(self) -> None:
         """Raise ``ClusterUnavailable`` if the scheduler is gone."""
 
+    def serving(self, timeout: float = 10.0) -> bool:
+        """Whether the scheduler still serves: False once it stopped or died, True while it
+        cannot tell (a busy or stopped scheduler), so that only a sure answer ends a watch."""
+        try:
+            self._check_alive()
+        except ClusterUnavailable:
+            return False
+        return True
+
     def wait_ready(self, timeout: float = 600.0,
                    on_status: Callable[[Status], None] | None = None) -> Status:
         """Block until every worker is up and every model loaded or unavailable;

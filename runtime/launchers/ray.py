@@ -120,6 +120,10 @@ def _resolve_for_device(config: Config, device: str) -> Config:
     return dataclasses.replace(config, models=models, model_cache=str(home))
 
 
+ACTOR_OUTLIVES_RUN_S = 10.0  # how long a worker actor's process waits to be killed, once its
+# run has returned the exit code (time for Ray to hand the code to the supervisor)
+
+
 @ray.remote(max_restarts=0)
 class DeviceWorker:
     """One device's worker; ``run`` returns when the worker exits, so its ref marks the exit.
@@ -134,7 +138,14 @@ class DeviceWorker:
             cfg = instantiate(cfg, template, device, capacity)
         cfg = _resolve_for_device(cfg, device)
         _watch_raylet(lambda: None)  # nothing to hand back: its tasks are re-run elsewhere
-        return WorkerProcess(cfg, device, epoch, scheduler, node=node_label()).run()
+        code = WorkerProcess(cfg, device, epoch, scheduler, node=node_label()).run()
+        # The supervisor kills this actor once it reads the code. One that cannot (this host
+        # cut off from it: the worker exited because the scheduler went silent) never will,
+        # and Ray's raylet here may wait for its head for ever: the process ends itself.
+        ending = threading.Timer(ACTOR_OUTLIVES_RUN_S, os._exit, args=(code,))
+        ending.daemon = True
+        ending.start()
+        return code
 
 
 class RaySupervisor(Supervisor):
@@ -356,6 +367,16 @@ class RayCluster(ClusterHandle):
         if not alive:
             raise ClusterUnavailable("the scheduler stopped while starting; see its log "
                                      "in the Ray session's logs")
+
+    def serving(self, timeout: float = 10.0) -> bool:
+        """``ClusterHandle.serving``: asks the actor (``fanout down`` stops its scheduler
+        but not the actor); a slow answer is no answer."""
+        try:
+            return bool(ray.get(self.actor.alive.remote(), timeout=timeout))
+        except ray.exceptions.GetTimeoutError:
+            return True
+        except ray.exceptions.RayError:  # the actor is gone
+            return False
 
     def shutdown(self, timeout: float = 15.0) -> None:
         """Stop the scheduler and every worker actor, then kill the detached actor; idempotent."""
