@@ -11,12 +11,19 @@ worker (never the last one up) is SIGKILLed or SIGSTOPped (and continued) every 
 every task answered exactly once, and correctly. ``overload``: ten times what the queue
 holds, submitted at once: the excess answered ``Overloaded``, everything accepted answered
 correctly, the scheduler's memory bounded.
+
+``lost_host``: two hosts made of network namespaces (``hosts.TwoHosts``), a Ray cluster over
+them, ``fanout up --ray`` with a CPU worker on each, and the second host's link cut in the
+middle of a 3,000-task fan-out from a client attached through Ray: every task answered once
+and correctly, the client exits on its own, ``fanout down`` ends ``fanout up``, and the Fanout
+processes left on the cut-off host end by themselves.
 """
 from __future__ import annotations
 
 import os
 import random
 import signal
+import subprocess
 import tempfile
 import textwrap
 import threading
@@ -263,6 +270,17 @@ def bench_chaos(quick: bool = False) -> int:
                                           ("overload", loaded, {"overloaded"}))
                  if r.wrong or r.unmatched or set(r.errors) - allowed
                  or r.correct + sum(r.errors.values()) != r.tasks]
+    import importlib.util
+
+    from .hosts import missing
+
+    why = missing() or (None if importlib.util.find_spec("ray") else
+                        "needs Ray: pip install 'fanout-runtime[ray]'")
+    if why is None:
+        lost = lost_host(600 if quick else LOST_HOST_TASKS, wait_node_s=120)
+        bad_chaos += [f"a host lost: {line}" for line in _host_loss_faults(lost, 120)]
+    else:
+        print(f"\na host lost mid fan-out: not run ({why})")
     reports = fuzz_sockets(300 if quick else FUZZ_MESSAGES)
     bad = [f"{name}: {r.crashed or ''} {r.internal_errors} internal errors"
            for name, r in reports.items() if r.crashed or r.internal_errors]
@@ -272,3 +290,249 @@ def bench_chaos(quick: bool = False) -> int:
     for line in bad_chaos + bad + unheard:
         print(f"FAILED: {line}")
     return 1 if bad_chaos or bad or unheard else 0
+
+
+LOST_HOST_TASKS = 3_000
+LOST_HOST_CONFIG = """
+    scheduler: {{task_timeout_s: 120, heartbeat_interval_s: 0.5,
+                heartbeat_timeout_s: {heartbeat_timeout}}}
+    devices:
+      - {{name: cpu, kind: cpu, backend: onnxruntime, capacity: 2, per_node: true,
+          faults: {{hang_s: {hang}}}}}
+    models:
+      - {{name: add, source: {add}}}
+"""
+# The client of the drill, run on the head's host: ``runtime.connect("auto")`` (through Ray,
+# at RAY_ADDRESS), a checked fan-out, a line per tenth done, the figures as one JSON line, and
+# then a last line with the time: what follows it is the process's own exit.
+LOST_HOST_CLIENT = """
+import collections, json, sys, time
+import numpy as np
+import runtime
+tasks = int(sys.argv[1])
+client = runtime.connect("auto", timeout=30)
+rng = np.random.default_rng(0)
+inputs = [{"a": rng.standard_normal(4).astype(np.float32),
+           "b": rng.standard_normal(4).astype(np.float32)} for _ in range(tasks)]
+futures = [client.submit("add", x, timeout=120) for x in inputs]
+print("submitted", flush=True)
+out = {"correct": 0, "wrong": 0, "errors": {}, "served": collections.Counter(),
+       "lost_attempts": 0, "lost_devices": []}
+lost = set()
+for i, (x, f) in enumerate(zip(inputs, futures), 1):
+    try:
+        r = f.result(timeout=180)
+    except Exception as exc:
+        kind = getattr(exc, "kind", type(exc).__name__)
+        out["errors"][kind] = out["errors"].get(kind, 0) + 1
+    else:
+        ok = np.allclose(next(iter(r.outputs.values())), x["a"] + x["b"])
+        out["correct" if ok else "wrong"] += 1
+        out["served"][r.device] += 1
+        for a in r.attempts:
+            if a.kind == "worker_lost":
+                out["lost_attempts"] += 1
+                lost.add(a.device)
+    if i % max(1, tasks // 10) == 0:
+        print(f"done {i}", flush=True)
+out["lost_devices"] = sorted(lost)
+out["unmatched"] = client.unmatched
+out["workers"] = [[w["device"], w["state"]] for w in client.status()["workers"]]
+print(json.dumps(out), flush=True)
+print(f"last {time.time()}", flush=True)
+"""
+
+
+@dataclass
+class HostLossReport:
+    tasks: int
+    correct: int = 0
+    wrong: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    unmatched: int = 0
+    served: dict[str, int] = field(default_factory=dict)
+    lost_attempts: int = 0  # "worker_lost" attempts: the tasks re-run elsewhere
+    lost_devices: list[str] = field(default_factory=list)
+    workers: list[list[str]] = field(default_factory=list)  # [device, state] after the fan-out
+    cut_at_done: int = 0  # tasks done when the link was cut
+    seconds: float = 0.0  # from the cut to the client's last line
+    exit_s: float | None = None  # from the client's last line to its exit; None: never exited
+    up_exit_s: float | None = None  # from then to `fanout up`'s exit after `fanout down`
+    head_left: int = 0  # Fanout's actor processes on the head 15 s after `fanout up` exited
+    node_clear_s: float | None = None  # from the cut until none is left on the cut-off host
+    log: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        exit_ = "never" if self.exit_s is None else f"{self.exit_s:.1f} s after its last line"
+        return [f"{self.tasks} tasks, the link cut after {self.cut_at_done}: {self.correct} "
+                f"correct, {self.wrong} wrong, errors {self.errors or 'none'}, answered twice "
+                f"{self.unmatched}; served {self.served}",
+                f"{self.lost_attempts} tasks re-run after their worker was lost "
+                f"({', '.join(self.lost_devices) or 'none'}); the last answer "
+                f"{self.seconds:.1f} s after the cut; workers after: {self.workers}",
+                f"the client (runtime.connect('auto')) exited {exit_}; `fanout up` "
+                f"{'never exited' if self.up_exit_s is None else 'exited'} after `fanout down`, "
+                f"leaving {self.head_left} Fanout processes on the head; on the cut-off host "
+                f"they " + ("were not waited for" if self.node_clear_s is None else
+                           f"were gone {self.node_clear_s:.0f} s after the cut")]
+
+
+def lost_host(tasks: int = LOST_HOST_TASKS, hang: float = 0.01, cut_after: float = 0.2,
+              exit_within: float = 30.0, wait_node_s: float = 0.0,
+              heartbeat_timeout: float = 5.0, say=print) -> HostLossReport:
+    """A Ray cluster over two hosts (``hosts.TwoHosts``), ``fanout up --ray`` with a CPU
+    worker on each, a client on the head's host fanning out ``tasks`` checked additions; the
+    node's link is cut once ``cut_after`` of them are done. Every task must be answered once,
+    correctly, the lost ones re-run on the head; and the client must then exit on its own
+    (it waits ``exit_within`` s for that, then kills it). After `fanout down`, `fanout up`
+    must exit and leave no Fanout process on the head; with ``wait_node_s``, the cut-off
+    host's must end by themselves within that long of the cut (the worker exits once the
+    scheduler is silent; the actor's process once its raylet gives up on the head)."""
+    import json
+    import queue
+    import sys
+
+    from .hosts import TwoHosts
+
+    report = HostLossReport(tasks)
+    fanout = [sys.executable, "-m", "runtime.cli"]
+    with TwoHosts() as hosts, tempfile.TemporaryDirectory(prefix="fanout-chaos-") as tmp:
+        folder = Path(tmp)
+        config = folder / "hosts.yaml"
+        config.write_text(textwrap.dedent(LOST_HOST_CONFIG.format(
+            hang=hang, heartbeat_timeout=heartbeat_timeout, add=_models(folder)["add"])))
+        env = hosts.env(FANOUT_HOME=str(folder / "home"), PYTHONUNBUFFERED="1")
+        hosts.start_ray()
+        up = hosts.popen(hosts.head, [*fanout, "up", "--ray", "--config", str(config),
+                                      "--address", hosts.ray_address, "--no-http"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: queue.Queue[str | None] = queue.Queue()
+        client = None
+        try:
+            _follow(up.stdout, lines, report.log, "up")
+            _expect(lines, "ready:", 180, report.log)
+            client = hosts.popen(hosts.head, [sys.executable, "-c", LOST_HOST_CLIENT,
+                                              str(tasks)], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+            said: queue.Queue[str | None] = queue.Queue()
+            _follow(client.stdout, said, report.log, "client")
+            cut_at = None
+            last = None
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                line = said.get(timeout=max(0.1, deadline - time.monotonic()))
+                if line is None:
+                    break
+                if line.startswith("done ") and cut_at is None \
+                        and int(line.split()[1]) >= tasks * cut_after:
+                    report.cut_at_done = int(line.split()[1])
+                    cut_at = hosts.cut()
+                elif line.startswith("{"):
+                    vars(report).update({k: v for k, v in json.loads(line).items()
+                                         if k in vars(report)})
+                elif line.startswith("last "):
+                    last = float(line.split()[1])
+                    break
+            if last is not None:
+                report.seconds = last - (cut_at or last)
+                try:
+                    client.wait(exit_within)
+                    report.exit_s = time.time() - last
+                except subprocess.TimeoutExpired:
+                    report.log.append(_stacks(client.pid))
+            down = subprocess.run(hosts.head.argv(*fanout, "down", "--ray", "--address",
+                                                  hosts.ray_address, "--timeout", "30"),
+                                  env=env, capture_output=True, text=True, timeout=90)
+            report.log.append(f"[down] {down.stdout.strip()} {down.stderr.strip()[-500:]}")
+            try:
+                up.wait(60)
+                report.up_exit_s = time.time() - last if last else None
+            except subprocess.TimeoutExpired:
+                report.log.append(_stacks(up.pid, "up"))
+            report.head_left = _settle(lambda: len(_fanout_pids(hosts.head)), 15.0)
+            if wait_node_s and cut_at is not None:
+                if _settle(lambda: len(_fanout_pids(hosts.node)),
+                           max(0.0, cut_at + wait_node_s - time.time())) == 0:
+                    report.node_clear_s = time.time() - cut_at
+        finally:
+            for proc in (client, up):
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    say("\na host lost mid fan-out (two network namespaces, Ray over a veth pair):")
+    for line in report.lines():
+        say(f"  {line}")
+    return report
+
+
+def _host_loss_faults(r: HostLossReport, wait_node_s: float) -> list[str]:
+    """What went wrong in a ``lost_host`` drill (nothing, if all is well)."""
+    faults = []
+    if r.wrong or r.unmatched or r.errors or r.correct != r.tasks:
+        faults.append(f"{r.wrong} wrong, {r.unmatched} answered twice, errors {r.errors}, "
+                      f"{r.correct} of {r.tasks} correct")
+    if not r.lost_attempts:
+        faults.append("no task was re-run: the link was cut too late to test anything")
+    if r.exit_s is None:
+        faults.append("the client never exited")
+    if r.up_exit_s is None:
+        faults.append("`fanout up` did not exit after `fanout down`")
+    if r.head_left:
+        faults.append(f"{r.head_left} Fanout processes left on the head")
+    if wait_node_s and r.node_clear_s is None:
+        faults.append(f"Fanout processes still on the cut-off host {wait_node_s:g} s on")
+    return faults
+
+
+def _follow(stream, into, log: list[str], who: str) -> None:
+    """Read a process's lines on a thread into ``into`` (None at its end) and ``log``."""
+    def read() -> None:
+        for line in stream:
+            log.append(f"[{who}] {line.rstrip()}")
+            into.put(line.strip())
+        into.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+
+
+def _expect(lines, prefix: str, timeout: float, log: list[str]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        if line is None:
+            break
+        if prefix in line:
+            return
+    raise RuntimeError(f"no {prefix!r} within {timeout:g} s:\n" + "\n".join(log[-30:]))
+
+
+def _stacks(pid: int, who: str = "client") -> str:
+    """Where a process that should have exited waits (py-spy, if it is installed)."""
+    import shutil
+    import subprocess as sp
+    spy = shutil.which("py-spy")
+    if spy is None:
+        return f"[{who}] still alive; no py-spy to show where it waits"
+    done = sp.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
+    return f"[{who}] still alive:\n" + done.stdout[-6000:] + done.stderr[-1000:]
+
+
+def _settle(count, within: float) -> int:
+    """``count()`` once it is 0, or when ``within`` s are up."""
+    deadline = time.monotonic() + within
+    while (n := count()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return n
+
+
+def _fanout_pids(host) -> list[int]:
+    """The processes of Fanout's actors (the scheduler's, the workers') on ``host``."""
+    return [pid for pid in host.pids()
+            if any(name in _cmdline(pid) for name in ("SchedulerActor", "DeviceWorker"))]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
