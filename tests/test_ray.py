@@ -79,7 +79,9 @@ def test_the_launcher_keyword_of_runtime_start_reaches_the_ray_launcher(nodes, t
     with runtime.start(path, launcher="ray") as cluster:
         assert cluster.status()["cluster"]["launcher"] == "ray"
         assert cluster.client().infer("minilm", sentences(1)[0]).device == "cpu0"
-    assert not our_actors(ray_launcher.SCHEDULER_NAME)
+    # ray.kill is asynchronous: the name goes once Ray's GCS has the actor's death
+    wait_for(lambda: not our_actors(ray_launcher.SCHEDULER_NAME), timeout=15,
+             what="the scheduler actor to be gone")
 
 
 def test_the_cluster_section_of_the_config_chooses_ray_and_names_the_scheduler(nodes, tmp_path):
@@ -97,7 +99,8 @@ def test_the_cluster_section_of_the_config_chooses_ray_and_names_the_scheduler(n
             assert client.infer("minilm", sentences(1)[0]).device == "cpu0"
         finally:
             client.close()
-    assert not our_actors("fanout-from-config")
+    wait_for(lambda: not our_actors("fanout-from-config"), timeout=15,
+             what="the scheduler actor to be gone")
 
 
 def test_minilm_fans_out_over_ray_actors_with_correct_outputs_and_devices(fanout, reference):
