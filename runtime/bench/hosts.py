@@ -15,6 +15,7 @@ Needs root and iproute2's ``ip`` (``missing()`` says which is absent).
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -70,6 +71,7 @@ class TwoHosts:
         if (why := missing()) is not None:
             raise RuntimeError(why)
         tag = f"{os.getpid() % 100_000}"
+        self._token = secrets.token_hex(32)
         self._dir = Path(tempfile.mkdtemp(prefix="fanout-hosts-"))
         self.head = Host(f"fanout-{tag}-a", f"fo{tag}a", f"{subnet}.1", self._dir / "ray-a")
         self.node = Host(f"fanout-{tag}-b", f"fo{tag}b", f"{subnet}.2", self._dir / "ray-b")
@@ -109,9 +111,12 @@ class TwoHosts:
             raise RuntimeError(f"ray start on {host.ip} failed: {done.stderr[-2000:]}")
 
     def env(self, **extra: str) -> dict[str, str]:
-        """The environment of a process on either host: Ray found at the head's address."""
+        """The environment of a process on either host: Ray found at the head's address,
+        with Ray's token authentication on and this cluster's own token (so that neither this
+        machine's ~/.ray/auth_token nor its absence decides whether the nodes can talk)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        env.update(RAY_ADDRESS=self.ray_address, **extra)
+        env.update(RAY_ADDRESS=self.ray_address, RAY_AUTH_MODE="token",
+                   RAY_AUTH_TOKEN=self._token, **extra)
         return env
 
     def popen(self, host: Host, argv: list[str], **kw) -> subprocess.Popen:
