@@ -30,7 +30,7 @@ from runtime.core.scheduler import (
 from runtime.errors import ProtocolError
 from runtime.wire.status import Calibration, ModelLoad
 
-from .test_scheduler_state import Harness, dispatches, model
+from .test_scheduler_state import Harness, checked, dispatches, model
 
 # ---- the policy, alone ----------------------------------------------------------------------
 
@@ -175,17 +175,8 @@ class Placed(Harness):
 
 @pytest.fixture
 def make():
-    made: list[Placed] = []
-
-    def factory(config: Config) -> Placed:
-        h = Placed(config)
-        made.append(h)
-        return h
-
-    yield factory
-    for h in made:
-        h.state.validate()
-        assert set(h.state.tasks) == h.pending
+    with checked(Placed) as factory:
+        yield factory
 
 
 def test_calibrated_at_load_the_first_task_goes_to_the_faster_device_not_the_preferred(make):

@@ -21,7 +21,7 @@ from runtime.core.scheduler import (
 from runtime.errors import Cancelled
 from runtime.wire.status import Calibration, ModelLoad
 
-from .test_scheduler_state import Harness, dispatches, model, of
+from .test_scheduler_state import Harness, checked, dispatches, model, of
 
 
 def one_cpu(capacity: int = 2, prefetch: int | None = 2, **scheduler: Any) -> Config:
@@ -32,17 +32,8 @@ def one_cpu(capacity: int = 2, prefetch: int | None = 2, **scheduler: Any) -> Co
 
 @pytest.fixture
 def make():
-    made: list[Harness] = []
-
-    def factory(config: Config) -> Harness:
-        h = Harness(config)
-        made.append(h)
-        return h
-
-    yield factory
-    for h in made:
-        h.state.validate()
-        assert set(h.state.tasks) == h.pending
+    with checked(Harness) as factory:
+        yield factory
 
 
 def submit_all(h: Harness, keys: list[str]) -> list[str]:

@@ -6,9 +6,11 @@ still owes must be exactly those the test never saw answered, and none was answe
 """
 from __future__ import annotations
 
+import contextlib
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -190,15 +192,18 @@ def of(kind: type, actions: list) -> list:
     return [a for a in actions if isinstance(a, kind)]
 
 
-@pytest.fixture
-def make():
-    """Builds harnesses; at teardown checks the invariants and that state and test agree."""
-    made: list[Harness] = []
+H = TypeVar("H", bound="Harness")
 
-    def factory(config: Config | None = None, track_nodes: bool = False, **kw: Any) -> Harness:
-        h = Harness(config if config is not None else cluster(**kw), track_nodes)
-        made.append(h)
-        return h
+
+@contextlib.contextmanager
+def checked(build: Callable[..., H]) -> Iterator[Callable[..., H]]:
+    """A factory of harnesses made by ``build``; on leaving, checks each one's invariants
+    and that state and test agree (the ``make`` fixtures of the scheduler's test files)."""
+    made: list[H] = []
+
+    def factory(*args: Any, **kw: Any) -> H:
+        made.append(harness := build(*args, **kw))
+        return harness
 
     yield factory
     for h in made:
@@ -206,6 +211,16 @@ def make():
         assert set(h.state.tasks) == h.pending, "the state owes answers the test did not expect"
         for task in h.state.queue:
             assert task.key in h.state.tasks
+
+
+@pytest.fixture
+def make():
+    """Builds harnesses; at teardown checks the invariants and that state and test agree."""
+    def build(config: Config | None = None, track_nodes: bool = False, **kw: Any) -> Harness:
+        return Harness(config if config is not None else cluster(**kw), track_nodes)
+
+    with checked(build) as factory:
+        yield factory
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
+from runtime.bench.constrained import ADD, WEATHER  # the bench's tool-use table offers the same
 from runtime.config.schema import HttpConfig
 from runtime.frontdoors.http_server import HttpServer
 from runtime.launchers.local import prepare
@@ -49,15 +50,6 @@ CONFIG = """
       - {name: smollm2-flaky2, source: "packaged:smollm2", devices: [flaky, cpu0], options: {
          flaky: {warmup: false}, cpu0: {warmup: false}}}
 """
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Get the current weather for a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                   "required": ["city"]}}}
-ADD = {"type": "function", "function": {
-    "name": "add", "description": "Add two integers",
-    "parameters": {"type": "object", "properties": {"a": {"type": "integer"},
-                                                    "b": {"type": "integer"}},
-                   "required": ["a", "b"]}}}
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, ADD)}
 PARIS = [{"role": "user", "content": "What's the weather in Paris?"}]
 ASKS_FOR_A_CALL = [{"role": "user",

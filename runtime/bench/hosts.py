@@ -19,6 +19,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -102,8 +103,8 @@ class TwoHosts:
         self._ray(self.node, ["--address", self.ray_address, *common], timeout)
 
     def _ray(self, host: Host, args: list[str], timeout: float) -> None:
-        ray = shutil.which("ray") or "ray"
-        done = subprocess.run(host.argv(ray, "start", "--node-ip-address", host.ip,
+        ray = [sys.executable, "-m", "ray.scripts.scripts"]  # this Python's Ray, PATH or not
+        done = subprocess.run(host.argv(*ray, "start", "--node-ip-address", host.ip,
                                         "--temp-dir", str(host.temp_dir), *args),
                               capture_output=True, text=True, timeout=timeout,
                               env=self.env())
