@@ -357,7 +357,7 @@ class HostLossReport:
     cut_at_done: int = 0  # tasks done when the link was cut
     seconds: float = 0.0  # from the cut to the client's last line
     exit_s: float | None = None  # from the client's last line to its exit; None: never exited
-    up_exit_s: float | None = None  # from then to `fanout up`'s exit after `fanout down`
+    up_exit_s: float | None = None  # from `fanout down`'s return to `fanout up`'s exit
     head_left: int = 0  # Fanout's actor processes on the head 15 s after `fanout up` exited
     node_clear_s: float | None = None  # from the cut until none is left on the cut-off host
     log: list[str] = field(default_factory=list)
@@ -444,9 +444,10 @@ def lost_host(tasks: int = LOST_HOST_TASKS, hang: float = 0.01, cut_after: float
                                                   hosts.ray_address, "--timeout", "30"),
                                   env=env, capture_output=True, text=True, timeout=90)
             report.log.append(f"[down] {down.stdout.strip()} {down.stderr.strip()[-500:]}")
+            downed = time.time()
             try:
                 up.wait(60)
-                report.up_exit_s = time.time() - last if last else None
+                report.up_exit_s = time.time() - downed
             except subprocess.TimeoutExpired:
                 report.log.append(_stacks(up.pid, "up"))
             report.head_left = _settle(lambda: len(_fanout_pids(hosts.head)), 15.0)
@@ -509,11 +510,11 @@ def _expect(lines, prefix: str, timeout: float, log: list[str]) -> None:
 def _stacks(pid: int, who: str = "client") -> str:
     """Where a process that should have exited waits (py-spy, if it is installed)."""
     import shutil
-    import subprocess as sp
     spy = shutil.which("py-spy")
     if spy is None:
         return f"[{who}] still alive; no py-spy to show where it waits"
-    done = sp.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True,
+                          timeout=60)
     return f"[{who}] still alive:\n" + done.stdout[-6000:] + done.stderr[-1000:]
 
 

@@ -130,13 +130,9 @@ class TwoHosts:
         _ip("-n", self.node.netns, "link", "set", self.node.link, "down")
         return time.time()
 
-    def mend(self) -> None:
-        _ip("-n", self.node.netns, "link", "set", self.node.link, "up")
-
-    def close(self) -> list[int]:
-        """End every process of both hosts, then the hosts; returns the pids it had to end."""
+    def close(self) -> None:
+        """End every process of both hosts, then the hosts."""
         hosts = [h for h in (self.head, self.node) if h.netns in self._made]
-        ended = [pid for h in hosts for pid in h.pids()]
         for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
             for pid in [pid for h in hosts for pid in h.pids()]:
                 try:
@@ -150,7 +146,6 @@ class TwoHosts:
             subprocess.run(["ip", "netns", "del", netns], capture_output=True)
         self._made.clear()
         shutil.rmtree(self._dir, ignore_errors=True)
-        return ended
 
     def __enter__(self) -> TwoHosts:
         return self
