@@ -223,6 +223,58 @@ def test_prefix_caching_gives_the_same_greedy_text_as_without(session, smollm2):
         assert [stream.text for _, stream in run] == expected
 
 
+def test_jobs_sharing_a_prefix_wait_for_it_once_and_then_join_the_batch_together(smollm2):
+    # Counted in engine steps, in this process, on a pipeline that counts its steps.
+    import openvino_genai as ov_genai
+
+    from runtime.backends.genai import DETERMINISTIC_PROPERTIES
+    from runtime.backends.genai.batched import BatchedLLMSession
+
+    class CountingPipe:
+        def __init__(self):
+            config = ov_genai.SchedulerConfig()
+            config.enable_prefix_caching = True
+            self.pipe = ov_genai.ContinuousBatchingPipeline(smollm2, config, "CPU",
+                                                            DETERMINISTIC_PROPERTIES)
+            self.steps = 0
+
+        def step(self):
+            self.steps += 1
+            return self.pipe.step()
+
+        def __getattr__(self, name):
+            return getattr(self.pipe, name)
+
+    pipe = CountingPipe()
+    session = BatchedLLMSession(lambda: pipe, "smollm2@test", 8192, prefix_caching=True)
+    try:
+        def fan_out(questions) -> list[int]:
+            """The step at which each question had its first token, all sent at once."""
+            firsts: list[int | None] = [None] * len(questions)
+            ended = threading.Semaphore(0)
+            for i, q in enumerate(questions):
+                def first(delta, i=i):
+                    if firsts[i] is None:
+                        firsts[i] = pipe.steps
+                session.start(read_request({"messages": [
+                    {"role": "user", "content": f"{DOCUMENT}\n\n{q}"}], "max_tokens": 2}),
+                    first, lambda _result: ended.release(), CancelToken())
+            for _ in questions:
+                assert ended.acquire(timeout=60)
+            return [f - pipe.steps for f in firsts]
+
+        # Nothing cached: the others wait for the first's prefill, which computes the
+        # document once, then all join together (before, each waited for the one before).
+        cold = fan_out(QUESTIONS)
+        assert min(cold[1:]) > cold[0], cold
+        assert max(cold[1:]) - min(cold[1:]) <= 1, cold
+        # The document cached: nobody waits for anybody.
+        warm = fan_out([f"{q} Answer briefly." for q in QUESTIONS])
+        assert max(warm) - min(warm) <= 1, warm
+    finally:
+        session.close()
+
+
 def test_a_request_alone_starts_as_soon_as_an_in_process_pipeline_would(session, smollm2):
     import openvino_genai as ov_genai
 

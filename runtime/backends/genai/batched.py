@@ -9,6 +9,10 @@ gather. Two things can hold a job back:
   prompt shares most of itself with a prompt still in its prefill (the same document or
   tools for every agent of a fan-out) waits for that prefill to end, then joins and
   computes only what is its own: the shared part is computed once per fan-out, not N times.
+  It waits only for what that prefill adds to the prompts already computed here: the tools
+  every agent of a fan-out shares are cached after the first, and a job that waited for each
+  newcomer's prefill anyway joined the batch one step after the other (of four agents, the
+  last had its first token three steps after the second).
 - **A grammar on trial.** A grammar the engine fails to compile fails the whole ``step()``
   and leaves the pipeline unusable, so a constraint not yet seen to compile here joins the
   batch alone: while one such job waits for its first token, others with unproven grammars
@@ -39,6 +43,9 @@ from .session import EngineSession
 MIN_SHARED_TOKENS = 64
 # ... and at least this share of both prompts (else the wait costs more than it saves).
 MIN_SHARED_FRACTION = 0.5
+# The prompts whose prefill ended last, remembered as cached (the engine may have evicted
+# some since: then a job computes that part itself, as without prefix caching).
+REMEMBERED_PROMPTS = 64
 
 
 def shared_prefix(a: list[int], b: list[int]) -> int:
@@ -62,6 +69,8 @@ class BatchedLLMSession(EngineSession):
         self.after_step = after_step
         self._prefilling: dict[int, Job] = {}  # running jobs without a token yet
         self._held: dict[int, list[Job]] = {}  # leader's rid -> jobs waiting for its prefix
+        self._computed: collections.deque[list[int]] = collections.deque(
+            maxlen=REMEMBERED_PROMPTS)  # prompts whose prefill ended, newest last
         self._proven: set[str] = set()  # grammars that compiled in this pipeline
         self._proving: Job | None = None  # the job whose grammar is on trial
         self._waiting: collections.deque[Job] = collections.deque()  # unproven, queued
@@ -130,13 +139,16 @@ class BatchedLLMSession(EngineSession):
             self._waiting.append(job)
 
     def _leader_for(self, job: Job) -> Job | None:
-        """A job in prefill whose prompt this one shares enough of to wait for."""
-        if not self.prefix_caching:
+        """A job in prefill that computes enough of this one's prompt, beyond what is cached
+        already, to wait for."""
+        if not self.prefix_caching or not self._prefilling:
             return None
+        ids = job.input_ids
+        cached = max((shared_prefix(p, ids) for p in self._computed), default=0)
         for leader in self._prefilling.values():
-            n = shared_prefix(leader.input_ids, job.input_ids)
-            if n >= MIN_SHARED_TOKENS and n >= MIN_SHARED_FRACTION * max(
-                    len(leader.input_ids), len(job.input_ids)):
+            gain = shared_prefix(leader.input_ids, ids) - cached
+            if gain >= MIN_SHARED_TOKENS and gain >= MIN_SHARED_FRACTION * (
+                    max(len(leader.input_ids), len(ids)) - cached):
                 return leader
         return None
 
@@ -194,8 +206,9 @@ class BatchedLLMSession(EngineSession):
                 ids += out.generated_ids
                 logprobs += out.generated_log_probs
                 reason = out.finish_reason
-        if ids or status != g.GenerationStatus.RUNNING:
-            self._release(job)  # its prompt's blocks are computed (and cached)
+        if job.rid in self._prefilling and (ids or status != g.GenerationStatus.RUNNING):
+            self._computed.append(job.input_ids)  # its prompt's blocks are computed (and cached)
+            self._release(job)
         if job is self._proving and (ids or status != g.GenerationStatus.RUNNING):
             self._proving = None  # its grammar compiled: the sampler has used it
             if job.grammar is not None and (ids or status == g.GenerationStatus.FINISHED):
@@ -245,6 +258,7 @@ class BatchedLLMSession(EngineSession):
                 self._admit(job)
 
     def _rebuild(self) -> Any:
+        self._computed.clear()  # a new pipeline's cache is empty
         try:
             return self._make_pipe()
         except Exception as e:

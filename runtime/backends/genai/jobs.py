@@ -66,7 +66,6 @@ class Job:
         self.stage = stage  # the how-manieth tool call this job writes (0: the first)
         self.max_new_tokens = int(config.max_new_tokens)
         self.handle: Any = None
-        self.started = False  # the engine has produced a token for it (its prefill is done)
 
     @property
     def cancelled(self) -> bool:
