@@ -19,10 +19,12 @@ node has, until one that has them joins).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import secrets
 import socket
@@ -539,7 +541,8 @@ def _join_ray(address: str | None, timeout: float = 10.0) -> None:
     _token_mode_if_token(address)
     for attempt in range(1, CLIENT_SERVER_TRIES + 1):
         try:
-            ray.init(address=address, namespace=NAMESPACE)
+            with _gcs_connect_window(timeout):
+                ray.init(address=address, namespace=NAMESPACE)
             return
         except ConnectionError as exc:
             if "Starting Ray client server failed" in str(exc) \
@@ -553,6 +556,26 @@ def _join_ray(address: str | None, timeout: float = 10.0) -> None:
                 f"cannot reach the Ray cluster at {address} ({_first_words(exc)}); if it "
                 f"uses Ray's token authentication, set RAY_AUTH_MODE=token and its token "
                 f"(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)") from exc
+
+
+@contextlib.contextmanager
+def _gcs_connect_window(timeout: float):
+    """Ray tries a GCS that takes the TCP connection but not the driver (another token, a
+    head still starting) once a second, 20 times (``RAY_NUM_REDIS_GET_RETRIES``): so
+    ``fanout status --ray --timeout 5`` with the wrong token took 20 s. For this ``ray.init``
+    the tries fit in ``timeout``, unless that variable is set."""
+    from ray._private import ray_constants
+
+    if "RAY_NUM_REDIS_GET_RETRIES" in os.environ or not hasattr(
+            ray_constants, "NUM_REDIS_GET_RETRIES"):
+        yield
+        return
+    before = ray_constants.NUM_REDIS_GET_RETRIES
+    ray_constants.NUM_REDIS_GET_RETRIES = max(1, math.ceil(timeout))
+    try:
+        yield
+    finally:
+        ray_constants.NUM_REDIS_GET_RETRIES = before
 
 
 def _token_mode_if_token(address: str | None) -> None:
