@@ -49,6 +49,85 @@ def bench_constrained(client, model: str, prompts: list[str], tokens: int,
     print(f"constrained vs unconstrained tokens/s: {worst / base:.2f}x (target >= 0.8x)")
 
 
+def constrained_steps(path: str, prompts: list[str], tokens: int, rounds: int = 3) -> None:
+    """Why the row above is what it is: the same batches on the runtime's batched session in
+    this process, counting the engine's steps. A batch takes as many steps as its longest
+    request, so requests that end early (a tool call written, a JSON object closed) lower
+    tokens/s without any step being slower."""
+    import threading
+
+    import openvino_genai as ov_genai
+
+    from ..backends.base import CancelToken
+    from ..backends.genai.batched import BatchedLLMSession
+    from ..wire.generation import read_request
+
+    class CountingPipe:
+        def __init__(self) -> None:
+            config = ov_genai.SchedulerConfig()
+            config.enable_prefix_caching = True
+            self.pipe = ov_genai.ContinuousBatchingPipeline(path, config, "CPU", {})
+            self.steps, self.step_s = 0, 0.0
+
+        def step(self) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return self.pipe.step()
+            finally:
+                self.steps += 1
+                self.step_s += time.perf_counter() - t0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.pipe, name)
+
+    pipe = CountingPipe()
+    session = BatchedLLMSession(lambda: pipe, "smollm2@bench", 8192, prefix_caching=True)
+
+    def batch(params: dict, chosen: list[str], max_tokens: int) -> list:
+        ended = threading.Semaphore(0)
+        results: list = []
+
+        def on_end(out: Any) -> None:
+            results.append(out)
+            ended.release()
+
+        for text in chosen:
+            request = read_request({"messages": [{"role": "user", "content": text}],
+                                    "max_tokens": max_tokens, **params})
+            session.start(request, lambda _delta: None, on_end, CancelToken())
+        for _ in chosen:
+            ended.acquire()
+        for out in results:
+            if isinstance(out, BaseException):
+                raise out
+        return results
+
+    kinds = {**KINDS, "tools offered (auto)": {"tools": [LOOKUP], "tool_choice": "auto"}}
+    try:
+        for params in kinds.values():
+            batch(params, prompts[:1], 8)
+        seen: dict[str, list[tuple[int, int, float, float, int]]] = {k: [] for k in kinds}
+        for _ in range(rounds):
+            for kind, params in kinds.items():
+                steps, step_s, started = pipe.steps, pipe.step_s, time.perf_counter()
+                results = batch(params, prompts, tokens)
+                wall = time.perf_counter() - started
+                made = sum(r.completion_tokens for r in results)
+                early = sum(r.completion_tokens < tokens for r in results)
+                seen[kind].append((made, pipe.steps - steps, pipe.step_s - step_s, wall, early))
+    finally:
+        session.close()
+    print(f"\nthe same batches in this process, on the runtime's batched session (fast "
+          f"numerics), median of {rounds}: engine steps and time per step")
+    base = statistics.median(m / w for m, _, _, w, _ in seen["unconstrained"])
+    for kind, runs in seen.items():
+        made, steps, step_s, wall, early = (statistics.median(v) for v in zip(*runs))
+        rate = statistics.median(m / w for m, _, _, w, _ in runs)
+        print(f"  {kind:<24} {made:4.0f} tokens in {steps:3.0f} steps, "
+              f"{step_s / steps * 1000:5.1f} ms a step, {early:.0f} of {len(prompts)} ended "
+              f"early  {rate:7.1f} tokens/s  {rate / base:5.2f}x unconstrained")
+
+
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather for a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},

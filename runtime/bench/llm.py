@@ -17,7 +17,7 @@ from ..backends.genai import DETERMINISTIC_PROPERTIES
 from ..launchers.models import fetch
 from . import control, peer
 from .common import LLM_PROMPTS, cluster_config, hardware, pct, row
-from .constrained import bench_constrained, bench_tool_use
+from .constrained import bench_constrained, bench_tool_use, constrained_steps
 from .fanouts import Load, best_of, fan_out
 from .prefix import bench_prefix
 
@@ -105,6 +105,7 @@ def bench_llm(tokens: int = 64, n: int = 8) -> int:
         bench_prefix(client)
         bench_constrained(client, "smollm2", LLM_PROMPTS[:n], tokens)
         bench_tool_use(client, "smollm2")
+    constrained_steps(path, LLM_PROMPTS[:n], tokens)
     for load, k in ((fan8, n), (fan32, 32)):
         assert load.tokens == k * tokens, f"expected {k * tokens} tokens, got {load.tokens}"
 
