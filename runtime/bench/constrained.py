@@ -102,7 +102,7 @@ def constrained_steps(path: str, prompts: list[str], tokens: int, rounds: int = 
                 raise out
         return results
 
-    kinds = {**KINDS, "tools offered (auto)": {"tools": [LOOKUP], "tool_choice": "auto"}}
+    kinds = KINDS
     try:
         for params in kinds.values():
             batch(params, prompts[:1], 8)
