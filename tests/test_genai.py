@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import threading
 import time
 
 import jsonschema
+import msgpack
 import pytest
 
 from runtime import env
@@ -31,6 +33,8 @@ from runtime.config.schema import DeviceConfig, FaultConfig
 from runtime.errors import Cancelled, DeviceError, InvalidInput, ModelUnavailable, Unsupported
 from runtime.launchers.models import fetch
 from runtime.wire.generation import build_request, read_request
+
+from .conftest import wait_for
 
 TOPICS = ["the ocean", "volcanoes", "the moon", "honey bees", "the Roman empire", "chess",
           "coffee", "glaciers"]
@@ -271,6 +275,96 @@ def test_jobs_sharing_a_prefix_wait_for_it_once_and_then_join_the_batch_together
         # The document cached: nobody waits for anybody.
         warm = fan_out([f"{q} Answer briefly." for q in QUESTIONS])
         assert max(warm) - min(warm) <= 1, warm
+    finally:
+        session.close()
+
+
+def test_the_engine_pipe_is_pending_while_bytes_wait_in_it_or_a_frame_is_being_handled():
+    from runtime.backends.genai.channel import PipeFrames
+
+    r, w = os.pipe()
+    frames = PipeFrames(r)
+    assert not frames.pending
+    handling, handled = threading.Event(), threading.Event()
+    got: list = []
+
+    def reader():
+        for frame in frames.frames():
+            got.append(frame)
+            handling.set()
+            handled.wait(10)
+            handled.clear()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        blob = msgpack.packb([["gen", 1]])
+        os.write(w, struct.pack("<I", len(blob)) + blob)
+        assert handling.wait(10)
+        assert frames.pending  # read from the pipe, still being handled
+        handled.set()
+        wait_for(lambda: not frames.pending, timeout=10, interval=0.01,
+                 what="the reader to wait on an empty pipe again")
+        frames_s = time.monotonic()
+        frames.wait_drained(5.0)  # nothing pending: no wait
+        assert time.monotonic() - frames_s < 0.5
+        assert got == [[["gen", 1]]]
+    finally:
+        os.close(w)  # the end of the stream ends the reader
+        thread.join(10)
+        os.close(r)
+    assert not thread.is_alive()
+
+
+def test_requests_let_in_while_the_engine_catches_up_join_the_same_step(smollm2):
+    # The engine process's step holds the GIL, so requests that reach its pipe while one is
+    # read and tokenized were read one per step (a fan-out of 8 joined over four steps). Its
+    # engine thread calls catch_up (waiting for what the pipe holds) before it takes its
+    # inbox: here catch_up itself brings the other seven, and all eight start in one step.
+    import openvino_genai as ov_genai
+
+    from runtime.backends.genai.batched import BatchedLLMSession
+
+    class CountingPipe:
+        def __init__(self):
+            config = ov_genai.SchedulerConfig()
+            config.enable_prefix_caching = True
+            self.pipe = ov_genai.ContinuousBatchingPipeline(smollm2, config, "CPU", {})
+            self.steps = 0
+
+        def step(self):
+            self.steps += 1
+            return self.pipe.step()
+
+        def __getattr__(self, name):
+            return getattr(self.pipe, name)
+
+    pipe = CountingPipe()
+    firsts: dict[int, int] = {}
+    ended = threading.Semaphore(0)
+    later: list[int] = []
+
+    def start(i: int) -> None:
+        session.start(read_request({"messages": [{"role": "system", "content": "Be brief."},
+                                                 {"role": "user", "content": f"Say {i}."}],
+                                    "max_tokens": 2}),
+                      lambda _delta, i=i: firsts.setdefault(i, pipe.steps),
+                      lambda _result: ended.release(), CancelToken())
+
+    def catch_up():
+        while later:
+            start(later.pop())
+
+    session = BatchedLLMSession(lambda: pipe, "smollm2@test", 8192, prefix_caching=True,
+                                catch_up=catch_up)
+    try:
+        for attempt in range(2):  # the first also meets this batch shape first
+            firsts.clear()
+            later[:] = list(range(1, 8))
+            start(0)
+            for _ in range(8):
+                assert ended.acquire(timeout=60)
+            assert len(set(firsts.values())) == 1, (attempt, firsts)
     finally:
         session.close()
 

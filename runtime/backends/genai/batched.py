@@ -58,12 +58,16 @@ class BatchedLLMSession(EngineSession):
     wait for a shared prefix in prefill, as above). ``after_step`` is called on the engine
     thread at the top of each pass of its loop, so after each step's tokens have been handed
     out and before it blocks for more work, and once more when the thread ends (the engine
-    process sends what ended since the last call in one message then)."""
+    process sends what ended since the last call in one message then). ``catch_up`` is
+    called on the engine thread before it takes what its inbox holds: the engine process
+    waits there for requests already in its pipe, so that those sent together join one step."""
 
     def __init__(self, make_pipe: Callable[[], Any], label: str, context_length: int,
                  structured_output: bool = True, prefix_caching: bool = False,
-                 after_step: Callable[[], None] | None = None) -> None:
+                 after_step: Callable[[], None] | None = None,
+                 catch_up: Callable[[], None] | None = None) -> None:
         self._make_pipe = make_pipe
+        self.catch_up = catch_up
         self._running: dict[int, Job] = {}
         self.prefix_caching = prefix_caching
         self.after_step = after_step
@@ -102,6 +106,8 @@ class BatchedLLMSession(EngineSession):
             busy = bool(self._running) or (self._pipe is not None and
                                            self._pipe.has_non_finished_requests())
             msgs = [self._inbox.get()] if not busy else []  # idle: block, no busy loop
+            if self.catch_up is not None:
+                self.catch_up()
             while True:
                 try:
                     msgs.append(self._inbox.get_nowait())

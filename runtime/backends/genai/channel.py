@@ -10,8 +10,12 @@ new tokens, not one message per token and sequence.
 from __future__ import annotations
 
 import dataclasses
+import os
+import select
 import struct
 import threading
+import time
+from collections.abc import Iterator
 from typing import IO, Any
 
 import msgpack
@@ -21,6 +25,58 @@ from ...wire.generation import Delta, GenRequest, GenResult, TokenLogprob, Tool,
 
 MAX_FRAME_BYTES = 256 << 20  # a prompt of the longest context is a few MB; this only bounds junk
 _HEADER = struct.Struct("<I")
+
+
+class PipeFrames:
+    """Frames from a pipe's file descriptor, for one reading thread, that another thread can
+    ask about: ``pending`` is true while bytes wait in the pipe or frames read from it are
+    being handled. The engine process's step holds the GIL: requests that came together
+    reached its pipe together but were read one per step, so a fan-out of 8 joined the
+    batch over four steps. Its engine thread now lets what is already there in first."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffer = bytearray()
+        self._busy = False
+
+    def frames(self) -> Iterator[list]:
+        """Each frame's messages until the pipe ends; the caller handles each before the next
+        read, and ``pending`` stays true until it asks for more."""
+        while True:
+            self._busy = False
+            select.select([self._fd], [], [])  # blocks without the GIL
+            self._busy = True  # from here until every frame read is handled
+            chunk = os.read(self._fd, 1 << 20)
+            if not chunk:
+                return
+            self._buffer += chunk
+            while len(self._buffer) >= _HEADER.size:
+                (n,) = _HEADER.unpack_from(self._buffer)
+                if n > MAX_FRAME_BYTES:
+                    raise DeviceError(f"engine pipe: a frame of {n} bytes exceeds "
+                                      f"{MAX_FRAME_BYTES}")
+                if len(self._buffer) < _HEADER.size + n:
+                    break
+                data = bytes(self._buffer[_HEADER.size:_HEADER.size + n])
+                del self._buffer[:_HEADER.size + n]
+                yield _frame(data)
+
+    @property
+    def pending(self) -> bool:
+        return self._busy or bool(select.select([self._fd], [], [], 0)[0])
+
+    def wait_drained(self, at_most_s: float) -> None:
+        """Wait (sleeping, so that the reader has the GIL) while input is pending."""
+        deadline = time.monotonic() + at_most_s
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(0.0002)
+
+
+def _frame(data: bytes) -> list:
+    messages = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    if not isinstance(messages, list):
+        raise DeviceError(f"engine pipe: a frame must be a list, got {type(messages)}")
+    return messages
 
 
 class Channel:
@@ -48,10 +104,7 @@ class Channel:
         data = self._reader.read(n)
         if len(data) < n:
             return None
-        messages = msgpack.unpackb(data, raw=False, strict_map_key=False)
-        if not isinstance(messages, list):
-            raise DeviceError(f"engine pipe: a frame must be a list, got {type(messages)}")
-        return messages
+        return _frame(data)
 
 
 def request_to_wire(r: GenRequest) -> dict:

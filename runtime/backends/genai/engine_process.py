@@ -24,6 +24,7 @@ from ..base import CancelToken
 from .batched import BatchedLLMSession
 from .channel import (
     Channel,
+    PipeFrames,
     delta_to_wire,
     error_to_wire,
     request_from_wire,
@@ -31,8 +32,13 @@ from .channel import (
 )
 from .jobs import genai
 
+# How long the engine thread lets requests already in its pipe in before it steps (a frame
+# takes ~1 ms to read and tokenize; this only bounds a flood)
+CATCH_UP_S = 0.02
 
-def open_session(spec: dict[str, Any], after_step: Any) -> BatchedLLMSession:
+
+def open_session(spec: dict[str, Any], after_step: Any,
+                 catch_up: Any = None) -> BatchedLLMSession:
     """The session ``spec`` describes (built by ``GenAIBackend``): path, device, OpenVINO
     properties, SchedulerConfig fields, label, context length, structured output."""
     g = genai()
@@ -46,7 +52,7 @@ def open_session(spec: dict[str, Any], after_step: Any) -> BatchedLLMSession:
 
     return BatchedLLMSession(make, spec["label"], spec["context_length"],
                              spec["structured_output"], bool(sched.enable_prefix_caching),
-                             after_step)
+                             after_step, catch_up)
 
 
 class Outbox:
@@ -72,19 +78,25 @@ class Outbox:
 
 
 class EngineServer:
-    def __init__(self, channel: Channel) -> None:
+    """``frames``: what comes from the worker, read on the calling thread of ``run``; the
+    engine thread asks it whether more is pending before it admits and steps."""
+
+    def __init__(self, channel: Channel, frames: PipeFrames) -> None:
         self.channel = channel
+        self.frames = frames
         self.outbox = Outbox(channel)
         self.session: BatchedLLMSession | None = None
         self.tokens: dict[int, CancelToken] = {}
 
     def run(self) -> int:
-        first = self.channel.read()
+        incoming = self.frames.frames()
+        first = next(incoming, None)
         if not first or first[0][0] != "load":
             return 2
         spec = first[0][1]
         try:
-            self.session = open_session(spec, self.outbox.flush)
+            self.session = open_session(spec, self.outbox.flush,
+                                        lambda: self.frames.wait_drained(CATCH_UP_S))
             self.session.warm_up()
         except Exception as e:
             text = e.message if isinstance(e, FanoutError) else str(e).strip()
@@ -94,7 +106,7 @@ class EngineServer:
                                        "structured_output": self.session.structured_output,
                                        "logprobs": self.session.logprobs}]])
         try:
-            while (frame := self.channel.read()) is not None:
+            for frame in incoming:
                 for message in frame:
                     if message[0] == "close":
                         return 0
@@ -143,5 +155,6 @@ def main() -> int:
     frames_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt frames
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when this ends
-    return EngineServer(Channel(sys.stdin.buffer, frames_out)).run()
+    return EngineServer(Channel(sys.stdin.buffer, frames_out),
+                        PipeFrames(sys.stdin.fileno())).run()
 
