@@ -102,13 +102,12 @@ def constrained_steps(path: str, prompts: list[str], tokens: int, rounds: int = 
                 raise out
         return results
 
-    kinds = KINDS
     try:
-        for params in kinds.values():
+        for params in KINDS.values():
             batch(params, prompts[:1], 8)
-        seen: dict[str, list[tuple[int, int, float, float, int]]] = {k: [] for k in kinds}
+        seen: dict[str, list[tuple[int, int, float, float, int]]] = {k: [] for k in KINDS}
         for _ in range(rounds):
-            for kind, params in kinds.items():
+            for kind, params in KINDS.items():
                 steps, step_s, started = pipe.steps, pipe.step_s, time.perf_counter()
                 results = batch(params, prompts, tokens)
                 wall = time.perf_counter() - started
