@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from pathlib import Path
 
@@ -129,11 +130,22 @@ def test_ctrl_c_during_a_sync_map_cancels_its_tasks_and_the_client_goes_on(modul
           - {name: minilm, source: "packaged:minilm"}
     """, name="ctrl-c.yaml")
     client = cluster.client()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # a Ctrl-C
+    started = time.monotonic()
     timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        client.map("minilm", sentences(40))  # 40 x 0.2 s on 2 slots: about 4 s
+    try:
+        results = client.map("minilm", sentences(40))  # 40 x 0.2 s on 2 slots: about 4 s
+    except KeyboardInterrupt:
+        results = None
+    took = time.monotonic() - started
+    timer.cancel()  # if it has not fired yet (the assertion below says so), it must not now
     timer.join()
+    # (failed once in a fresh clone's full run, not since: say what happened if it does again)
+    if results is not None:
+        pytest.fail(f"map returned {len(results)} results after {took:.1f} s, the Ctrl-C never "
+                    f"reached it; SIGINT handler {signal.getsignal(signal.SIGINT)!r}, devices "
+                    f"{sorted(collections.Counter(r.device for r in results).items())}")
     # Its tasks are cancelled, not left to run: the worker is soon idle, the queue empty.
     status = wait_for(lambda: (s := cluster.status())["unanswered"] == 0 and s, timeout=10,
                       what="the interrupted tasks to be cancelled")
