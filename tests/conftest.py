@@ -128,6 +128,9 @@ def our_actors(name: str) -> list[str]:
             and (a["name"] == name or a["name"].startswith(name + "-"))]
 
 
+SLOW_TEARDOWN_S = 5.0  # a teardown's status taking longer is worth a warning with stacks
+
+
 class ClusterFactory:
     """Starts clusters from YAML text under one launcher ("local" or "ray"); at teardown stops
     them and asserts no process (and, under Ray, no actor) is left."""
@@ -158,6 +161,22 @@ class ClusterFactory:
         self.track(cluster)
         return cluster
 
+    def say_where(self, cluster, took: float, answered: bool) -> None:
+        """A running scheduler that did not answer the teardown's status, or took seconds to
+        (30 s teardowns were seen twice after test_client_liveness's SIGSTOP test, never
+        alone): a warning with where its threads are, in the run's warnings summary."""
+        import warnings
+
+        from runtime.bench.chaos import _stacks
+        try:
+            where = _stacks(cluster.pid, "scheduler")
+        except Exception as exc:
+            where = f"no stacks: {exc}"
+        what = f"took {took:.1f} s to answer" if answered else \
+            f"did not answer (after {took:.1f} s)"
+        warnings.warn(f"{self.prefix}: the scheduler {what} the teardown's status; "
+                      f"{where[:3000]}", stacklevel=1)
+
     def track(self, cluster) -> dict:
         """Remember every worker pid seen, so teardown can check each one is gone."""
         status = cluster.status()
@@ -167,10 +186,15 @@ class ClusterFactory:
     def close(self) -> None:
         for cluster in self.clusters:
             if not isinstance(cluster, runtime.Cluster) or cluster.process.poll() is None:
+                asked, answered = time.monotonic(), True
                 try:
                     self.track(cluster)
                 except Exception:
-                    pass
+                    answered = False
+                took = time.monotonic() - asked
+                if (not answered or took > SLOW_TEARDOWN_S) and isinstance(
+                        cluster, runtime.Cluster) and cluster.process.poll() is None:
+                    self.say_where(cluster, took, answered)
             cluster.shutdown()
         names = [c.name for c in self.clusters] if self.launcher == "ray" else []
         deadline = time.monotonic() + 15
