@@ -29,6 +29,7 @@ from runtime.backends.base import CancelToken, GenRequest, LLMSession, ModelSpec
 from runtime.backends.faults import FaultyBackend
 from runtime.backends.genai import GenAIBackend, model_context_length
 from runtime.backends.genai.deltas import TextDeltas
+from runtime.bench.constrained import CountingPipe
 from runtime.config.schema import DeviceConfig, FaultConfig
 from runtime.errors import Cancelled, DeviceError, InvalidInput, ModelUnavailable, Unsupported
 from runtime.launchers.models import fetch
@@ -229,27 +230,10 @@ def test_prefix_caching_gives_the_same_greedy_text_as_without(session, smollm2):
 
 def test_jobs_sharing_a_prefix_wait_for_it_once_and_then_join_the_batch_together(smollm2):
     # Counted in engine steps, in this process, on a pipeline that counts its steps.
-    import openvino_genai as ov_genai
-
     from runtime.backends.genai import DETERMINISTIC_PROPERTIES
     from runtime.backends.genai.batched import BatchedLLMSession
 
-    class CountingPipe:
-        def __init__(self):
-            config = ov_genai.SchedulerConfig()
-            config.enable_prefix_caching = True
-            self.pipe = ov_genai.ContinuousBatchingPipeline(smollm2, config, "CPU",
-                                                            DETERMINISTIC_PROPERTIES)
-            self.steps = 0
-
-        def step(self):
-            self.steps += 1
-            return self.pipe.step()
-
-        def __getattr__(self, name):
-            return getattr(self.pipe, name)
-
-    pipe = CountingPipe()
+    pipe = CountingPipe(smollm2, DETERMINISTIC_PROPERTIES)
     session = BatchedLLMSession(lambda: pipe, "smollm2@test", 8192, prefix_caching=True)
     try:
         def fan_out(questions) -> list[int]:
@@ -321,25 +305,9 @@ def test_requests_let_in_while_the_engine_catches_up_join_the_same_step(smollm2)
     # read and tokenized were read one per step (a fan-out of 8 joined over four steps). Its
     # engine thread calls catch_up (waiting for what the pipe holds) before it takes its
     # inbox: here catch_up itself brings the other seven, and all eight start in one step.
-    import openvino_genai as ov_genai
-
     from runtime.backends.genai.batched import BatchedLLMSession
 
-    class CountingPipe:
-        def __init__(self):
-            config = ov_genai.SchedulerConfig()
-            config.enable_prefix_caching = True
-            self.pipe = ov_genai.ContinuousBatchingPipeline(smollm2, config, "CPU", {})
-            self.steps = 0
-
-        def step(self):
-            self.steps += 1
-            return self.pipe.step()
-
-        def __getattr__(self, name):
-            return getattr(self.pipe, name)
-
-    pipe = CountingPipe()
+    pipe = CountingPipe(smollm2)
     firsts: dict[int, int] = {}
     ended = threading.Semaphore(0)
     later: list[int] = []

@@ -49,6 +49,30 @@ def bench_constrained(client, model: str, prompts: list[str], tokens: int,
     print(f"constrained vs unconstrained tokens/s: {worst / base:.2f}x (target >= 0.8x)")
 
 
+class CountingPipe:
+    """openvino-genai's continuous-batching pipeline on CPU, with prefix caching, counting its
+    steps and their time: what the runtime's batched session costs, counted in engine steps."""
+
+    def __init__(self, path: str, properties: dict | None = None) -> None:
+        import openvino_genai as ov_genai
+
+        config = ov_genai.SchedulerConfig()
+        config.enable_prefix_caching = True
+        self.pipe = ov_genai.ContinuousBatchingPipeline(path, config, "CPU", properties or {})
+        self.steps, self.step_s = 0, 0.0
+
+    def step(self) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return self.pipe.step()
+        finally:
+            self.steps += 1
+            self.step_s += time.perf_counter() - t0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+
 def constrained_steps(path: str, prompts: list[str], tokens: int, rounds: int = 3) -> None:
     """Why the row above is what it is: the same batches on the runtime's batched session in
     this process, counting the engine's steps. A batch takes as many steps as its longest
@@ -56,31 +80,11 @@ def constrained_steps(path: str, prompts: list[str], tokens: int, rounds: int = 
     tokens/s without any step being slower."""
     import threading
 
-    import openvino_genai as ov_genai
-
     from ..backends.base import CancelToken
     from ..backends.genai.batched import BatchedLLMSession
     from ..wire.generation import read_request
 
-    class CountingPipe:
-        def __init__(self) -> None:
-            config = ov_genai.SchedulerConfig()
-            config.enable_prefix_caching = True
-            self.pipe = ov_genai.ContinuousBatchingPipeline(path, config, "CPU", {})
-            self.steps, self.step_s = 0, 0.0
-
-        def step(self) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return self.pipe.step()
-            finally:
-                self.steps += 1
-                self.step_s += time.perf_counter() - t0
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.pipe, name)
-
-    pipe = CountingPipe()
+    pipe = CountingPipe(path)
     session = BatchedLLMSession(lambda: pipe, "smollm2@bench", 8192, prefix_caching=True)
 
     def batch(params: dict, chosen: list[str], max_tokens: int) -> list:
