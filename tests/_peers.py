@@ -1,6 +1,9 @@
 """Helpers for tests that play a peer on the wire: raw ZMQ sockets, tiny models, RSS."""
 from __future__ import annotations
 
+import selectors
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -82,3 +85,78 @@ def wait_until(predicate, timeout: float, interval: float = 0.05) -> float | Non
             return time.monotonic() - started
         time.sleep(interval)
     return None
+
+
+class Link:
+    """A TCP path from a local port to ``target`` (``host:port``), one thread: bytes flow both
+    ways until ``go_silent()``; from then on the connections made so far carry nothing, as
+    over a cable pulled or through a NAT that forgot them: what either end sends is lost,
+    neither is told, and ``hung_up`` records which end gave up on its own (``"client"`` or
+    ``"target"``). Connections made after it flow again."""
+
+    def __init__(self, target: str):
+        host, port = target.rsplit(":", 1)
+        self._target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._listener, selectors.EVENT_READ)
+        self._peer: dict[socket.socket, socket.socket] = {}  # each end -> the other
+        self._side: dict[socket.socket, str] = {}  # each end -> "client" or "target"
+        self._lost: set[socket.socket] = set()  # ends of connections gone silent
+        self._cut = threading.Event()
+        self.connections = 0
+        self.hung_up: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="link", daemon=True)
+        self._thread.start()
+
+    def go_silent(self) -> None:
+        self._cut.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._cut.is_set():
+                self._lost.update(self._peer)
+                self._cut.clear()
+            for key, _ in self._sel.select(0.05):
+                end = key.fileobj
+                if end is self._listener:
+                    self._accept()
+                    continue
+                try:
+                    data = end.recv(1 << 16)
+                except OSError:
+                    data = b""
+                if data and end not in self._lost:
+                    self._peer[end].sendall(data)
+                elif not data:
+                    self._hang_up(end)
+
+    def _accept(self) -> None:
+        down, _ = self._listener.accept()
+        up = socket.create_connection(self._target)
+        self._peer[down], self._peer[up] = up, down
+        self._side[down], self._side[up] = "client", "target"
+        for end in (down, up):
+            self._sel.register(end, selectors.EVENT_READ)
+        self.connections += 1
+
+    def _hang_up(self, end: socket.socket) -> None:
+        """``end`` closed its side: a live connection is closed through; a lost one only
+        records who gave up."""
+        ends = [end] if end in self._lost else [end, self._peer[end]]
+        if end in self._lost:
+            self.hung_up.append(self._side[end])
+        for one in ends:
+            self._sel.unregister(one)
+            one.close()
+            self._peer.pop(one, None)
+            self._side.pop(one, None)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for end in [*self._peer, self._listener]:
+            end.close()
+        self._sel.close()

@@ -21,6 +21,7 @@ from runtime.errors import Cancelled, ClusterUnavailable, InvalidInput
 from runtime.frontdoors.client import CLOSE_WITHIN_S, AsyncClient
 from runtime.wire import protocol as p
 
+from ._peers import Link, wait_until
 from .conftest import sentences
 
 SLOW_CPU = """
@@ -101,6 +102,35 @@ def test_a_stopped_scheduler_with_thousands_of_messages_queued_fails_every_call_
     assert result.device == "cpu0" and client._async.reconnects >= 1
     _, took = timed(client.close)
     assert took < CLOSE_WITHIN_S + 0.2
+
+
+def test_a_client_whose_link_went_silent_comes_back_though_the_scheduler_holds_the_old_one(slow):
+    # A link that dies without a word to either end (a cable pulled, a NAT that forgot it):
+    # the client stops hearing heartbeats and connects again, while the scheduler still
+    # holds the old connection. A ROUTER refuses a second connection under a routing id it
+    # holds and never reads it: the client must come back under a new one.
+    link = Link(slow.address[len("tcp://"):])
+    try:
+        client = runtime.connect(link.address)
+        assert client.infer("minilm", sentences(1)[0], timeout=10).device == "cpu0"
+        lost = [client.submit("minilm", x, timeout=30) for x in sentences(20)]  # 10 s of work
+        time.sleep(0.3)
+        link.go_silent()
+        assert wait_until(lambda: client._async.reconnects >= 1, 10) is not None
+        assert all(isinstance(f.exception(timeout=5), ClusterUnavailable) for f in lost)
+        outcome, took = timed(lambda: client.status(timeout=5))
+        assert not isinstance(outcome, Exception), f"{outcome!r} after {took:.1f} s"
+        # The hello on the new connection named the old one: its tasks, whose calls failed,
+        # were cancelled at once, not run for nobody until its silence gave it away (5 s).
+        assert outcome["unanswered"] == 0, outcome
+        assert client.infer("minilm", sentences(1)[0], timeout=10).device == "cpu0"
+        assert link.connections == 2 and client._async.unmatched == 0
+        # And the scheduler let the lost connection go: nothing came on it though pinged.
+        assert wait_until(lambda: "target" in link.hung_up, 10) is not None, link.hung_up
+        assert link.hung_up == ["client", "target"]
+        client.close()
+    finally:
+        link.close()
 
 
 def test_closing_a_client_whose_scheduler_is_stopped_takes_at_most_a_second(slow):

@@ -1122,6 +1122,25 @@ def test_a_goodbye_cancels_the_clients_unfinished_tasks_at_once_and_quietly(make
     assert of(ForgetClient, h.tick(60.0)) == []  # no silence to notice later
 
 
+def test_a_hello_naming_the_clients_lost_connection_cancels_what_is_left_of_it(make):
+    h = make(models=[model("m", "npu0")])
+    h.up()
+    h.handle(ClientHello("old", keepalive_s=1.0), ClientHello("other", keepalive_s=1.0))
+    h.submit("running", client="old")
+    h.submit("queued", client="old")
+    h.submit("theirs", client="other")
+    actions = h.handle(ClientHello("new", keepalive_s=1.0, previous="old"))
+    assert [r.key for r in of(Reject, actions)] == ["running", "queued"]
+    assert all(isinstance(r.error, Cancelled) and "connected again" in r.error.message
+               for r in of(Reject, actions))
+    assert actions[-1] == ForgetClient("old", "connected again", 2, goodbye=True)
+    assert set(h.state.clients) == {"new", "other"} and "theirs" in h.state.tasks
+    # A lost connection the scheduler never knew (it restarted), or the same one: nothing.
+    assert h.handle(ClientHello("newer", keepalive_s=1.0, previous="never-seen")) == []
+    assert h.handle(ClientHello("new", keepalive_s=1.0, previous="new")) == []
+    assert set(h.state.clients) == {"new", "newer", "other"}
+
+
 def test_one_clients_goodbye_leaves_the_other_clients_tasks_running(h):
     h.handle(ClientHello("c1", 1.0), ClientHello("c2", 1.0))
     h.submit("mine", client="c1")

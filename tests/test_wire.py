@@ -25,6 +25,7 @@ from runtime.wire.status import (
 
 SAMPLES = [
     p.Hello(version=p.PROTOCOL_VERSION, role="client", token="t", keepalive_s=1.0),
+    p.Hello(version=p.PROTOCOL_VERSION, role="client", previous=b"C" + bytes(range(16))),
     p.KeepAlive(),
     p.Bye(),
     p.Welcome(version=p.PROTOCOL_VERSION, cluster=ClusterInfo("tcp://h:1", models=("m",))),
@@ -108,6 +109,13 @@ def test_a_malformed_nested_field_is_a_protocol_error_naming_it_and_its_task(fie
         p.Decoder(EVERY_TYPE, 1 << 20).decode(raw(**fields))
     assert where in str(info.value)
     assert info.value.ref == "t9" and info.value.msg_type == fields["t"]
+
+
+def test_a_hello_naming_its_previous_connection_in_anything_but_bytes_is_refused():
+    for bad, got in (("C0123", "str"), (12, "int"), ([1], "list")):
+        with pytest.raises(ProtocolError, match=f"hello.previous: expected bytes, got {got}"):
+            p.Decoder(EVERY_TYPE, 1 << 20).decode(raw(t="hello", version=p.PROTOCOL_VERSION,
+                                                      role="client", previous=bad))
 
 
 def a_status() -> Status:

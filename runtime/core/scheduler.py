@@ -199,10 +199,13 @@ class TaskCancelled:
 @dataclass
 class ClientHello:
     """A client connected; it promised to send something every ``keepalive_s`` (None: it
-    promised nothing, so its silence is never held against it)."""
+    promised nothing, so its silence is never held against it). A client connected again
+    names its ``previous`` connection: what is left of that one is cancelled and forgotten
+    (its calls failed when it was lost)."""
 
     client: Any
     keepalive_s: float | None = None
+    previous: Any = None
 
 
 @dataclass
@@ -896,6 +899,13 @@ class SchedulerState:
         if ev.keepalive_s is not None and ev.keepalive_s > 0:
             limit = max(CLIENT_SILENCE_FACTOR * ev.keepalive_s, CLIENT_SILENCE_FLOOR_S)
         self.clients[ev.client] = ClientView(limit, self.clock())
+        if ev.previous is not None and ev.previous != ev.client:
+            known = self.clients.pop(ev.previous, None) is not None
+            cancelled = self._cancel_client(
+                ev.previous, "the client lost that connection and connected again", actions)
+            if known or cancelled:
+                actions.append(ForgetClient(ev.previous, "connected again", cancelled,
+                                            goodbye=True))
 
     @_on.register
     def _on_ClientHeard(self, ev: ClientHeard, actions: list) -> None:

@@ -10,9 +10,10 @@ goes on, so other calls are not left waiting.
 Clients always come back: every call honours its timeout (sending included: a full send
 queue waits within it); libzmq pings the scheduler (ZMTP heartbeats), so a scheduler that
 died, stopped or became unreachable is noticed within ``LIVENESS_TIMEOUT_S`` and every
-unfinished call fails with ``ClusterUnavailable``; the socket reconnects by itself and the
-client says hello again, as it does after its own event loop stalled; ``close()`` takes at
-most ``CLOSE_WITHIN_S``.
+unfinished call fails with ``ClusterUnavailable``; the client connects again under a new
+routing id (the scheduler may still hold the lost connection under the old one) and says
+hello again, naming the lost connection so that its tasks are cancelled, as it says hello
+after its own event loop stalled; ``close()`` takes at most ``CLOSE_WITHIN_S``.
 """
 from __future__ import annotations
 
@@ -198,8 +199,10 @@ class AsyncClient:
         self._room = asyncio.Event()  # set while the socket can take a message
         self._later: collections.deque[list] = collections.deque()  # to go when there is room
         self.sock.setsockopt(zmq.LINGER, 0)
-        # Our own routing id, unguessable: nobody can claim it, nor predict the next.
-        self.sock.setsockopt(zmq.ROUTING_ID, b"C" + secrets.token_bytes(16))
+        # Our own routing id, unguessable: nobody can claim it, nor predict the next. Each
+        # connection has its own (``_connect_anew``).
+        self._route = _new_route()
+        self.sock.setsockopt(zmq.ROUTING_ID, self._route)
         self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
         # Queue only to a connection that completed its handshake: nothing sent while the
         # scheduler is away reaches a new one before our hello.
@@ -231,9 +234,10 @@ class AsyncClient:
         self._lost_why = ""
         self._last_sent = 0.0  # loop time of the last message sent
         self.reconnects = 0  # connections made again after one was lost
-        # Tasks whose calls failed here when the connection dropped: the scheduler may still
-        # hold them (sent before it stopped answering), so they are cancelled once back.
-        self._orphans: set[str] = set()
+        # The routing id of the connection lost last, until a welcome on the next one: the
+        # scheduler may still hold tasks sent on it (their calls failed here when it was
+        # lost), and cancels them when our hello names it.
+        self._previous: bytes | None = None
         self.unmatched = 0  # answers for tasks not waiting (late or duplicate): should stay 0
         self.unreadable = 0  # replies that could not be read: should stay 0
         self._unreadable_logged_at = -BAD_REPLY_LOG_S
@@ -274,7 +278,7 @@ class AsyncClient:
 
     def _hello_msg(self) -> p.Hello:
         return p.Hello(version=p.PROTOCOL_VERSION, role="client", token=self.token,
-                       keepalive_s=KEEPALIVE_S)
+                       keepalive_s=KEEPALIVE_S, previous=self._previous)
 
     async def _watch(self, monitor) -> None:
         """The connection's life, from the socket's monitor: before the first welcome, fail
@@ -357,10 +361,25 @@ class AsyncClient:
         if self._welcomed:
             log.warning("%s; its unfinished calls fail, and this client reconnects by itself",
                         self._lost_why)
-            self._orphans.update(self._pending)
-            self._orphans.update(self._streams)
             self._fail_unfinished(ClusterUnavailable(
                 f"{self._lost_why}; the call's task may or may not have run"))
+            if not self._closed:
+                self._connect_anew()
+
+    def _connect_anew(self) -> None:
+        """Connect again under a new routing id. The scheduler may still hold the lost
+        connection, and not know it is lost (a link that died without a word, or a backlog
+        it reads late): a ROUTER refuses a second connection under a routing id it holds,
+        and never reads from it, so a reconnection under the same one could be stuck for
+        good. Our hello on the new connection names the old one (``previous``)."""
+        self._previous = self._route
+        self._route = _new_route()
+        try:
+            self.sock.disconnect(self.address)  # ends libzmq's own reconnecting, old id
+        except zmq.ZMQError as exc:
+            log.debug("disconnecting from %s: %s", self.address, exc)
+        self.sock.setsockopt(zmq.ROUTING_ID, self._route)
+        self.sock.connect(self.address)
 
     def _fail_unfinished(self, err: FanoutError) -> None:
         pending, self._pending = self._pending, {}
@@ -375,12 +394,6 @@ class AsyncClient:
             await self._send(self._hello_msg(), LIVENESS_TIMEOUT_S, hello=True)
         except (zmq.ZMQError, FanoutError) as exc:
             log.debug("hello to %s after reconnecting failed: %s", self.address, exc)
-            return
-        # What the scheduler read of them before it stopped would run for nobody, ahead of
-        # the calls made now: cancel them (an id it does not hold is ignored).
-        orphans, self._orphans = self._orphans, set()
-        for task_id in orphans:
-            await self._send_quietly(p.Cancel(task_id=task_id))
 
     def _fail_hello(self, err: FanoutError) -> None:
         if self._hello is not None and not self._hello.done():
@@ -555,6 +568,7 @@ class AsyncClient:
                 if msg.cluster is None:
                     raise ProtocolError("welcome: no cluster information for a client")
                 self._up = True  # a welcome proves a connection, whatever the monitor says yet
+                self._previous = None  # the scheduler has read our hello that named it
                 if self._hello and not self._hello.done():
                     self._hello.set_result(msg.cluster)
                 elif self._welcomed:  # welcomed again after a reconnection: maybe a new one
@@ -794,6 +808,11 @@ class AsyncClient:
 
 MAX_TIMEOUT_S = 7 * 86400.0  # a task's timeout past this is InvalidInput (the scheduler's own
 # bound, scheduler.max_task_timeout_s, is told in its welcome and is usually lower)
+
+
+def _new_route() -> bytes:
+    """A routing id of 128 random bits: nobody can claim a client's, nor predict the next."""
+    return b"C" + secrets.token_bytes(16)
 
 
 def check_timeout(timeout: Any, limit: float | None) -> None:

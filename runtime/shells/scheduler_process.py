@@ -4,9 +4,10 @@ Two ROUTER sockets: the front for clients (``scheduler.address``), the back for 
 (``scheduler.worker_address``). Every peer is authenticated per connection at the handshake
 (``wire/security.py``): the client door takes the keys or the token, the worker door only the
 credential this process hands its own workers. Workers choose unguessable routing ids; a
-client's cannot be taken over (no handover on the front). Input frames of a task are
-forwarded to the worker as they came, without decoding. Answers a client is slow to read
-wait in its outbox (``outbox.py``), never dropped.
+client's cannot be taken over (no handover on the front: a client that lost its connection
+comes back under a new id, and a client connection silent for ``CLIENT_SILENT_MS`` though
+pinged is closed). Input frames of a task are forwarded to the worker as they came, without
+decoding. Answers a client is slow to read wait in its outbox (``outbox.py``), never dropped.
 
 Nothing a peer sends can stop this process: a bad message gets a typed error reply and a log
 line (at most one per peer and kind per period); an exception while handling one message
@@ -50,6 +51,9 @@ log = logging.getLogger("fanout.scheduler")
 TICK_S = 0.05
 DRAIN_BATCH = 1000  # messages read from one socket at a time: neither can starve the other
 HANDSHAKE_MS = 10_000  # a connection that has not authenticated by then is closed
+# A client connection from which nothing came for this long, though pinged, is closed: a link
+# that died without a word is otherwise held for good (TCP tells nothing while we only wait).
+CLIENT_PING_MS, CLIENT_SILENT_MS = 1_000, 5_000
 # Messages queued for one worker before its ROUTER drops them: above what its credits let it
 # hold (capacity 256 + prefetch 4096 tasks, their cancels, pings), so none is ever dropped.
 WORKER_SNDHWM = 16_384
@@ -172,6 +176,8 @@ class SchedulerProcess:
         sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
         if client_side:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full pipe says so: answers wait
+            sock.setsockopt(zmq.HEARTBEAT_IVL, CLIENT_PING_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, CLIENT_SILENT_MS)
         else:  # an authenticated worker with its own unguessable id takes its route back
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
             sock.setsockopt(zmq.SNDHWM, WORKER_SNDHWM)
@@ -416,7 +422,7 @@ class SchedulerProcess:
                     "FANOUT_TOKEN")))
                 return
             self._forgotten.pop(ident, None)
-            self._feed_now(s.ClientHello(ident, msg.keepalive_s))
+            self._feed_now(s.ClientHello(ident, msg.keepalive_s, msg.previous))
             self._reply(ident, p.Welcome(version=p.PROTOCOL_VERSION, cluster=self.info()))
             return
         if sc.token and ident not in self.state.clients:  # they said hello with the token
@@ -619,7 +625,7 @@ class SchedulerProcess:
                 who = a.client.hex()[:16]
                 self.outbox.forget(a.client)  # nobody will read those answers
                 if a.goodbye:
-                    log.debug("client %s said goodbye (%d unfinished tasks cancelled)", who,
+                    log.debug("client %s %s (%d unfinished tasks cancelled)", who, a.reason,
                               a.cancelled)
                 else:
                     self.peers.warning(f"client {who}", "silent", "client %s %s; cancelled "

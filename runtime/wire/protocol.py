@@ -63,6 +63,9 @@ class Hello(Message):
     token: str | None = None
     name: str = ""
     keepalive_s: float | None = None  # the client pings this often; silence cancels its tasks
+    # The routing id of the client's connection before this one (each connection has its
+    # own): the tasks sent on that one are cancelled, their calls having already failed.
+    previous: bytes | None = None
 
 
 @dataclass
@@ -321,7 +324,7 @@ def _fields(cls: type[Message]) -> tuple[_Field, ...]:
     return plan
 
 
-_AS_IS = (int, float, str, bool, dict, list, type(None))  # msgpack writes these unchanged
+_AS_IS = (int, float, str, bool, bytes, dict, list, type(None))  # msgpack writes these unchanged
 
 
 def _plan(cls: type[Message]) -> tuple[_Field, ...]:

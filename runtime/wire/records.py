@@ -67,7 +67,7 @@ def reader(tp: Any) -> Reader:
         return _guarded(custom)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _record(tp)
-    if tp in (int, float, str, bool):
+    if tp in (int, float, str, bool, bytes):
         return _scalar(tp)
     raise TypeError(f"no wire reader for {tp!r}")
 
