@@ -2,9 +2,10 @@
 
 openvino-genai renders ``tools`` into the chat template; for a template without tool support of
 its own (SmolLM2's) it adds the instructions and the example ``{"tool_calls": [{"name": ...,
-"arguments": {...}, "id": ...}]}``. Fanout constrains decoding to exactly that shape
-(``constraints.py``), compact between its fields, so ``ToolCallReader`` can cut the text into
-the caller's content and whole calls without guessing.
+"arguments": {...}, "id": ...}]}``. Fanout constrains decoding to that shape without the
+``"id"`` (``constraints.py``: ids are ours to give, and a small model copies the example's
+digit by digit, a token each), compact between its fields, so ``ToolCallReader`` can cut
+the text into the caller's content and whole calls without guessing.
 
 A call is handed on only once complete. A call that ``max_tokens`` cuts short, or one that
 repeats an earlier call exactly (a small model looping), is never sent: the first ends the
@@ -22,7 +23,6 @@ KEY = TRIGGER + ": ["
 OPEN = "{" + KEY  # the polyfilled template's wrapper, without its line breaks
 CLOSE = "]}"
 SEPARATOR = ", "
-ID_FIELD = r'(, "id": "[A-Za-z0-9_]{1,24}")?'  # the example's "id": the model may write one
 MAX_CALLS = 8  # per answer: a model that goes on calling is stopped there
 
 
