@@ -23,7 +23,7 @@ import json
 from typing import Any
 
 from ...wire.generation import GenRequest, Tool
-from .tool_calls import CLOSE, KEY, OPEN, SEPARATOR, TRIGGER, call_begin
+from .tool_calls import CLOSE, ID_FIELD, KEY, OPEN, SEPARATOR, TRIGGER, call_begin
 
 JSON_OBJECT_SCHEMA = {"type": "object"}  # any object: xgrammar allows any properties here
 
@@ -78,7 +78,7 @@ def structured_output(r: GenRequest) -> Any | None:
             root = _call_then(tools, r.parallel_tool_calls, CLOSE)
         else:  # one call of one tool, its opening given
             root = so.Concat(so.JSONSchema(json.dumps(tools[0].parameters)),
-                             so.ConstString("}" + CLOSE))
+                             so.Regex(ID_FIELD), so.ConstString("}" + CLOSE))
     elif fmt is not None:
         root = so.Union(so.Tag(OPEN, _call_then(tools, r.parallel_tool_calls, CLOSE), ""), fmt)
     else:
@@ -109,7 +109,7 @@ def _call_then(tools: list[Tool], parallel: bool, close: str) -> Any:
     """One call of any offered tool, then ``close`` or (with ``parallel``) ``, ``."""
     so = _so()
     one = _union([so.Concat(so.ConstString(call_begin(t.name)),
-                            so.JSONSchema(json.dumps(t.parameters)),
+                            so.JSONSchema(json.dumps(t.parameters)), so.Regex(ID_FIELD),
                             so.ConstString("}")) for t in tools])
     then = so.Union(so.ConstString(SEPARATOR), so.ConstString(close)) if parallel \
         else so.ConstString(close)

@@ -2,10 +2,9 @@
 
 openvino-genai renders ``tools`` into the chat template; for a template without tool support of
 its own (SmolLM2's) it adds the instructions and the example ``{"tool_calls": [{"name": ...,
-"arguments": {...}, "id": ...}]}``. Fanout constrains decoding to that shape without the
-``"id"`` (``constraints.py``: ids are ours to give, and a small model copies the example's
-digit by digit, a token each), compact between its fields, so ``ToolCallReader`` can cut
-the text into the caller's content and whole calls without guessing.
+"arguments": {...}, "id": ...}]}``. Fanout constrains decoding to exactly that shape
+(``constraints.py``), compact between its fields, so ``ToolCallReader`` can cut the text into
+the caller's content and whole calls without guessing.
 
 A call is handed on only once complete. A call that ``max_tokens`` cuts short, or one that
 repeats an earlier call exactly (a small model looping), is never sent: the first ends the
@@ -23,6 +22,11 @@ KEY = TRIGGER + ": ["
 OPEN = "{" + KEY  # the polyfilled template's wrapper, without its line breaks
 CLOSE = "]}"
 SEPARATOR = ", "
+# The example's "id": the model may write one, of a few characters. Not more: SmolLM2 copied
+# the example's digit by digit, a token each (43 tokens for one call with 24 characters).
+# Not none: a model made to close the call where it meant to write an id went on with a
+# second call (46 tokens, the second one a copy); with 8 it closes after one (30 tokens).
+ID_FIELD = r'(, "id": "[A-Za-z0-9_]{1,8}")?'
 MAX_CALLS = 8  # per answer: a model that goes on calling is stopped there
 
 
