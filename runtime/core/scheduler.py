@@ -900,12 +900,8 @@ class SchedulerState:
             limit = max(CLIENT_SILENCE_FACTOR * ev.keepalive_s, CLIENT_SILENCE_FLOOR_S)
         self.clients[ev.client] = ClientView(limit, self.clock())
         if ev.previous is not None and ev.previous != ev.client:
-            known = self.clients.pop(ev.previous, None) is not None
-            cancelled = self._cancel_client(
-                ev.previous, "the client lost that connection and connected again", actions)
-            if known or cancelled:
-                actions.append(ForgetClient(ev.previous, "connected again", cancelled,
-                                            goodbye=True))
+            self._let_go(ev.previous, "the client lost that connection and connected again",
+                         "connected again", actions)
 
     @_on.register
     def _on_ClientHeard(self, ev: ClientHeard, actions: list) -> None:
@@ -915,10 +911,15 @@ class SchedulerState:
 
     @_on.register
     def _on_ClientBye(self, ev: ClientBye, actions: list) -> None:
-        known = self.clients.pop(ev.client, None) is not None
-        cancelled = self._cancel_client(ev.client, "the client closed its connection", actions)
+        self._let_go(ev.client, "the client closed its connection", "said goodbye", actions)
+
+    def _let_go(self, client: Any, why: str, reason: str, actions: list) -> None:
+        """Forget a client that left knowingly (a goodbye, or a connection it replaced):
+        its unfinished tasks are cancelled, quietly."""
+        known = self.clients.pop(client, None) is not None
+        cancelled = self._cancel_client(client, why, actions)
         if known or cancelled:
-            actions.append(ForgetClient(ev.client, "said goodbye", cancelled, goodbye=True))
+            actions.append(ForgetClient(client, reason, cancelled, goodbye=True))
 
     def _forget_silent_clients(self, now: float, actions: list) -> None:
         silent = [(c, v) for c, v in self.clients.items() if v.silence_limit_s is not None
