@@ -5,6 +5,7 @@ import selectors
 import socket
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -55,15 +56,32 @@ def hello(sock: zmq.Socket, token: str | None = None) -> None:
 
 
 def received(sock: zmq.Socket, wait_s: float = 0.0) -> list[list[bytes]]:
-    """Every message waiting on ``sock`` after up to ``wait_s`` seconds for the first."""
-    out = []
-    if wait_s and not sock.poll(int(wait_s * 1000)):
+    """Every message waiting on ``sock`` after up to ``wait_s`` seconds for the first (those
+    of a pack one by one)."""
+    out = _unread.pop(sock, [])
+    if not out and wait_s and not sock.poll(int(wait_s * 1000)):
         return out
     while True:
         try:
-            out.append(sock.recv_multipart(zmq.NOBLOCK))
+            out.extend(p.unpack(sock.recv_multipart(zmq.NOBLOCK)))
         except zmq.Again:
             return out
+
+
+_unread: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the rest of a pack
+
+
+def recv(sock: zmq.Socket) -> p.Message:
+    """The next message from the scheduler to a client (a pack's one by one)."""
+    waiting = _unread.get(sock)
+    if not waiting:
+        waiting = _unread[sock] = p.unpack(sock.recv_multipart())
+    return to_client(waiting.pop(0))
+
+
+def readable(sock: zmq.Socket, timeout_ms: int) -> bool:
+    """A message waits (the rest of a pack, or on the socket) within ``timeout_ms``."""
+    return bool(_unread.get(sock)) or bool(sock.poll(timeout_ms))
 
 
 def to_client(frames: list) -> p.Message:

@@ -176,3 +176,45 @@ def test_a_cluster_with_a_token_refuses_clients_without_it(clusters):
     with runtime.connect(cluster.address, token="s3cret-token") as client:
         assert client.infer("minilm", sentences(1)[0]).device == "cpu0"
     assert worker(cluster.status(), "cpu0")["state"] == "up"
+
+
+def replies_of(sock, n: int) -> list[p.Message]:
+    """The next ``n`` replies, those of a pack one by one."""
+    out: list[p.Message] = []
+    decoder = p.Decoder(p.SCHEDULER_TO_CLIENT, 1 << 30)
+    while len(out) < n:
+        out += [decoder.decode(m) for m in p.unpack(sock.recv_multipart())]
+    return out
+
+
+def test_a_pack_of_submits_is_answered_task_by_task_and_its_bad_ones_fail_alone(raw):
+    x = {k: np.asarray(v) for k, v in sentences(2)[0].items()}
+    lying = [msgpack.packb({"v": p.PROTOCOL_VERSION, "t": "submit", "task_id": "lies",
+                            "model": "minilm", "inputs": [["input_ids", "int64", [1, 8]]]}),
+             b"\x00" * 10]
+    raw.send_multipart(p.pack([
+        p.encode(p.Submit(task_id="a", model="minilm", inputs=x)), lying,
+        p.encode(p.Submit(task_id="nope", model="nope", inputs=x)),
+        [b"\xc1 garbage"],
+        p.encode(p.Submit(task_id="b", model="minilm", inputs=x))]))
+    replies = {getattr(r, "task_id", None): r for r in replies_of(raw, 5)}
+    assert isinstance(replies["a"], p.Result) and isinstance(replies["b"], p.Result)
+    a, b = replies["a"].outputs, replies["b"].outputs  # the same input: the same embedding
+    assert a and sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-2, atol=1e-2)  # NPU or CPU
+    assert replies["lies"].error.kind == "protocol" and "got 10" in replies["lies"].error.message
+    assert "unknown model 'nope'" in replies["nope"].error.message
+    assert "undecodable header" in replies[None].error.message  # the garbage, answered too
+
+
+@pytest.mark.parametrize("counts, says", [([2, 2], "add up to 4, but 5 frames"),
+                                          ([2, 2, 0, 1], "positive integers")])
+def test_a_pack_that_lies_about_its_frames_is_refused_whole_with_a_protocol_error(raw, counts,
+                                                                                   says):
+    submit = p.encode(p.Submit(task_id="a", model="minilm", inputs=sentences(1)[0]))
+    raw.send_multipart([msgpack.packb({"v": p.PROTOCOL_VERSION, "t": "pack", "n": counts})]
+                       + submit + submit[:2])
+    reply = reply_of(raw)
+    assert isinstance(reply, p.Reply) and reply.error.kind == "protocol"
+    assert says in reply.error.message

@@ -15,7 +15,7 @@ import runtime
 from runtime.errors import InvalidInput
 from runtime.wire import protocol as p
 
-from ._peers import hello, noop_input, tiny_models, to_client, wait_until
+from ._peers import hello, noop_input, readable, recv, tiny_models, to_client, wait_until
 from .conftest import worker
 
 LIMIT = 64 * 1024
@@ -39,7 +39,7 @@ def welcomed(ctx, address: str, rcvhwm: int | None = None) -> zmq.Socket:
         sock.setsockopt(zmq.RCVHWM, rcvhwm)
     sock.connect(address)
     hello(sock)
-    assert isinstance(to_client(sock.recv_multipart()), p.Welcome)
+    assert isinstance(recv(sock), p.Welcome)
     return sock
 
 
@@ -47,11 +47,11 @@ def read_answers(sock: zmq.Socket, expected: int, timeout: float = 20.0) -> list
     answers: list[p.Message] = []
     deadline = time.monotonic() + timeout
     while len(answers) < expected and time.monotonic() < deadline:
-        if sock.poll(200):
-            answers.append(to_client(sock.recv_multipart()))
+        if readable(sock, 200):
+            answers.append(recv(sock))
     time.sleep(0.2)  # and nothing more after them
-    while sock.poll(0):
-        answers.append(to_client(sock.recv_multipart()))
+    while readable(sock, 0):
+        answers.append(recv(sock))
     return answers
 
 
@@ -75,6 +75,27 @@ def test_a_client_that_reads_late_gets_every_answer_once(clusters, tmp_path, ctx
     answers = read_answers(sock, len(ids))
     once_each(answers, ids)
     assert all(isinstance(a, p.Result) for a in answers)
+
+
+def test_a_fan_out_sent_in_packs_is_answered_in_packs_each_task_once(clusters, models, ctx):
+    cluster = start(clusters, models)
+    sock = welcomed(ctx, cluster.address)
+    ids = [f"t{i}" for i in range(600)]
+    submits = [p.encode(p.Submit(task_id=tid, model="noop", inputs=noop_input(i)))
+               for i, tid in enumerate(ids)]
+    sent = p.packed(submits)
+    assert len(sent) < 10  # up to PACK_MESSAGES submits a pack
+    for frames in sent:
+        sock.send_multipart(frames)
+    assert wait_until(lambda: cluster.status()["counters"]["completed"] >= len(ids), timeout=30)
+    arrived = []  # multipart messages, each a pack of answers or one alone
+    while sock.poll(500):
+        arrived.append(sock.recv_multipart())
+    answers = [to_client(m) for frames in arrived for m in p.unpack(frames)]
+    once_each(answers, ids)
+    for a in answers:  # each answer is its own task's
+        np.testing.assert_array_equal(a.outputs["y"], noop_input(int(a.task_id[1:]))["x"])
+    assert len(arrived) < len(ids) / 4, f"{len(ids)} answers came in {len(arrived)} messages"
 
 
 def answers_pile_up(clusters, tmp_path, ctx, n: int = 3000):
@@ -106,7 +127,7 @@ def test_a_client_whose_answers_pile_up_is_told_overloaded_and_loses_nothing(clu
     assert all(isinstance(a, p.Failure) and a.error.kind == "overloaded" for a in refused)
     assert "max_client_backlog_bytes" in refused[0].error.message
     sock.send_multipart(p.encode(p.Submit(task_id="again", model="add", inputs=item)))
-    assert isinstance(to_client(sock.recv_multipart()), p.Result)  # read up: served again
+    assert isinstance(recv(sock), p.Result)  # read up: served again
 
 
 def test_a_client_that_keeps_sending_and_never_reads_is_forgotten_and_holds_nothing(
@@ -207,7 +228,7 @@ def test_a_raw_submit_with_a_header_over_the_limit_is_answered_for_its_task(clus
         head = msgpack.packb({"v": p.PROTOCOL_VERSION, "t": t, "task_id": f"big-{t}", **body,
                               "junk": "y" * (p.MAX_HEADER_BYTES + 1000)})
         sock.send_multipart([head])
-        reply = to_client(sock.recv_multipart())
+        reply = recv(sock)
         assert isinstance(reply, p.Failure) and reply.task_id == f"big-{t}", reply
         assert reply.error.kind == "protocol" and "header" in reply.error.message
 

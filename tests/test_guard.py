@@ -23,7 +23,7 @@ from runtime.shells.scheduler_process import SchedulerProcess
 from runtime.wire import protocol as p
 from runtime.wire.peerlog import PeerLog
 
-from ._peers import dealer, hello, noop_input, to_client, wait_until
+from ._peers import dealer, hello, noop_input, recv, wait_until
 from .conftest import worker
 
 
@@ -133,7 +133,7 @@ def test_a_message_nested_too_deep_to_describe_gets_a_protocol_error(clusters, m
     cluster = clusters.start(config_text(models))
     sock = dealer(ctx, cluster.address)
     hello(sock)
-    assert isinstance(to_client(sock.recv_multipart()), p.Welcome)
+    assert isinstance(recv(sock), p.Welcome)
     nested = b"\x91" * 1020 + b"\xc0"  # msgpack reads up to 1,024 levels; repr() fails first
     for field in (b"\xa1v", b"\xa6inputs", b"\xa7task_id"):  # version, arrays, an id
         head = {"v": p.PROTOCOL_VERSION, "t": "submit", "task_id": "deep", "model": "noop",
@@ -144,7 +144,7 @@ def test_a_message_nested_too_deep_to_describe_gets_a_protocol_error(clusters, m
                   b"\xa7task_id": msgpack.packb("task_id") + msgpack.packb("deep")}[field]
         sock.send_multipart([packed.replace(marker, field + nested)])
         assert sock.poll(3000), f"no answer to a message with a deep {field!r}"
-        reply = to_client(sock.recv_multipart())
+        reply = recv(sock)
         assert reply.error.kind == "protocol", reply
     assert cluster.process.poll() is None
     assert cluster.client().infer("noop", noop_input(2)).device == "cpu0"
@@ -156,13 +156,13 @@ def test_a_run_the_worker_fails_to_handle_is_answered_and_the_worker_lives(clust
     pid = worker(cluster.status(), "cpu0")["pid"]
     sock = dealer(ctx, cluster.address)
     hello(sock)
-    assert isinstance(to_client(sock.recv_multipart()), p.Welcome)
+    assert isinstance(recv(sock), p.Welcome)
     message = b"\x91" * 1020 + b"\xa1x"  # a chat message nested 1,020 lists deep
     head = msgpack.packb({"v": p.PROTOCOL_VERSION, "t": "generate", "task_id": "g",
                           "model": "noop", "request": {"messages": ["PLACEHOLDER"]}})
     sock.send_multipart([head.replace(msgpack.packb("PLACEHOLDER"), message)])
     assert sock.poll(10_000), "the generate was never answered"
-    reply = to_client(sock.recv_multipart())
+    reply = recv(sock)
     assert isinstance(reply, p.Failure) and reply.task_id == "g"
     assert worker(cluster.status(), "cpu0")["pid"] == pid
     assert cluster.client().infer("noop", noop_input(3)).device == "cpu0"

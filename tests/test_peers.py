@@ -30,6 +30,7 @@ from ._peers import (
     hello,
     noop_input,
     received,
+    recv,
     rss_mb,
     to_client,
     wait_until,
@@ -193,13 +194,13 @@ def test_the_task_id_in_use_error_names_no_routing_id(clusters, models, ctx):
                                     "onnxruntime, capacity: 1, faults: {hang_s: 1.0}}"))
     peer = dealer(ctx, cluster.address, identity=b"my-own-routing-id")
     hello(peer)
-    assert isinstance(to_client(peer.recv_multipart()), p.Welcome)
+    assert isinstance(recv(peer), p.Welcome)
     for _ in range(2):
         peer.send_multipart(p.encode(p.Submit(task_id="dup", model="noop", inputs=noop_input())))
-    first = to_client(peer.recv_multipart())
+    first = recv(peer)
     assert isinstance(first, p.Failure) and "already in use" in first.error.message
     assert "my-own-routing-id" not in first.error.message and "b'" not in first.error.message
-    assert isinstance(to_client(peer.recv_multipart()), p.Result)  # the first one, once
+    assert isinstance(recv(peer), p.Result)  # the first one, once
 
 
 def test_a_peer_that_takes_a_clients_routing_id_gets_none_of_its_results(clusters, models, ctx):

@@ -264,7 +264,7 @@ def _fuzzed(side: str, seed: int, count: int, extra: tuple[str, ...] = ()):
                 fuzzer._mutate(header)
             yield [fuzzer._pack(header)] + fuzzer._data_frames(header)
         else:
-            yield fuzzer.frames()
+            yield fuzzer.frames(packs=False)  # single messages: packs are split before this
 
 
 @pytest.mark.parametrize("side, allowed, extra", [
@@ -306,3 +306,59 @@ def test_the_typed_fast_path_reads_every_field_of_a_task_round_trip():
                 np.testing.assert_array_equal(getattr(got, f.name)["x"], inputs["x"])
             else:
                 assert getattr(got, f.name) == getattr(msg, f.name), f.name
+
+
+# -- packs: several messages in one multipart message ------------------------------------------
+
+def submit_frames(i: int, n: int = 4) -> list:
+    return p.encode(p.Submit(task_id=f"t{i}", model="m", inputs={"x": np.full(n, i, np.float32)}))
+
+
+def test_packs_carry_messages_in_order_within_their_bounds_and_a_large_one_alone():
+    big = submit_frames(-1, n=p.PACK_BYTES // 4 + 1)  # over PACK_BYTES by itself
+    messages = [submit_frames(i) for i in range(10)] + [big] + \
+        [submit_frames(i) for i in range(10, 10 + 2 * p.PACK_MESSAGES)]
+    sent = p.packed(messages)
+    assert sent[1] is big  # alone, as itself
+    decoder = p.Decoder(p.CLIENT_TO_SCHEDULER, 1 << 24)
+    got = [decoder.decode(m) for frames in sent for m in p.unpack(frames)]
+    assert [m.task_id for m in got] == [decoder.decode(m).task_id for m in messages]
+    np.testing.assert_array_equal(got[-1].inputs["x"], np.full(4, 9 + 2 * p.PACK_MESSAGES))
+    for frames in sent:
+        parts = p.unpack(frames)
+        assert len(parts) <= p.PACK_MESSAGES
+        if len(parts) > 1:
+            assert p.frames_size(frames[1:]) <= p.PACK_BYTES
+    assert p.unpack(messages[0]) == [messages[0]]  # a message alone is itself
+    assert p.packed([messages[0]]) == [messages[0]]
+
+
+def pack_of(counts, frames) -> list:
+    return [msgpack.packb({"v": p.PROTOCOL_VERSION, "t": "pack", "n": counts})] + frames
+
+
+@pytest.mark.parametrize("counts, extra, says", [
+    ([2, 2], 1, "add up to 4, but 5 frames"),
+    ([2, 3], 0, "add up to 5, but 4 frames"),
+    ([4], 0, "2 to 256 positive integers"),
+    ([2, 0, 2], 0, "positive integers"),
+    ([2, True, 1], 0, "positive integers"),
+    ([2, "2"], 0, "positive integers"),
+    ("22", 0, "positive integers"),
+    ([1] * (p.PACK_MESSAGES + 1), 0, "unreadable frame counts"),
+])
+def test_a_pack_whose_header_does_not_describe_its_frames_is_a_protocol_error(counts, extra, says):
+    frames = submit_frames(1) + submit_frames(2) + [b"x"] * extra
+    with pytest.raises(ProtocolError, match="pack: .*" + says.replace("(", r"\(")):
+        p.unpack(pack_of(counts, frames))
+
+
+def test_a_pack_over_its_byte_bound_is_refused_and_a_pack_inside_a_pack_is_no_message():
+    half = submit_frames(1, n=p.PACK_BYTES // 8 + 64)
+    with pytest.raises(ProtocolError, match="over the limit of"):
+        p.unpack(pack_of([2, 2], half + half))
+    inner = p.pack([submit_frames(1), submit_frames(2)])
+    outer = p.unpack(p.pack([inner, submit_frames(3)]))
+    with pytest.raises(ProtocolError, match="unexpected message type 'pack'"):
+        p.Decoder(p.CLIENT_TO_SCHEDULER, 1 << 20).decode(outer[0])
+    assert p.Decoder(p.CLIENT_TO_SCHEDULER, 1 << 20).decode(outer[1]).task_id == "t3"

@@ -110,10 +110,14 @@ class Fuzzer:
 
     # -- messages --
 
-    def frames(self) -> list[bytes]:
-        """One fuzzed message, as the frames a DEALER sends."""
+    def frames(self, packs: bool = True) -> list[bytes]:
+        """One fuzzed message, as the frames a DEALER sends (sometimes a pack of several)."""
         r = self.rng
         roll = r.random()
+        if packs:
+            if roll < 0.08:
+                return self._fuzzed_pack()
+            roll = r.random()
         if roll < 0.06:
             return [r.randbytes(r.randrange(0, 300)) for _ in range(r.randrange(1, 4))]
         if roll < 0.12:
@@ -128,6 +132,23 @@ class Fuzzer:
         if r.random() < 0.1:
             frames.append(r.randbytes(r.randrange(0, 100)))
         return frames
+
+    def _fuzzed_pack(self) -> list[bytes]:
+        """A pack of fuzzed messages (now and then one in it is a pack too); sometimes its
+        frame counts lie."""
+        r = self.rng
+        inner = [self.frames(packs=r.random() < 0.1) for _ in range(r.randrange(2, 6))]
+        counts: Any = [len(frames) for frames in inner]
+        lie = r.random()
+        if lie < 0.1:
+            counts[r.randrange(len(counts))] += r.choice([-1, 1])
+        elif lie < 0.15:
+            counts = counts[:-1]
+        elif lie < 0.2:
+            counts = self.value()
+        head = msgpack.packb({"v": p.PROTOCOL_VERSION, "t": "pack", "n": counts},
+                             use_bin_type=True)
+        return [head] + [frame for frames in inner for frame in frames]
 
     def _header(self, t: str) -> dict:
         r = self.rng
@@ -204,13 +225,14 @@ class Fuzzer:
 
 
 def _drain(sock: zmq.Socket) -> int:
+    """How many replies were waiting (those of a pack each counted)."""
     got = 0
     while True:
         try:
-            sock.recv_multipart(zmq.NOBLOCK)
+            frames = sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return got
-        got += 1
+        got += len(p.unpack(frames))
 
 
 def fuzz(address: str, side: str, count: int, credentials: Credentials | None = None,

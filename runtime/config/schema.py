@@ -143,9 +143,10 @@ class SchedulerConfig:
       held, waiting or running) that one client's tasks may take, 0.01..1 (default 0.5);
       past it that client's submits get Overloaded, and others are still served.
     max_client_backlog_bytes: answers waiting for a client that reads them slower than they
-      come (past ZMQ's own queue of 1,000 messages per connection), 1 KiB..1 TiB (default
-      256 MiB). None is dropped for it; past it that client's new submits get Overloaded
-      until it reads (its accepted tasks bound the rest, through max_client_share). One that
+      come (past ZMQ's own queue of 100 messages per connection, each one answer or a pack
+      of answers of up to 64 KiB), 1 KiB..1 TiB (default 256 MiB). None is dropped for it;
+      past it that client's new submits get Overloaded until it reads (its accepted tasks
+      bound the rest, through max_client_share). One that
       goes on sending 1,000 submits without reading is forgotten as if it had gone silent
       (its tasks cancelled, its answers dropped) until it says hello again.
     task_timeout_s: default deadline of a task, 0.1..86400.

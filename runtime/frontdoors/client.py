@@ -73,6 +73,9 @@ BYE_LINGER_MS = 250  # how long closing may wait for the goodbye to leave
 # Refused this long from the first try: nothing listens (a scheduler that is restarting binds
 # again within this), so connect() says so instead of waiting out its whole timeout.
 REFUSED_FOR_S = 0.5
+# A fan-out sends its submits in batches of up to this many (packs of several messages):
+# enough to pay a socket trip once for dozens of tasks, few enough that the first go at once.
+FAN_BATCH = 64
 
 
 @dataclass
@@ -403,11 +406,45 @@ class AsyncClient:
                     hello: bool = False) -> None:
         """Send ``msg``; when the send queue is full, wait for room at most ``timeout``, and
         never past the loss of the connection (``ClusterUnavailable`` either way)."""
+        self._check_up()
+        await self._send_frames(self._encode(msg), timeout, hello)
+
+    async def _send_many(self, msgs: list[p.Message],
+                         timeout: float | None = None) -> list[FanoutError | None]:
+        """Send ``msgs`` in order, several to a pack; for each, None once sent, or the
+        error that kept it from going (a message too large, or the connection lost)."""
+        errors: list[FanoutError | None] = [None] * len(msgs)
+        try:
+            self._check_up()
+        except FanoutError as exc:
+            return [exc] * len(msgs)
+        encoded, which = [], []
+        for i, msg in enumerate(msgs):
+            try:
+                encoded.append(self._encode(msg))
+                which.append(i)
+            except FanoutError as exc:
+                errors[i] = exc
+        at = 0
+        for group in p.pack_groups(encoded):
+            try:
+                await self._send_frames(p.pack(group), timeout)
+            except FanoutError as exc:
+                for i in which[at:]:  # neither this pack nor any after it went
+                    errors[i] = exc
+                break
+            at += len(group)
+        return errors
+
+    def _check_up(self) -> None:
         if self._closed:
             raise ClusterUnavailable("this client is closed")
         if self._welcomed and not self._up:
             raise ClusterUnavailable(f"{self._lost_why or 'not connected'}; reconnecting, "
                                      f"try again shortly")
+
+    def _encode(self, msg: p.Message) -> list:
+        """``msg``'s frames, within the cluster's limits (``InvalidInput`` if not)."""
         frames = p.encode(msg)
         size = p.frames_size(frames)
         if size > self.max_message_bytes:
@@ -417,6 +454,11 @@ class AsyncClient:
             raise InvalidInput(f"the request's header is {p.frames_size(frames[:1])} bytes, "
                                f"over the limit of {p.MAX_HEADER_BYTES}: text or parameters "
                                f"that large do not fit a request (tensors do, as arrays)")
+        return frames
+
+    async def _send_frames(self, frames: list, timeout: float | None = None,
+                           hello: bool = False) -> None:
+        """Send one multipart message (a message, or a pack of several), as ``_send``."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         if self._welcomed and not hello and now - self._last_sent > REHELLO_AFTER_S:
@@ -502,6 +544,17 @@ class AsyncClient:
             return
 
     def _take(self, frames: list) -> None:
+        """Read the replies in what came (several, if a pack) and hand each to whoever
+        waits for it."""
+        try:
+            replies = p.unpack(frames)
+        except ProtocolError as exc:
+            self._unreadable(exc, None, None)
+            return
+        for reply in replies:
+            self._take_one(reply)
+
+    def _take_one(self, frames: list) -> None:
         """Read one reply and hand it to whoever waits for it."""
         msg = None
         try:
@@ -852,11 +905,20 @@ class _Fan:
         self.results = [None] * len(items)
         self.left = len(items) + 1  # the sending itself counts until it is over
         try:
-            for i, inputs in enumerate(items):
+            i = 0
+            while i < len(items):
                 while len(self.open) >= self.window:
                     self.room.clear()
                     await self.room.wait()
-                await self._submit(i, inputs)
+                batch: list[tuple[str, p.Submit]] = []  # sent together: packs of submits
+                while i < len(items) and len(self.open) < self.window \
+                        and len(batch) < FAN_BATCH:
+                    submit = self._prepare(i, items[i])
+                    i += 1
+                    if submit is not None:
+                        batch.append(submit)
+                if batch:
+                    await self._submit(batch)
             self._one_done()
             await asyncio.shield(self.all_done)
         except asyncio.CancelledError:
@@ -869,14 +931,16 @@ class _Fan:
                 self.client._pending.pop(task_id, None)
         return self.results
 
-    async def _submit(self, i: int, inputs: Any) -> None:
+    def _prepare(self, i: int, inputs: Any) -> tuple[str, p.Submit] | None:
+        """Item ``i``'s task, open and waiting for its answer (or None: its inputs are bad,
+        and that is its result)."""
         client = self.client
         try:
             arrays = _as_arrays(inputs)
         except FanoutError as exc:
             self.results[i] = exc
             self._one_done()
-            return
+            return None
         task_id = client._new_id()
         fut = self.loop.create_future()
         client._pending[task_id] = fut
@@ -885,13 +949,18 @@ class _Fan:
         if self.wait is not None:  # the scheduler's deadline, and the way back
             timer = self.loop.call_later(self.wait, self._expire, task_id, fut)
             fut.add_done_callback(lambda _: timer.cancel())
-        try:
-            await client._send(p.Submit(task_id=task_id, model=self.model, inputs=arrays,
-                                        timeout_s=self.timeout), self.wait)
-        except FanoutError as exc:
-            client._pending.pop(task_id, None)
-            if not fut.done():
-                fut.set_exception(exc)
+        return task_id, p.Submit(task_id=task_id, model=self.model, inputs=arrays,
+                                 timeout_s=self.timeout)
+
+    async def _submit(self, batch: list[tuple[str, p.Submit]]) -> None:
+        """Send the batch's submits; a task whose submit could not go fails with why."""
+        errors = await self.client._send_many([submit for _, submit in batch], self.wait)
+        for (task_id, _), error in zip(batch, errors):
+            if error is not None:
+                self.client._pending.pop(task_id, None)
+                fut = self.open.get(task_id)
+                if fut is not None and not fut.done():
+                    fut.set_exception(error)
 
     def _expire(self, task_id: str, fut: asyncio.Future) -> None:
         self.client._pending.pop(task_id, None)

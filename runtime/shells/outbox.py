@@ -4,15 +4,18 @@ A ROUTER drops a message for a peer whose pipe is full (its high-water mark); wi
 ``ROUTER_MANDATORY`` it says so instead (``EAGAIN``), and the message waits here, in order,
 until the peer's pipe has room. The shell refuses new work from a client whose backlog is
 over its bound, and forgets one that keeps sending while it does not read.
+
+Before that, ``Held`` keeps a step's messages per peer and sends them together, as packs.
 """
 from __future__ import annotations
 
 import collections
 import errno
+from collections.abc import Callable
 
 import zmq
 
-from ..wire.protocol import frames_size
+from ..wire.protocol import frames_size, packed
 
 
 class Outbox:
@@ -76,3 +79,40 @@ class Outbox:
     def total_bytes(self) -> int:
         """Bytes waiting, for every peer."""
         return sum(self._bytes.values())
+
+
+class Held:
+    """Messages for each peer, held until the step that made them ends (a drain, a tick),
+    then sent in order, several at a time as packs (``protocol.packed``): a fan-out's
+    answers and runs cost one trip through the socket per peer and step, not one each."""
+
+    def __init__(self, send: Callable[[bytes, list], object]):
+        self._send = send
+        self._held: dict[bytes, list[list]] = {}
+
+    def put(self, ident: bytes, frames: list) -> None:
+        held = self._held.get(ident)
+        if held is None:
+            self._held[ident] = [frames]
+        else:
+            held.append(frames)
+
+    def send(self, failed: Callable[[bytes, Exception], None]) -> None:
+        """Send everything held; a peer whose send fails costs no other peer its messages."""
+        held, self._held = self._held, {}
+        for ident, messages in held.items():
+            self._send_all(ident, messages, failed)
+
+    def send_to(self, ident: bytes, failed: Callable[[bytes, Exception], None]) -> None:
+        """Send what is held for ``ident`` now (before its backlog is dropped, say)."""
+        messages = self._held.pop(ident, None)
+        if messages:
+            self._send_all(ident, messages, failed)
+
+    def _send_all(self, ident: bytes, messages: list[list],
+                  failed: Callable[[bytes, Exception], None]) -> None:
+        try:
+            for frames in packed(messages):
+                self._send(ident, frames)
+        except Exception as exc:
+            failed(ident, exc)

@@ -44,7 +44,7 @@ from ..wire import protocol as p
 from ..wire.peerlog import PeerLog
 from ..wire.security import Door, Gate, doors, with_worker_pair
 from ..wire.status import ClusterInfo, Status
-from .outbox import Outbox
+from .outbox import Held, Outbox
 from .supervisor import LocalSupervisor, Supervisor
 
 log = logging.getLogger("fanout.scheduler")
@@ -57,6 +57,10 @@ CLIENT_PING_MS, CLIENT_SILENT_MS = 1_000, 5_000
 # Messages queued for one worker before its ROUTER drops them: above what its credits let it
 # hold (capacity 256 + prefetch 4096 tasks, their cancels, pings), so none is ever dropped.
 WORKER_SNDHWM = 16_384
+# Messages queued in ZMQ for one client before the rest wait in the outbox, where they are
+# counted against max_client_backlog_bytes: each may be a pack of answers (up to
+# protocol.PACK_BYTES), so at most a few MiB sit where no bound sees them.
+CLIENT_SNDHWM = 100
 MAX_FORGOTTEN = 10_000  # clients remembered as forgotten for not reading their answers
 # Submits refused to a client whose answers pile up unread, before it is forgotten: answers
 # to its accepted tasks are bounded by its share of the queue; refusals only by this.
@@ -147,6 +151,10 @@ class SchedulerProcess:
         self.back_decoder = p.Decoder(p.WORKER_TO_SCHEDULER, sc.max_message_bytes,
                                       decode_arrays=False)
         self.outbox = Outbox(self.front)
+        # What a step (a drain, a tick) sends, per peer, goes out when it ends, in packs.
+        self._to_clients = Held(self.outbox.send)
+        self._to_workers = Held(lambda ident, frames: self.back.send_multipart(
+            [ident] + frames, copy=False))
         self.peers = PeerLog(log)
         self._workers: dict[bytes, tuple[str, int]] = {}  # identity -> (device, epoch)
         self._routes: dict[str, bytes] = {}  # device -> identity it registered from
@@ -176,6 +184,7 @@ class SchedulerProcess:
         sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
         if client_side:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full pipe says so: answers wait
+            sock.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)
             sock.setsockopt(zmq.HEARTBEAT_IVL, CLIENT_PING_MS)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, CLIENT_SILENT_MS)
         else:  # an authenticated worker with its own unguessable id takes its route back
@@ -221,7 +230,6 @@ class SchedulerProcess:
                 heard_all_until = self.clock()
                 if self.front in ready:
                     self._drain(self.front, self._on_client_message)
-                self._guarded("outbox", self.outbox.flush)
                 now = self.clock()
                 if now - last_tick >= TICK_S:
                     last_tick = now
@@ -229,6 +237,8 @@ class SchedulerProcess:
                     if watch_parent is not None and os.getppid() != watch_parent:
                         log.error("parent process died; shutting the cluster down")
                         break
+                self._send_held()
+                self._guarded("outbox", self.outbox.flush)
         finally:
             self.close()
 
@@ -260,22 +270,52 @@ class SchedulerProcess:
         self._held = []
         self._answered.clear()
         try:
-            for _ in range(DRAIN_BATCH):
+            handled = 0  # messages, a pack's each counted
+            while handled < DRAIN_BATCH:
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     return True
+                handled += 1
                 if len(frames) < 2:
                     continue
                 ident = frames[0].bytes
-                try:
-                    handler(ident, frames[1:])
-                except Exception as exc:  # a bug in handling one message fails that message only
-                    self._failed_to_handle(sock is self.front, ident, frames[1:], exc)
+                messages = self._unpack(sock is self.front, ident, frames[1:])
+                handled += len(messages) - 1
+                for message in messages:
+                    try:
+                        handler(ident, message)
+                    except Exception as exc:  # a bug in handling one message fails it only
+                        self._failed_to_handle(sock is self.front, ident, message, exc)
             return False
         finally:
             self._flush()
             self._held = None
+            self._send_held()
+
+    def _unpack(self, from_client: bool, ident: bytes, frames: list) -> list[list]:
+        """The messages in what a peer sent (several, if a pack); none if it is a broken
+        pack, which is logged and answered with a typed error."""
+        try:
+            return p.unpack(frames)
+        except ProtocolError as exc:
+            who = f"{'client' if from_client else 'worker'} {ident.hex()[:16]}"
+            self.peers.warning(who, "bad", "%s: bad message: %s", who, exc)
+            if from_client:
+                self._reply(ident, p.error_reply(None, exc))
+            else:
+                self._to_worker(ident, p.error_reply(None, exc))
+            return []
+
+    def _send_held(self) -> None:
+        """Send what this step made for each peer (several messages in one pack)."""
+        self._to_workers.send(self._failed_send)
+        self._to_clients.send(self._failed_send)
+
+    def _failed_send(self, ident: bytes, exc: Exception) -> None:
+        self.internal_errors += 1
+        self.peers.error(f"peer {ident.hex()[:16]}", "send", "could not send to %s (%s); "
+                         "the cluster goes on", ident.hex()[:16], _describe(exc), exc_info=True)
 
     def _flush(self) -> None:
         """Feed the events held so far (before a reply that must see them). Each event is
@@ -362,7 +402,7 @@ class SchedulerProcess:
         self._last_ping = now
         ping = p.encode(p.Ping())
         for ident in self._workers:
-            self.back.send_multipart([ident] + ping)
+            self._to_workers.put(ident, ping)
 
     # -- clients --
 
@@ -371,7 +411,7 @@ class SchedulerProcess:
             return  # dropped with its backlog: it must say hello again
         if isinstance(msg, (p.Result, p.Completion, p.Failure)):
             self._answered.add((ident, msg.task_id))
-        self.outbox.send(ident, p.encode(msg))
+        self._to_clients.put(ident, p.encode(msg))
 
     def _backlog(self, ident: bytes) -> int | None:
         """Bytes of answers waiting for ``ident``; None once it has been refused so often
@@ -385,6 +425,7 @@ class SchedulerProcess:
         if refused <= MAX_UNREAD_REFUSALS:
             return backlog
         del self._unread_refusals[ident]
+        self._to_clients.send_to(ident, self._failed_send)  # as far as ZMQ's queue takes them
         dropped = self.outbox.forget(ident)
         self._forgotten[ident] = None
         while len(self._forgotten) > MAX_FORGOTTEN:
@@ -479,7 +520,7 @@ class SchedulerProcess:
     # -- workers --
 
     def _to_worker(self, ident: bytes, msg: p.Message) -> None:
-        self.back.send_multipart([ident] + p.encode(msg), copy=False)
+        self._to_workers.put(ident, p.encode(msg))
 
     def _on_worker_message(self, ident: bytes, frames: list) -> None:
         who = ident.hex()[:16]
@@ -623,7 +664,10 @@ class SchedulerProcess:
                 self._reply(ident, p.Failure(task_id=task_id, error=a.error))
             case s.ForgetClient():
                 who = a.client.hex()[:16]
-                self.outbox.forget(a.client)  # nobody will read those answers
+                # What it was told last (its tasks cancelled) goes as far as ZMQ's queue
+                # takes it; the rest nobody will read.
+                self._to_clients.send_to(a.client, self._failed_send)
+                self.outbox.forget(a.client)
                 if a.goodbye:
                     log.debug("client %s %s (%d unfinished tasks cancelled)", who, a.reason,
                               a.cancelled)
@@ -645,6 +689,7 @@ class SchedulerProcess:
                 self._reply(ident, p.Failure(task_id=task_id, error=err))
             except zmq.ZMQError:
                 pass
+        self._send_held()
         try:
             self.outbox.flush()
         except zmq.ZMQError:

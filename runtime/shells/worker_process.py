@@ -155,8 +155,9 @@ class WorkerProcess:
                         except zmq.Again:
                             break
                         last_heard = time.monotonic()
-                        if self._guarded_handle(frames) == "stop":
-                            return 0
+                        for message in self._unpack(frames):
+                            if self._guarded_handle(message) == "stop":
+                                return 0
                 now = time.monotonic()
                 if now - last_beat >= self.heartbeat_s:
                     self.send(p.Heartbeat(in_flight=self.core.in_flight(),
@@ -173,6 +174,16 @@ class WorkerProcess:
                     return 3
         finally:
             self.close()
+
+    def _unpack(self, frames: list) -> list[list]:
+        """The messages in what the scheduler sent (several, if a pack); none if it is a
+        broken pack."""
+        try:
+            return p.unpack(frames)
+        except p.ProtocolError as exc:
+            self.peers.warning("scheduler", "bad", "%s: dropped a bad message from the "
+                               "scheduler: %s", self.device.name, exc)
+            return []
 
     def _guarded_handle(self, frames) -> str | None:
         """``_handle``, with any exception failing that message's run instead of the worker."""
@@ -236,29 +247,39 @@ class WorkerProcess:
             pass
 
     def _flush_events(self) -> None:
+        """Send what the core's threads have made since the last flush, in order, several
+        messages to a pack."""
+        out: list[list] = []
         while True:
             try:
                 event = self.events.get_nowait()
             except queue.Empty:
-                return
+                break
             try:
                 if isinstance(event, LoadChanged):
-                    self.send(p.ModelState(model=event.model, load=event.load))
+                    out.append(p.encode(p.ModelState(model=event.model, load=event.load)))
                 elif isinstance(event, TokensOut):
                     d = event.delta
-                    self.send(p.Tokens(attempt=event.attempt, ids=list(d.ids), text=d.text,
-                                       tool_calls=[c.to_wire() for c in d.tool_calls],
-                                       logprobs=[x.to_wire() for x in d.logprobs]))
+                    out.append(p.encode(p.Tokens(
+                        attempt=event.attempt, ids=list(d.ids), text=d.text,
+                        tool_calls=[c.to_wire() for c in d.tool_calls],
+                        logprobs=[x.to_wire() for x in d.logprobs])))
                 elif isinstance(event, Outcome):
-                    self.send(self._outcome_message(event))
+                    out.append(p.encode(self._outcome_message(event)))
             except Exception as exc:  # one event that cannot be sent fails its run only
                 self.peers.error("events", type(exc).__name__, "%s: could not send %s (%s: "
                                  "%s)", self.device.name, type(event).__name__,
                                  type(exc).__name__, str(exc)[:200], exc_info=True)
                 if isinstance(event, Outcome):
-                    self.send(p.Failed(attempt=event.attempt, kind="error", message=(
+                    out.append(p.encode(p.Failed(attempt=event.attempt, kind="error", message=(
                         f"the worker could not send this run's outcome: "
-                        f"{type(exc).__name__}: {str(exc)[:200]}")))
+                        f"{type(exc).__name__}: {str(exc)[:200]}"))))
+        try:
+            for frames in p.packed(out):
+                self.sock.send_multipart(frames, copy=False)
+        except zmq.ZMQError as exc:  # the socket is closing: the scheduler re-runs what is lost
+            self.peers.error("events", "send", "%s: could not send %d messages (%s)",
+                             self.device.name, len(out), exc)
 
     @staticmethod
     def _outcome_message(event: Outcome) -> p.Message:

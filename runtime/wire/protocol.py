@@ -15,6 +15,14 @@ fails at decode with ``ProtocolError``, not deep in a handler. Every field is ch
 its type hint (``records.py``), nested records too (attempts, errors, model load states), so
 a handler never meets a malformed one. New fields get defaults; existing ones never change
 meaning.
+
+A sender with several messages for one peer at once (a drain's answers, a fan-out's submits,
+a worker's finished runs) sends them as one *pack*: a header ``{"v", "t": "pack", "n": [the
+frame count of each message]}``, then their frames in order. Each message's own trip through
+libzmq's pipes and wake-ups is the largest cost left of a small task; a pack pays it once.
+The receiver splits a pack (``unpack``) and handles each message as if it had come alone, so
+a bad one fails only itself. A pack holds 2 to ``PACK_MESSAGES`` messages and at most
+``PACK_BYTES`` besides its header, and never a pack; a larger message goes alone.
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ from . import typed
 from .records import plain, reader
 from .status import ClusterInfo, ModelLoad
 
-PROTOCOL_VERSION = 3  # 3: arrays split into frames of at most FRAME_BYTES
+PROTOCOL_VERSION = 4  # 3: arrays split into frames of at most FRAME_BYTES; 4: packs
 MAX_HEADER_BYTES = 1024 * 1024
 FRAME_BYTES = 1024 * 1024  # the largest array frame
 # Sockets refuse frames over this (MAXMSGSIZE); between the limits, a header is answered
@@ -350,6 +358,80 @@ def _dtype_name(dtype: np.dtype) -> str:
     if name is None:
         name = _DTYPE_NAMES[dtype] = dtype.name
     return name
+
+
+# ---- packs ---------------------------------------------------------------------------------
+
+PACK_MESSAGES = 256
+PACK_BYTES = 64 * 1024
+# Every pack header starts so (a map of three: v, t, then n): telling a pack from a message
+# costs one comparison. A header laid out otherwise is no pack: the decoder refuses its type.
+_PACK_HEAD = (b"\x83" + msgpack.packb("v") + msgpack.packb(PROTOCOL_VERSION)
+              + msgpack.packb("t") + msgpack.packb("pack") + msgpack.packb("n"))
+
+
+def packed(messages: list[list]) -> list[list]:
+    """The multipart messages that carry ``messages`` (each a list of frames) in order:
+    packs where several fit together, a message alone as itself."""
+    return [pack(group) for group in pack_groups(messages)]
+
+
+def pack_groups(messages: list[list]) -> list[list[list]]:
+    """``messages`` cut, in order, into the groups that each go as one pack: at most
+    ``PACK_MESSAGES`` messages and ``PACK_BYTES`` bytes; a larger message is a group alone."""
+    groups: list[list[list]] = []
+    group: list[list] = []
+    size = 0
+    for frames in messages:
+        n = frames_size(frames)
+        if group and (len(group) == PACK_MESSAGES or size + n > PACK_BYTES):
+            groups.append(group)
+            group, size = [], 0
+        group.append(frames)
+        size += n
+    if group:
+        groups.append(group)
+    return groups
+
+
+def pack(group: list[list]) -> list:
+    """One multipart message for a group of ``pack_groups``: a pack, or its one message."""
+    if len(group) == 1:
+        return group[0]
+    return ([_PACK_HEAD + msgpack.packb([len(frames) for frames in group])]
+            + [frame for frames in group for frame in frames])
+
+
+def unpack(frames: list) -> list[list]:
+    """The messages ``frames`` carries: those of a pack, else ``[frames]`` itself.
+    ``ProtocolError`` for a pack whose header does not describe its frames or is out of
+    bounds (none of its messages is handled then: their borders are unknown)."""
+    if not frames:
+        return [frames]
+    head = _buffer(frames[0])
+    if len(head) < len(_PACK_HEAD) or head[:len(_PACK_HEAD)] != _PACK_HEAD:
+        return [frames]
+    try:
+        counts = msgpack.unpackb(bytes(head[len(_PACK_HEAD):]), max_array_len=PACK_MESSAGES)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise ProtocolError(f"pack: unreadable frame counts ({type(exc).__name__}; at most "
+                            f"{PACK_MESSAGES} messages)") from None
+    if (not isinstance(counts, list) or len(counts) < 2
+            or not all(type(n) is int and 1 <= n <= len(frames) for n in counts)):
+        raise ProtocolError(f"pack: frame counts must be 2 to {PACK_MESSAGES} positive "
+                            f"integers, got {brief(counts)}")
+    if sum(counts) != len(frames) - 1:
+        raise ProtocolError(f"pack: its frame counts add up to {sum(counts)}, but "
+                            f"{len(frames) - 1} frames follow the header")
+    size = frames_size(frames) - len(head)
+    if size > PACK_BYTES:
+        raise ProtocolError(f"pack: {size} bytes of messages, over the limit of {PACK_BYTES} "
+                            f"(a larger message goes alone)")
+    out, at = [], 1
+    for n in counts:
+        out.append(frames[at:at + n])
+        at += n
+    return out
 
 
 # ---- encoding ----------------------------------------------------------------------------
