@@ -47,26 +47,26 @@ class CancelToken:
     """Set by the worker when the task is cancelled; a session may poll it or register a hook."""
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self._cancelled = False  # a flag, not a threading.Event: one is made per task
         self._hooks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
 
     @property
     def cancelled(self) -> bool:
-        return self._event.is_set()
+        return self._cancelled
 
     def on_cancel(self, hook: Callable[[], None]) -> None:
         with self._lock:
-            if not self._event.is_set():
+            if not self._cancelled:
                 self._hooks.append(hook)
                 return
         hook()
 
     def cancel(self) -> None:
         with self._lock:
-            if self._event.is_set():
+            if self._cancelled:
                 return
-            self._event.set()
+            self._cancelled = True
             hooks, self._hooks = self._hooks, []
         for hook in hooks:
             try:

@@ -7,6 +7,7 @@ import numpy as np
 
 from ..backends.base import TensorSpec
 from ..errors import InvalidInput, Unsupported
+from ..wire.protocol import dtype_name
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def check_inputs(specs: list[TensorSpec], inputs: dict[str, np.ndarray], model: 
         raise InvalidInput(f"model {model!r} inputs: {'; '.join(parts)}; it takes {takes}")
     for spec in specs:
         arr = inputs[spec.name]
-        if arr.dtype.name != spec.dtype:
+        if dtype_name(arr.dtype) != spec.dtype:
             raise InvalidInput(f"model {model!r} input {spec.name!r}: dtype {arr.dtype.name}, "
                                f"expected {spec.dtype}")
         if arr.ndim != len(spec.shape):

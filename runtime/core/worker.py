@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -32,7 +32,7 @@ from ..backends.base import (
     Session,
 )
 from ..errors import ErrorKind, FanoutError, InvalidInput, ModelUnavailable
-from ..wire.protocol import ALLOWED_DTYPES, result_bytes
+from ..wire.protocol import ALLOWED_DTYPES, dtype_name, result_bytes
 from ..wire.status import ModelLoad
 from .batching import (
     Batching,
@@ -49,6 +49,17 @@ from .tensors import fit_inputs
 from .warmup import warm_up
 
 log = logging.getLogger("fanout.worker")
+_GENERATES: dict[type, bool] = {}
+
+
+def _generates(session: object) -> bool:
+    """``isinstance(session, LLMSession)``, by type (implementations subclass it): checking
+    a Protocol costs microseconds, and the hot path asks for every task."""
+    kind = type(session)
+    known = _GENERATES.get(kind)
+    if known is None:
+        known = _GENERATES[kind] = isinstance(session, LLMSession)
+    return known
 
 
 @dataclass
@@ -296,9 +307,9 @@ class WorkerCore:
     def _key(self, job: _Job, batching: Batching) -> tuple[tuple, int] | None:
         """What a batch mate of ``job`` must share, and its rows; None: it runs alone."""
         session = self.sessions.get(job.model)
-        if session is None or isinstance(session, LLMSession) or not isinstance(job.arg, dict):
+        if session is None or _generates(session) or not isinstance(job.arg, dict):
             return None
-        if not fits(session.inputs, job.arg, batching.pad):
+        if not fits(cast(Session, session).inputs, job.arg, batching.pad):
             return None  # it fails alone, without taking a batch's room
         return shape_key(job.arg, batching.pad)
 
@@ -400,18 +411,19 @@ class WorkerCore:
 
     def _infer(self, outcome: Outcome, session: Session | LLMSession, model: str,
                inputs: dict[str, np.ndarray], token: CancelToken) -> None:
-        if isinstance(session, LLMSession):
+        if _generates(session):
             raise InvalidInput(f"model {model!r} generates text: call generate(), not infer()")
+        tensors = cast(Session, session)
         options = self.specs[model].options
-        fitted, padding = fit_inputs(session.inputs, inputs, model, self.device,
+        fitted, padding = fit_inputs(tensors.inputs, inputs, model, self.device,
                                      pad=bool(options.get("pad", True)))
-        outcome.outputs = self._sendable(model, padding.unpad(session.run(fitted, token)))
+        outcome.outputs = self._sendable(model, padding.unpad(tensors.run(fitted, token)))
 
     def _sendable(self, model: str, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``outputs`` if a result message can carry them. Any device would produce the same
         ones, so outputs too large or of a type the wire refuses are the task's fault."""
         for name, arr in outputs.items():
-            if arr.dtype.name not in ALLOWED_DTYPES:
+            if dtype_name(arr.dtype) not in ALLOWED_DTYPES:
                 raise InvalidInput(f"model {model!r} output {name!r} has dtype {arr.dtype}, "
                                    f"which cannot be sent; allowed: "
                                    f"{', '.join(sorted(ALLOWED_DTYPES))}")

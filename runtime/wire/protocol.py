@@ -34,6 +34,7 @@ from typing import Any, ClassVar, Literal
 
 import msgpack
 import numpy as np
+import zmq
 
 from ..errors import Attempt, ErrorKind, FanoutError, ProtocolError, brief
 from . import typed
@@ -353,7 +354,8 @@ _DTYPE_NAMES: dict[np.dtype, str] = {}  # numpy works a dtype's name out anew at
 _ITEMSIZES = {name: np.dtype(name).itemsize for name in ALLOWED_DTYPES}
 
 
-def _dtype_name(dtype: np.dtype) -> str:
+def dtype_name(dtype: np.dtype) -> str:
+    """``dtype.name``, remembered: numpy works it out in Python at every ask."""
     name = _DTYPE_NAMES.get(dtype)
     if name is None:
         name = _DTYPE_NAMES[dtype] = dtype.name
@@ -451,7 +453,7 @@ def encode(msg: Message) -> list:
                     buffers.extend(arr.frames)
                     continue
                 arr = np.ascontiguousarray(arr)
-                dtype = _dtype_name(arr.dtype)
+                dtype = dtype_name(arr.dtype)
                 if dtype not in ALLOWED_DTYPES:
                     raise ProtocolError(f"array {name!r} has dtype {arr.dtype}; allowed: "
                                         f"{', '.join(sorted(ALLOWED_DTYPES))}")
@@ -477,7 +479,8 @@ def frame_count(nbytes: int) -> int:
 
 
 def _buffer(frame) -> Any:
-    return frame.buffer if hasattr(frame, "buffer") else frame
+    # type(), not hasattr(): asking a zmq.Frame for .buffer makes a memoryview each time
+    return frame.buffer if type(frame) is zmq.Frame else frame
 
 
 @dataclass(frozen=True)
@@ -505,9 +508,10 @@ class RawArray:
 
 
 def _frame_len(frame) -> int:
-    if hasattr(frame, "buffer"):
-        return frame.buffer.nbytes
-    return len(frame)
+    kind = type(frame)
+    if kind is zmq.Frame or kind is bytes:
+        return len(frame)
+    return memoryview(frame).nbytes  # a view's len() counts items, not bytes
 
 
 def frames_size(frames: list) -> int:
@@ -558,7 +562,7 @@ class Decoder:
         path reads it (and says what is wrong, if anything)."""
         if not frames:
             return None
-        head = frames[0].buffer if hasattr(frames[0], "buffer") else frames[0]
+        head = _buffer(frames[0])
         if len(head) > MAX_HEADER_BYTES:
             return None
         got = self._typed.read(head)
@@ -661,7 +665,7 @@ class Decoder:
 
 
 def _head_bytes(frame) -> bytes:
-    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+    return frame.bytes if type(frame) is zmq.Frame else bytes(frame)
 
 
 def peek_field(head: bytes, name: str) -> Any:
