@@ -175,7 +175,7 @@ def _as_arrays(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
     out = {}
     for name, value in inputs.items():
         arr = np.asarray(value)
-        if arr.dtype.name not in p.ALLOWED_DTYPES:
+        if p.dtype_name(arr.dtype) not in p.ALLOWED_DTYPES:
             raise InvalidInput(f"input {name!r} has dtype {arr.dtype}; allowed: "
                                f"{', '.join(sorted(p.ALLOWED_DTYPES))}")
         out[str(name)] = arr
