@@ -362,3 +362,32 @@ def test_a_pack_over_its_byte_bound_is_refused_and_a_pack_inside_a_pack_is_no_me
     with pytest.raises(ProtocolError, match="unexpected message type 'pack'"):
         p.Decoder(p.CLIENT_TO_SCHEDULER, 1 << 20).decode(outer[0])
     assert p.Decoder(p.CLIENT_TO_SCHEDULER, 1 << 20).decode(outer[1]).task_id == "t3"
+
+
+def test_frames_go_and_come_whole_through_the_socket_helpers():
+    import zmq
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://frames")
+        b.connect("inproc://frames")
+        with pytest.raises(zmq.Again):
+            p.recv_frames(b)  # nothing waits
+        big = np.arange(300_000, dtype=np.float32)  # two frames of its own
+        sent = [p.pack([submit_frames(1), [b""], submit_frames(2)]),
+                p.encode(p.Submit(task_id="big", model="m", inputs={"x": big}))]
+        for frames in sent:
+            p.send_frames(a, frames)
+        p.send_frames(a, [b"alone"], nonblocking=True)
+        assert b.poll(2000)
+        got = [p.recv_frames(b) for _ in sent]
+        for frames, came in zip(sent, got):
+            assert [bytes(f.buffer) for f in came] == [bytes(f) for f in frames]
+        assert [f.bytes for f in p.recv_frames(b)] == [b"alone"]
+        decoder = p.Decoder(p.CLIENT_TO_SCHEDULER, 1 << 24)
+        assert decoder.decode(p.unpack(got[0])[2]).task_id == "t2"
+        np.testing.assert_array_equal(decoder.decode(got[1]).inputs["x"], big)
+    finally:
+        a.close(linger=0)
+        b.close(linger=0)
+        ctx.term()

@@ -470,7 +470,7 @@ class AsyncClient:
             try:
                 if self._later:  # earlier messages still wait: keep the order
                     raise zmq.Again()
-                self._raw.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                p.send_frames(self._raw, frames, nonblocking=True)
                 break
             except zmq.Again:  # the queue to the scheduler is full: wait for room, in bounds
                 self._room.clear()
@@ -538,7 +538,7 @@ class AsyncClient:
                     self._room.set()
                 if not events & zmq.POLLIN:
                     return
-                self._take(self._raw.recv_multipart(zmq.NOBLOCK, copy=False))
+                self._take(p.recv_frames(self._raw))
             asyncio.get_running_loop().call_soon(self._drain)
         except zmq.ZMQError:  # closed, or nothing after all
             return

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import zmq
 
-from ..wire.protocol import frames_size, packed
+from ..wire.protocol import frames_size, packed, send_frames
 
 
 class Outbox:
@@ -42,7 +42,7 @@ class Outbox:
     def _try(self, ident: bytes, frames: list) -> bool:
         """True if the message is gone (sent, or its peer is gone); False if it must wait."""
         try:
-            self.sock.send_multipart([ident] + frames, zmq.NOBLOCK, copy=False)
+            send_frames(self.sock, [ident] + frames, nonblocking=True)
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:

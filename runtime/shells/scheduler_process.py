@@ -153,8 +153,8 @@ class SchedulerProcess:
         self.outbox = Outbox(self.front)
         # What a step (a drain, a tick) sends, per peer, goes out when it ends, in packs.
         self._to_clients = Held(self.outbox.send)
-        self._to_workers = Held(lambda ident, frames: self.back.send_multipart(
-            [ident] + frames, copy=False))
+        self._to_workers = Held(lambda ident, frames: p.send_frames(self.back,
+                                                                    [ident] + frames))
         self.peers = PeerLog(log)
         self._workers: dict[bytes, tuple[str, int]] = {}  # identity -> (device, epoch)
         self._routes: dict[str, bytes] = {}  # device -> identity it registered from
@@ -273,7 +273,7 @@ class SchedulerProcess:
             handled = 0  # messages, a pack's each counted
             while handled < DRAIN_BATCH:
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    frames = p.recv_frames(sock)
                 except zmq.Again:
                     return True
                 handled += 1

@@ -129,7 +129,7 @@ class WorkerProcess:
             pass  # the pipe is full of wake-ups already
 
     def send(self, msg: p.Message) -> None:
-        self.sock.send_multipart(p.encode(msg), copy=False)
+        p.send_frames(self.sock, p.encode(msg))
 
     def run(self) -> int:
         self.send(p.Register(version=p.PROTOCOL_VERSION, device=self.device.name,
@@ -151,7 +151,7 @@ class WorkerProcess:
                 if self.sock in ready:
                     while True:
                         try:
-                            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            frames = p.recv_frames(self.sock)
                         except zmq.Again:
                             break
                         last_heard = time.monotonic()
@@ -276,7 +276,7 @@ class WorkerProcess:
                         f"{type(exc).__name__}: {str(exc)[:200]}"))))
         try:
             for frames in p.packed(out):
-                self.sock.send_multipart(frames, copy=False)
+                p.send_frames(self.sock, frames)
         except zmq.ZMQError as exc:  # the socket is closing: the scheduler re-runs what is lost
             self.peers.error("events", "send", "%s: could not send %d messages (%s)",
                              self.device.name, len(out), exc)

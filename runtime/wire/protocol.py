@@ -436,6 +436,35 @@ def unpack(frames: list) -> list[list]:
     return out
 
 
+# ---- sockets ---------------------------------------------------------------------------------
+
+_MORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
+
+
+def send_frames(sock: zmq.Socket, frames: list, nonblocking: bool = False) -> None:
+    """``sock.send_multipart(frames, copy=False)`` (``zmq.NOBLOCK`` if ``nonblocking``), with
+    plain integer flags: pyzmq's own combines its enum flags in Python for every frame, which
+    is half the cost of sending a small message. A multipart message is atomic, as there:
+    ``zmq.Again`` (or a ROUTER's ``EHOSTUNREACH``) comes from its first frame or not at all."""
+    last = _NOBLOCK if nonblocking else 0
+    more = last | _MORE
+    for frame in frames[:-1]:
+        sock.send(frame, more, copy=False)
+    sock.send(frames[-1], last, copy=False)
+
+
+def recv_frames(sock: zmq.Socket) -> list:
+    """``sock.recv_multipart(zmq.NOBLOCK, copy=False)``, reading whether more follows from
+    each frame (pyzmq asks the socket, through its enums, per frame). ``zmq.Again`` when no
+    message waits; a message's later frames are there once its first is."""
+    frame = sock.recv(_NOBLOCK, copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = sock.recv(_NOBLOCK, copy=False)
+        frames.append(frame)
+    return frames
+
+
 # ---- encoding ----------------------------------------------------------------------------
 
 def encode(msg: Message) -> list:
