@@ -209,10 +209,22 @@ QUESTIONS = ["Which lecture was about chess?", "On which day was the lecture abo
              "What was lecture 5 about?", "Name two subjects of the lectures."]
 
 
-def test_prefix_caching_gives_the_same_greedy_text_as_without(session, smollm2):
-    backend = GenAIBackend("CPU", {"deterministic": True, "enable_prefix_caching": False})
+def test_a_second_name_for_the_same_model_and_settings_shares_its_pipeline(backend, session,
+                                                                           smollm2):
     notes: list[str] = []
-    uncached = backend.load(ModelSpec("smollm2", smollm2), notes.append)
+    twin = backend.load(ModelSpec("smollm2-twin", smollm2, {"warmup": False}), notes.append)
+    assert twin is session and notes == ["smollm2-twin on CPU shares the pipeline loaded for "
+                                         "smollm2"]
+    result, stream = generate(twin, ask("the sea"))
+    assert result.finish_reason in ("stop", "length") and stream.text
+
+
+def test_prefix_caching_gives_the_same_greedy_text_as_without(backend, session, smollm2):
+    # the same file on the same device, other engine settings: a pipeline of its own
+    notes: list[str] = []
+    uncached = backend.load(ModelSpec("smollm2-uncached", smollm2,
+                                      {"enable_prefix_caching": False}), notes.append)
+    assert uncached is not session
     try:
         requests = [read_request({"messages": [{"role": "user", "content": f"{DOCUMENT}\n\n{q}"}],
                                   "max_tokens": 16}) for q in QUESTIONS]
@@ -220,7 +232,7 @@ def test_prefix_caching_gives_the_same_greedy_text_as_without(session, smollm2):
         cached = [generate_all(session, requests) for _ in range(2)]
         plain = generate_all(uncached, requests)
     finally:
-        backend.close()
+        uncached.close()
     assert "prefix caching" not in notes[-1]
     expected = [stream.text for _, stream in plain]
     assert all(expected) and len(set(expected)) > 1

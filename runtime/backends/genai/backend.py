@@ -21,9 +21,14 @@ Options (device options, overridden per model):
   KV blocks).
 - Anything else is an OpenVINO property of the pipeline (``INFERENCE_NUM_THREADS``,
   ``MAX_PROMPT_LEN`` on NPU, ...).
+
+Models of one device that load the same file with the same engine settings share one
+pipeline (one engine process, one KV cache, one batch): a second name for a model costs
+neither a load nor memory, and their requests batch together within the device's capacity.
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -59,6 +64,7 @@ class GenAIBackend:
         self.device = device
         self.options = dict(options or {})
         self._sessions: list[Any] = []
+        self._shared: dict[str, tuple[Any, str]] = {}  # engine settings -> (session, model)
 
     def load(self, model: ModelSpec, progress: ProgressFn) -> Any:
         opts = {**self.options, **model.options}
@@ -83,6 +89,14 @@ class GenAIBackend:
         context = int(context or DEFAULT_CONTEXT_LENGTH)
         structured = bool(opts.get("structured_output", True)) and constraints.available()
         numerics = "deterministic numerics" if deterministic else "fast numerics"
+        key = json.dumps([model.path, batched, _flag(opts, "engine_process", True, label),
+                          structured, context, props,
+                          {k: opts[k] for k in sorted(SCHEDULER_OPTIONS & opts.keys())}],
+                         sort_keys=True, default=str)
+        if key in self._shared:
+            session, first = self._shared[key]
+            progress(f"{model.name} on {self.device} shares the pipeline loaded for {first}")
+            return session
         try:
             if batched:
                 progress(f"loading {model.name} on {self.device} (continuous batching) ...")
@@ -110,12 +124,14 @@ class GenAIBackend:
         progress(f"loaded {model.name} on {self.device}: context {context} tokens, {numerics}"
                  + ("" if session.structured_output else ", no constrained decoding"))
         self._sessions.append(session)
+        self._shared[key] = (session, model.name)
         return session
 
     def close(self) -> None:
         for s in self._sessions:
             s.close()
         self._sessions.clear()
+        self._shared.clear()
 
 
 def _flag(opts: dict[str, Any], key: str, default: bool, label: str) -> bool:
