@@ -94,9 +94,9 @@ class GenAIBackend:
                           {k: opts[k] for k in sorted(SCHEDULER_OPTIONS & opts.keys())}],
                          sort_keys=True, default=str)
         if key in self._shared:
-            session, first = self._shared[key]
+            shared, first = self._shared[key]
             progress(f"{model.name} on {self.device} shares the pipeline loaded for {first}")
-            return session
+            return shared
         try:
             if batched:
                 progress(f"loading {model.name} on {self.device} (continuous batching) ...")
