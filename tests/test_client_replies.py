@@ -63,21 +63,24 @@ class FakeScheduler:
             if not self.sock.poll(50):
                 continue
             ident, *frames = self.sock.recv_multipart()
-            msg = self.decoder.decode(frames)
-            if isinstance(msg, p.Hello):
-                welcome = p.encode(p.Welcome(version=p.PROTOCOL_VERSION,
-                                             cluster=ClusterInfo(self.address)))
-                if self.welcome_version != p.PROTOCOL_VERSION:
-                    welcome = [msgpack.packb({"v": self.welcome_version, "t": "welcome",
-                                              "version": self.welcome_version})]
-                self.sock.send_multipart([ident, *welcome])
-            elif isinstance(msg, p.Cancel):
-                self.cancelled.append(msg.task_id)
-            elif isinstance(msg, p.Submit | p.Generate | p.StatusRequest):
-                ref = msg.req_id if isinstance(msg, p.StatusRequest) else msg.task_id
-                self.calls.append(ref)
-                for reply in self.script.get(timeout=5)(ref):
-                    self.sock.send_multipart([ident, *reply])
+            for message in p.unpack(frames):  # a fan-out's submits come several to a pack
+                self._handle(ident, self.decoder.decode(message))
+
+    def _handle(self, ident: bytes, msg: p.Message) -> None:
+        if isinstance(msg, p.Hello):
+            welcome = p.encode(p.Welcome(version=p.PROTOCOL_VERSION,
+                                         cluster=ClusterInfo(self.address)))
+            if self.welcome_version != p.PROTOCOL_VERSION:
+                welcome = [msgpack.packb({"v": self.welcome_version, "t": "welcome",
+                                          "version": self.welcome_version})]
+            self.sock.send_multipart([ident, *welcome])
+        elif isinstance(msg, p.Cancel):
+            self.cancelled.append(msg.task_id)
+        elif isinstance(msg, p.Submit | p.Generate | p.StatusRequest):
+            ref = msg.req_id if isinstance(msg, p.StatusRequest) else msg.task_id
+            self.calls.append(ref)
+            for reply in self.script.get(timeout=5)(ref):
+                self.sock.send_multipart([ident, *reply])
 
     def close(self) -> None:
         self._stop.set()
@@ -195,3 +198,21 @@ def test_a_welcome_in_another_protocol_version_fails_connect_at_once():
         assert time.monotonic() - started < PROMPT_S  # not after the 30 s connect timeout
     finally:
         scheduler.close()
+
+
+def test_a_fan_out_task_never_answered_fails_at_its_answer_time_and_the_rest_are_served(
+        fake, client, monkeypatch):
+    from runtime.errors import ClusterUnavailable
+    from runtime.frontdoors import client as client_module
+    monkeypatch.setattr(client_module, "ANSWER_MARGIN_S", 0.2)  # the way back: 0.2 s here
+    for i in range(6):  # answered, lost, answered, lost, ...
+        fake.answer(good_result) if i % 2 == 0 else fake.answer()
+    started = time.monotonic()
+    results = client.map("m", [X] * 6, timeout=0.3, return_exceptions=True)
+    took = time.monotonic() - started
+    assert [r.device for r in results[0::2]] == ["cpu0"] * 3
+    assert all(isinstance(r, ClusterUnavailable) and "no answer for task" in str(r)
+               for r in results[1::2]), results
+    assert 0.5 <= took < 1.5, took  # at its answer time (0.3 + 0.2 s): not before, nor long after
+    fake.answer(good_result)
+    assert client.map("m", [X], timeout=0.3)[0].device == "cpu0"

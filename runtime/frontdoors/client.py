@@ -219,7 +219,7 @@ class AsyncClient:
         # A Result wraps a worker's outputs of up to the limit in a header of its own.
         self.decoder = p.Decoder(p.SCHEDULER_TO_CLIENT, max_message_bytes + p.ENVELOPE_BYTES)
         self.max_message_bytes = max_message_bytes
-        self._pending: dict[str, asyncio.Future] = {}
+        self._pending: dict[str, asyncio.Future | _Slot] = {}
         self._streams: dict[str, asyncio.Queue] = {}
         self._keepalive: asyncio.Task | None = None
         self._ids = itertools.count()
@@ -886,15 +886,18 @@ def _left(deadline: float | None, loop: asyncio.AbstractEventLoop) -> float | No
 
 
 class _Fan:
-    """One ``amap``: its submits go out as the window allows, each answer lands in its place
-    from the reader's callback (no coroutine, semaphore or timer per task unless a timeout
-    is set); being cancelled cancels its unanswered tasks at the scheduler."""
+    """One ``amap``: its submits go out as the window allows, and each answer lands in its
+    place straight from the reader (a ``_Slot`` per task, no future, callback or timer: one
+    sweep per fan expires the tasks past their answer time, oldest first); being cancelled
+    cancels its unanswered tasks at the scheduler."""
 
     def __init__(self, client: AsyncClient, model: str, timeout: float | None, window: int):
         self.client, self.model, self.timeout, self.window = client, model, timeout, window
         self.wait = client._answer_within(timeout)  # how long each answer may take
         self.loop = asyncio.get_running_loop()
-        self.open: dict[str, asyncio.Future] = {}  # task id -> its answer, while unanswered
+        self.open: dict[str, _Slot] = {}  # task id -> its place, while unanswered
+        self.due: dict[str, float] = {}  # task id -> when it expires, oldest first
+        self.sweeper: asyncio.TimerHandle | None = None  # at the oldest open task's expiry
         self.room = asyncio.Event()
         self.room.set()
         self.all_done = self.loop.create_future()
@@ -922,11 +925,12 @@ class _Fan:
             self._one_done()
             await asyncio.shield(self.all_done)
         except asyncio.CancelledError:
-            for task_id, fut in list(self.open.items()):
-                if not fut.done():
-                    await self.client._send_quietly(p.Cancel(task_id=task_id))
+            for task_id in list(self.open):
+                await self.client._send_quietly(p.Cancel(task_id=task_id))
             raise
         finally:
+            if self.sweeper is not None:
+                self.sweeper.cancel()
             for task_id in self.open:
                 self.client._pending.pop(task_id, None)
         return self.results
@@ -942,13 +946,11 @@ class _Fan:
             self._one_done()
             return None
         task_id = client._new_id()
-        fut = self.loop.create_future()
-        client._pending[task_id] = fut
-        self.open[task_id] = fut
-        fut.add_done_callback(lambda f: self._answered(i, task_id, f))
+        client._pending[task_id] = self.open[task_id] = _Slot(self, i, task_id)
         if self.wait is not None:  # the scheduler's deadline, and the way back
-            timer = self.loop.call_later(self.wait, self._expire, task_id, fut)
-            fut.add_done_callback(lambda _: timer.cancel())
+            self.due[task_id] = expires = self.loop.time() + self.wait
+            if self.sweeper is None:
+                self.sweeper = self.loop.call_at(expires, self._sweep)
         return task_id, p.Submit(task_id=task_id, model=self.model, inputs=arrays,
                                  timeout_s=self.timeout)
 
@@ -958,21 +960,35 @@ class _Fan:
         for (task_id, _), error in zip(batch, errors):
             if error is not None:
                 self.client._pending.pop(task_id, None)
-                fut = self.open.get(task_id)
-                if fut is not None and not fut.done():
-                    fut.set_exception(error)
+                slot = self.open.get(task_id)
+                if slot is not None:
+                    slot.set_exception(error)
 
-    def _expire(self, task_id: str, fut: asyncio.Future) -> None:
-        self.client._pending.pop(task_id, None)
-        if not fut.done():
-            fut.set_exception(ClusterUnavailable(
-                f"no answer for task {task_id} from {self.client.address}"))
+    def _sweep(self) -> None:
+        """Fail the open tasks whose answer time is up; wake again at the next one's."""
+        self.sweeper = None
+        now, expired, following = self.loop.time(), [], None
+        for task_id, expires in self.due.items():
+            if expires > now:
+                following = expires
+                break
+            expired.append(task_id)
+        for task_id in expired:
+            self.client._pending.pop(task_id, None)
+            slot = self.open.get(task_id)
+            if slot is not None:
+                slot.set_exception(ClusterUnavailable(
+                    f"no answer for task {task_id} from {self.client.address}"))
+        if following is not None:
+            self.sweeper = self.loop.call_at(following, self._sweep)
 
-    def _answered(self, i: int, task_id: str, fut: asyncio.Future) -> None:
-        self.open.pop(task_id, None)
+    def _land(self, i: int, task_id: str, answer: Any) -> None:
+        """Task ``task_id``'s answer (a result or the exception it failed with), once."""
+        if self.open.pop(task_id, None) is None:
+            return
+        self.due.pop(task_id, None)
         self.client._pending.pop(task_id, None)
-        self.results[i] = (fut.exception() or fut.result()) if not fut.cancelled() else \
-            ClusterUnavailable("the client was closed")
+        self.results[i] = answer
         self.room.set()
         self._one_done()
 
@@ -980,6 +996,25 @@ class _Fan:
         self.left -= 1
         if self.left == 0 and not self.all_done.done():
             self.all_done.set_result(None)
+
+
+class _Slot:
+    """Where a fan's task's answer goes: what the reader and the client's shutdown call on a
+    future (``done``, ``set_result``, ``set_exception``), landing it in the fan at once."""
+
+    __slots__ = ("fan", "i", "task_id")
+
+    def __init__(self, fan: _Fan, i: int, task_id: str) -> None:
+        self.fan, self.i, self.task_id = fan, i, task_id
+
+    def done(self) -> bool:
+        return self.task_id not in self.fan.open
+
+    def set_result(self, result: Any) -> None:
+        self.fan._land(self.i, self.task_id, result)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.fan._land(self.i, self.task_id, exc)
 
 
 def _reply_id(msg: p.Message | None) -> str | None:
