@@ -308,6 +308,30 @@ def test_the_typed_fast_path_reads_every_field_of_a_task_round_trip():
                 assert getattr(got, f.name) == getattr(msg, f.name), f.name
 
 
+ROUND_TRIP = [
+    p.Submit(task_id="t", model="m", inputs={"x": np.ones((2, 3), np.float16)}, timeout_s=1.5),
+    p.Run(attempt=7, model="m", inputs={"a": np.zeros(3, bool), "b": np.arange(2)}),
+    p.Done(attempt=7, outputs={}, service_s=0.25, batch=4),
+    p.Result(task_id="t", device="cpu0", outputs={"y": np.ones(4, np.float32)}, service_s=0.5,
+             submitted_at=1.0, started_at=2.0, finished_at=3.0),
+    p.Result(task_id="t", device="cpu0", attempts=[Attempt("npu0", "device", "reset")])]
+
+
+@pytest.mark.parametrize("msg", ROUND_TRIP, ids=lambda m: type(m).__name__)
+def test_the_typed_writer_writes_the_header_and_frames_the_field_by_field_one_does(msg):
+    fast, full = p.encode(msg), p._encode_fields(msg)
+    assert msgpack.unpackb(fast[0]) == msgpack.unpackb(full[0])
+    assert [bytes(f) for f in fast[1:]] == [bytes(f) for f in full[1:]]
+
+
+def test_an_array_in_big_endian_order_arrives_with_its_values():
+    x = np.arange(6, dtype=">f4").reshape(2, 3)
+    got = p.Decoder(p.CLIENT_TO_SCHEDULER, 1 << 20).decode(
+        p.encode(p.Submit(task_id="t", model="m", inputs={"x": x})))
+    np.testing.assert_array_equal(got.inputs["x"], x)
+    assert got.inputs["x"].dtype == np.float32
+
+
 # -- packs: several messages in one multipart message ------------------------------------------
 
 def submit_frames(i: int, n: int = 4) -> list:

@@ -33,6 +33,7 @@ from types import UnionType
 from typing import Any, ClassVar, Literal
 
 import msgpack
+import msgspec
 import numpy as np
 import zmq
 
@@ -469,36 +470,65 @@ def recv_frames(sock: zmq.Socket) -> list:
 
 def encode(msg: Message) -> list:
     """Frames for ``msg``: the header, then the arrays' buffers (no copies for contiguous
-    arrays)."""
-    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": msg.TYPE}
+    arrays). The four messages of a task's round trip are written through their typed
+    headers (``typed.py``, in C); a Result with attempts, and every other type, field by
+    field. Either way the header is a msgpack map of the same fields and values."""
     buffers: list = []
+    fast = typed.TYPES.get(msg.TYPE)
+    if fast is not None and not getattr(msg, "attempts", None):
+        kwargs = {name: getattr(msg, name) for name in _FAST_FIELDS[msg.TYPE]}
+        arrays = typing.cast(str, msg.ARRAYS)  # each of the four carries arrays
+        kwargs[arrays] = _specs(getattr(msg, arrays), buffers)
+        return [_TYPED_ENCODE(fast(v=PROTOCOL_VERSION, **kwargs))] + buffers
+    return _encode_fields(msg)
+
+
+def _encode_fields(msg: Message) -> list:
+    """``encode``, field by field."""
+    buffers: list = []
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": msg.TYPE}
     for f in _fields(type(msg)):
         value = getattr(msg, f.name)
         if f.name == msg.ARRAYS:
-            specs = []
-            for name, arr in value.items():
-                if isinstance(arr, RawArray):
-                    specs.append([name, arr.dtype, list(arr.shape)])
-                    buffers.extend(arr.frames)
-                    continue
-                arr = np.ascontiguousarray(arr)
-                dtype = dtype_name(arr.dtype)
-                if dtype not in ALLOWED_DTYPES:
-                    raise ProtocolError(f"array {name!r} has dtype {arr.dtype}; allowed: "
-                                        f"{', '.join(sorted(ALLOWED_DTYPES))}")
-                specs.append([name, dtype, list(arr.shape)])
-                buffers.extend(_chunks(arr))
-            header[f.name] = specs
+            header[f.name] = _specs(value, buffers)
         else:
             header[f.name] = plain(value) if f.plain else value
     return [msgpack.packb(header, use_bin_type=True)] + buffers
+
+
+_TYPED_ENCODE = msgspec.msgpack.Encoder().encode
+# The fields each typed header is written from (its arrays aside), as the message has them.
+_FAST_FIELDS = {t: tuple(n for n in cls.__struct_fields__ if n not in ("v", "inputs", "outputs"))
+                for t, cls in typed.TYPES.items()}
+
+
+def _specs(arrays: dict, buffers: list) -> list:
+    """The descriptions of ``arrays`` for a header; their buffers appended to ``buffers``."""
+    specs = []
+    for name, arr in arrays.items():
+        if isinstance(arr, RawArray):
+            specs.append([name, arr.dtype, list(arr.shape)])
+            buffers.extend(arr.frames)
+            continue
+        arr = np.ascontiguousarray(arr)
+        dtype = dtype_name(arr.dtype)
+        if dtype not in ALLOWED_DTYPES:
+            raise ProtocolError(f"array {name!r} has dtype {arr.dtype}; allowed: "
+                                f"{', '.join(sorted(ALLOWED_DTYPES))}")
+        if not arr.dtype.isnative:  # the wire's arrays are little-endian, as every host's
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        specs.append([name, dtype, list(arr.shape)])
+        buffers.extend(_chunks(arr))
+    return specs
 
 
 def _chunks(arr: np.ndarray) -> list:
     """The bytes of a contiguous array as views of at most ``FRAME_BYTES`` (no copies)."""
     if not arr.size:
         return [b""]
-    data = arr.reshape(-1).view(np.uint8).data
+    data = memoryview(arr.data).cast("B")  # native and C-contiguous: its bytes, as one flat view
+    if len(data) <= FRAME_BYTES:
+        return [data]
     return [data[i:i + FRAME_BYTES] for i in range(0, len(data), FRAME_BYTES)]
 
 
