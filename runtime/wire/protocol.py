@@ -26,7 +26,6 @@ a bad one fails only itself. A pack holds 2 to ``PACK_MESSAGES`` messages and at
 """
 from __future__ import annotations
 
-import math
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from types import UnionType
@@ -542,13 +541,27 @@ def _buffer(frame) -> Any:
     return frame.buffer if type(frame) is zmq.Frame else frame
 
 
-@dataclass(frozen=True)
 class RawArray:
-    """An array still in its received frames: the scheduler forwards it without decoding."""
+    """An array still in its received frames: the scheduler forwards it without decoding.
+    (A slotted class: one is made per array a task carries, and a frozen dataclass costs
+    several times as much to make.)"""
 
-    dtype: str
-    shape: tuple[int, ...]
-    frames: tuple  # zmq.Frame or bytes, each at most FRAME_BYTES
+    __slots__ = ("dtype", "shape", "frames")
+
+    def __init__(self, dtype: str, shape: tuple[int, ...], frames: tuple) -> None:
+        self.dtype = dtype
+        self.shape = shape
+        self.frames = frames  # zmq.Frame or bytes, each at most FRAME_BYTES
+
+    def __repr__(self) -> str:
+        return f"RawArray({self.dtype}{list(self.shape)}, {len(self.frames)} frame(s))"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is RawArray and (self.dtype, self.shape, self.frames) == (
+            other.dtype, other.shape, other.frames)
+
+    def __hash__(self) -> int:
+        return hash((self.dtype, self.shape, self.frames))
 
     @property
     def nbytes(self) -> int:
@@ -695,32 +708,49 @@ class Decoder:
                     or not isinstance(spec[1], str) or not isinstance(spec[2], list)):
                 raise ProtocolError(f"{cls.TYPE}: bad array description {brief(spec)}")
             name, dtype, shape = spec
-            if dtype not in ALLOWED_DTYPES:
+            expected = _ITEMSIZES.get(dtype)
+            if expected is None:
                 raise ProtocolError(f"{cls.TYPE}: array {brief(name)} has dtype {brief(dtype)}; "
                                     f"allowed: {', '.join(sorted(ALLOWED_DTYPES))}")
-            if len(shape) > 32 or not all(type(d) is int and 0 <= d < 2**40 for d in shape):
+            if len(shape) > 32:
+                expected = -1
+            for d in shape:
+                if type(d) is not int or not 0 <= d < _MAX_DIM:
+                    expected = -1
+                    break
+                expected *= d
+            if expected < 0:
                 raise ProtocolError(f"{cls.TYPE}: array {brief(name)} has bad shape "
                                     f"{brief(shape)}")
-            expected = math.prod(shape) * _ITEMSIZES[dtype]
+            if name in out:
+                raise ProtocolError(f"{cls.TYPE}: array {brief(name)} appears twice")
+            # The common case, one frame of the right size, costs one length to check.
+            frame = data[at] if at < len(data) else None
+            if expected <= FRAME_BYTES and frame is not None and _frame_len(frame) == expected:
+                at += 1
+                if self.decode_arrays:
+                    out[name] = np.frombuffer(_buffer(frame), dtype=dtype).reshape(shape)
+                else:
+                    out[name] = RawArray(dtype, tuple(shape), (frame,))
+                continue
             count = frame_count(expected)
             frames = data[at:at + count]
             at += count
-            # The common case, one frame of the right size, costs one length to check.
-            if not (count == 1 and len(frames) == 1 and _frame_len(frames[0]) == expected):
-                got = sum(_frame_len(fr) for fr in frames)
-                if got != expected or any(_frame_len(fr) > FRAME_BYTES for fr in frames) \
-                        or len(frames) != count:
-                    raise ProtocolError(f"{cls.TYPE}: array {brief(name)} {dtype}{shape} "
-                                        f"needs {expected} bytes in {count} frame(s) of at "
-                                        f"most {FRAME_BYTES}, got {got} in {len(frames)}")
-            if name in out:
-                raise ProtocolError(f"{cls.TYPE}: array {brief(name)} appears twice")
+            got = sum(_frame_len(fr) for fr in frames)
+            if got != expected or any(_frame_len(fr) > FRAME_BYTES for fr in frames) \
+                    or len(frames) != count:
+                raise ProtocolError(f"{cls.TYPE}: array {brief(name)} {dtype}{shape} "
+                                    f"needs {expected} bytes in {count} frame(s) of at "
+                                    f"most {FRAME_BYTES}, got {got} in {len(frames)}")
             raw = RawArray(dtype, tuple(shape), tuple(frames))
             out[name] = raw.to_numpy() if self.decode_arrays else raw
         if at != len(data):
             raise ProtocolError(f"{cls.TYPE}: {len(data) - at} data frames more than the "
                                 f"arrays described need")
         return out
+
+
+_MAX_DIM = 2**40
 
 
 def _head_bytes(frame) -> bytes:
@@ -773,11 +803,25 @@ def _check_typed() -> None:
     """A field added to a message the fast path reads must be added to its typed header too
     (else that path would drop it): checked at import."""
     for cls in (Submit, Run, Done, Result):
+        header = typed.TYPES[cls.TYPE]
         want = {"v"} | {f.name for f in fields(cls)}
-        have = set(typed.TYPES[cls.TYPE].__struct_fields__)
+        have = set(header.__struct_fields__)
         if have != want:
             raise TypeError(f"wire/typed.py's {cls.TYPE} header has fields {sorted(have)}, "
                             f"the message {sorted(want)}")
+        # A field a header leaves out takes the typed default: it must be the message's.
+        defaults = dict(zip(header.__struct_fields__[-len(header.__struct_defaults__):],
+                            header.__struct_defaults__)) if header.__struct_defaults__ else {}
+        for f in fields(cls):
+            if f.name == cls.ARRAYS:
+                continue
+            default = f.default if f.default_factory is MISSING else f.default_factory()
+            typed_default = defaults.get(f.name, MISSING)
+            if hasattr(typed_default, "factory"):  # msgspec's holder of a [] default
+                typed_default = typed_default.factory()
+            if default is not MISSING and typed_default != default:
+                raise TypeError(f"wire/typed.py's {cls.TYPE}.{f.name} defaults to "
+                                f"{typed_default!r}, the message's to {default!r}")
 
 
 _check_typed()

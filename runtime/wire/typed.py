@@ -16,7 +16,6 @@ import msgspec
 
 # The readers refuse inf and nan; a bound does (nan fails every comparison).
 Finite = Annotated[float, msgspec.Meta(ge=-1.7976931348623157e308, le=1.7976931348623157e308)]
-UNSET: Any = msgspec.UNSET  # a field the header leaves out (the message's default applies)
 
 
 class _Header(msgspec.Struct, tag_field="t", forbid_unknown_fields=True):
@@ -26,33 +25,33 @@ class _Header(msgspec.Struct, tag_field="t", forbid_unknown_fields=True):
 class Submit(_Header, tag="submit"):
     task_id: str
     model: str
-    inputs: list | msgspec.UnsetType = msgspec.UNSET
-    timeout_s: Finite | None | msgspec.UnsetType = msgspec.UNSET
+    inputs: list = []
+    timeout_s: Finite | None = None
 
 
 class Run(_Header, tag="run"):
     attempt: int
     model: str
-    inputs: list | msgspec.UnsetType = msgspec.UNSET
-    timeout_s: Finite | None | msgspec.UnsetType = msgspec.UNSET
+    inputs: list = []
+    timeout_s: Finite | None = None
 
 
 class Done(_Header, tag="done"):
     attempt: int
-    outputs: list | msgspec.UnsetType = msgspec.UNSET
-    service_s: Finite | msgspec.UnsetType = msgspec.UNSET
-    batch: int | msgspec.UnsetType = msgspec.UNSET
+    outputs: list = []
+    service_s: Finite = 0.0
+    batch: int = 1
 
 
 class Result(_Header, tag="result"):
     task_id: str
     device: str
-    outputs: list | msgspec.UnsetType = msgspec.UNSET
-    attempts: Annotated[list, msgspec.Meta(max_length=0)] | msgspec.UnsetType = msgspec.UNSET
-    service_s: Finite | msgspec.UnsetType = msgspec.UNSET
-    submitted_at: Finite | msgspec.UnsetType = msgspec.UNSET
-    started_at: Finite | msgspec.UnsetType = msgspec.UNSET
-    finished_at: Finite | msgspec.UnsetType = msgspec.UNSET
+    outputs: list = []
+    attempts: Annotated[list, msgspec.Meta(max_length=0)] = []
+    service_s: Finite = 0.0
+    submitted_at: Finite = 0.0
+    started_at: Finite = 0.0
+    finished_at: Finite = 0.0
 
 
 class _Unsent(_Header, tag="\x00"):
@@ -68,12 +67,12 @@ class Reader:
 
     def __init__(self, types: set[str]):
         chosen = tuple(TYPES[t] for t in sorted(types) if t in TYPES)
-        self.fields = {cls: cls.__struct_fields__ for cls in chosen}
         self._decoder = msgspec.msgpack.Decoder(_union((*chosen, _Unsent))) if chosen else None
 
     def read(self, head: bytes | memoryview) -> tuple[str, dict[str, Any]] | None:
-        """(type, the fields the header gives) if this is a well-formed header of one of the
-        types, else None (the full decoder then reads it, and says what is wrong)."""
+        """(type, every field: the header's, else the message's default) if this is a
+        well-formed header of one of the types, else None (the full decoder then reads it,
+        and says what is wrong)."""
         if self._decoder is None:
             return None
         try:
@@ -82,12 +81,7 @@ class Reader:
             return None
         if type(header) is _Unsent:
             return None
-        fields = {}
-        for name in self.fields[type(header)]:
-            value = getattr(header, name)
-            if value is not UNSET:
-                fields[name] = value
-        return type(header).__struct_config__.tag, fields
+        return header.__struct_config__.tag, msgspec.structs.asdict(header)
 
 
 def _union(types: tuple[type[_Header], ...]) -> Any:
