@@ -37,7 +37,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ..config.schema import Config
 from ..errors import (
@@ -551,8 +551,17 @@ class SchedulerState:
     def _on(self, event: object, actions: list) -> None:
         raise TypeError(f"the scheduler has no handler for {type(event).__name__}: {event!r:.200}")
 
-    # Looked up by type directly: self._on(...) builds a bound method per call, ~1 us an event.
-    _handler = staticmethod(_on.dispatcher.dispatch)
+    # Looked up by type in a plain dict: self._on(...) builds a bound method per call, and
+    # singledispatch's own cache is a WeakKeyDictionary read in Python (~1 us an event each).
+    _handler_of = staticmethod(_on.dispatcher.dispatch)
+    _handlers: ClassVar[dict[type, Callable]] = {}
+
+    @classmethod
+    def _handler(cls, kind: type) -> Callable:
+        found = cls._handlers.get(kind)
+        if found is None:
+            found = cls._handlers[kind] = cls._handler_of(kind)
+        return found
 
     # -- worker lifecycle --
 
