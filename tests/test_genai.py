@@ -240,39 +240,62 @@ def test_prefix_caching_gives_the_same_greedy_text_as_without(backend, session, 
         assert [stream.text for _, stream in run] == expected
 
 
-def test_jobs_sharing_a_prefix_wait_for_it_once_and_then_join_the_batch_together(smollm2):
-    # Counted in engine steps, in this process, on a pipeline that counts its steps.
+@pytest.fixture(scope="module")
+def counted(smollm2):
+    """A batching session in this process, on a pipeline that counts its steps."""
     from runtime.backends.genai import DETERMINISTIC_PROPERTIES
     from runtime.backends.genai.batched import BatchedLLMSession
 
     pipe = CountingPipe(smollm2, DETERMINISTIC_PROPERTIES)
     session = BatchedLLMSession(lambda: pipe, "smollm2@test", 8192, prefix_caching=True)
-    try:
-        def fan_out(questions) -> list[int]:
-            """The step at which each question had its first token, all sent at once."""
-            firsts: list[int | None] = [None] * len(questions)
-            ended = threading.Semaphore(0)
-            for i, q in enumerate(questions):
-                def first(delta, i=i):
-                    if firsts[i] is None:
-                        firsts[i] = pipe.steps
-                session.start(read_request({"messages": [
-                    {"role": "user", "content": f"{DOCUMENT}\n\n{q}"}], "max_tokens": 2}),
-                    first, lambda _result: ended.release(), CancelToken())
-            for _ in questions:
-                assert ended.acquire(timeout=60)
-            return [f - pipe.steps for f in firsts]
+    yield pipe, session
+    session.close()
 
-        # Nothing cached: the others wait for the first's prefill, which computes the
-        # document once, then all join together (before, each waited for the one before).
-        cold = fan_out(QUESTIONS)
-        assert min(cold[1:]) > cold[0], cold
-        assert max(cold[1:]) - min(cold[1:]) <= 1, cold
-        # The document cached: nobody waits for anybody.
-        warm = fan_out([f"{q} Answer briefly." for q in QUESTIONS])
-        assert max(warm) - min(warm) <= 1, warm
-    finally:
-        session.close()
+
+def test_jobs_sharing_a_prefix_wait_for_it_once_and_then_join_the_batch_together(counted):
+    # Counted in engine steps, in this process.
+    pipe, session = counted
+
+    def fan_out(questions) -> list[int]:
+        """The step at which each question had its first token, all sent at once."""
+        firsts: list[int | None] = [None] * len(questions)
+        ended = threading.Semaphore(0)
+        for i, q in enumerate(questions):
+            def first(delta, i=i):
+                if firsts[i] is None:
+                    firsts[i] = pipe.steps
+            session.start(read_request({"messages": [
+                {"role": "user", "content": f"{DOCUMENT}\n\n{q}"}], "max_tokens": 2}),
+                first, lambda _result: ended.release(), CancelToken())
+        for _ in questions:
+            assert ended.acquire(timeout=60)
+        return [f - pipe.steps for f in firsts]
+
+    # Nothing cached: the others wait for the first's prefill, which computes the
+    # document once, then all join together (before, each waited for the one before).
+    cold = fan_out(QUESTIONS)
+    assert min(cold[1:]) > cold[0], cold
+    assert max(cold[1:]) - min(cold[1:]) <= 1, cold
+    # The document cached: nobody waits for anybody.
+    warm = fan_out([f"{q} Answer briefly." for q in QUESTIONS])
+    assert max(warm) - min(warm) <= 1, warm
+
+
+def test_chat_prompts_tokenized_together_are_the_ids_each_gets_alone(counted):
+    from runtime.backends.genai import constraints
+    from runtime.bench.constrained import WEATHER
+    _, session = counted
+    requests = [read_request({"messages": [{"role": "user", "content": f"{DOCUMENT}\n\n{q}"}],
+                              "max_tokens": 4}) for q in QUESTIONS[:3]]
+    requests += [read_request({"messages": PARIS_WEATHER, "tools": [WEATHER],
+                               "tool_choice": "required", "max_tokens": 4}),
+                 read_request({"messages": [{"role": "user", "content": "Paris as JSON."}],
+                               "response_format": {"type": "json_object"}, "max_tokens": 4}),
+                 read_request({"prompt": "Once upon a time", "max_tokens": 4})]
+    together = session.chat_prompts(requests)
+    alone = [session.prompt_ids(r, constraints.prefill(r)) for r in requests]
+    assert together[:5] == alone[:5] and len({len(ids) for ids in alone[:5]}) > 1
+    assert together[5] is None  # a prompt, not a chat: tokenized on its own
 
 
 def test_the_engine_pipe_is_pending_while_bytes_wait_in_it_or_a_frame_is_being_handled():
@@ -562,6 +585,9 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER,
 TOOL_PROMPTS = ["What's the weather in Paris?", "What is 2 plus 40?", "Is it raining in London?",
                 "Add 7 and 8.", "Weather in Tokyo in fahrenheit?", "Sum 100 and 23.",
                 "How cold is Oslo?", "What is 5+5?"]
+
+
+PARIS_WEATHER = [{"role": "user", "content": "What's the weather in Paris?"}]
 
 
 def chat_request(text: str, **params) -> GenRequest:

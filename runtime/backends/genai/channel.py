@@ -40,8 +40,9 @@ class PipeFrames:
         self._busy = False
 
     def frames(self) -> Iterator[list]:
-        """Each frame's messages until the pipe ends; the caller handles each before the next
-        read, and ``pending`` stays true until it asks for more."""
+        """The messages of every whole frame one read brought, until the pipe ends (so that
+        requests that came together are handled together); the caller handles them before
+        the next read, and ``pending`` stays true until it asks for more."""
         while True:
             self._busy = False
             select.select([self._fd], [], [])  # blocks without the GIL
@@ -50,6 +51,7 @@ class PipeFrames:
             if not chunk:
                 return
             self._buffer += chunk
+            messages: list = []
             while len(self._buffer) >= _HEADER.size:
                 (n,) = _HEADER.unpack_from(self._buffer)
                 if n > MAX_FRAME_BYTES:
@@ -59,7 +61,9 @@ class PipeFrames:
                     break
                 data = bytes(self._buffer[_HEADER.size:_HEADER.size + n])
                 del self._buffer[:_HEADER.size + n]
-                yield _frame(data)
+                messages += _frame(data)
+            if messages:
+                yield messages
 
     @property
     def pending(self) -> bool:

@@ -19,7 +19,7 @@ import threading
 from typing import Any
 
 from ...errors import DeviceError, FanoutError
-from ...wire.generation import GenResult
+from ...wire.generation import GenRequest, GenResult
 from ..base import CancelToken
 from .batched import BatchedLLMSession
 from .channel import (
@@ -106,11 +106,18 @@ class EngineServer:
                                        "structured_output": self.session.structured_output,
                                        "logprobs": self.session.logprobs}]])
         try:
-            for frame in incoming:
-                for message in frame:
+            for messages in incoming:
+                gens: list = []  # consecutive requests: tokenized together, then started
+                for message in messages:
+                    if message[0] == "gen":
+                        gens.append(message)
+                        continue
+                    self.generate_all(gens)
+                    gens = []
                     if message[0] == "close":
                         return 0
                     self.handle(message)
+                self.generate_all(gens)
             return 0
         finally:
             self.session.close()
@@ -125,7 +132,29 @@ class EngineServer:
                 if token is not None:
                     token.cancel()
 
-    def generate(self, rid: int, wire: dict) -> None:
+    def generate_all(self, messages: list) -> None:
+        """Start each ``["gen", rid, request]``, their chat prompts tokenized in one call."""
+        if len(messages) < 2:
+            for message in messages:
+                self.handle(message)
+            return
+        assert self.session is not None
+        requests: list = []
+        for message in messages:
+            try:
+                requests.append(request_from_wire(message[2]))
+            except Exception:  # generate() reads it again, and answers with the error
+                requests.append(None)
+        prompts = self.session.chat_prompts([r for r in requests if r is not None])
+        found = iter(prompts)
+        for message, request in zip(messages, requests):
+            prompt = next(found) if request is not None else None
+            match message:
+                case ["gen", int(rid), dict(wire)]:
+                    self.generate(rid, wire, request, prompt)
+
+    def generate(self, rid: int, wire: dict, request: GenRequest | None = None,
+                 prompt: list[int] | None = None) -> None:
         assert self.session is not None
         session = self.session
         token = CancelToken()
@@ -144,7 +173,8 @@ class EngineServer:
                 self.outbox.flush()  # the engine thread flushes after its step
 
         try:
-            session.start(request_from_wire(wire), on_tokens, on_end, token)
+            session.start(request if request is not None else request_from_wire(wire),
+                          on_tokens, on_end, token, prompt)
         except FanoutError as e:
             on_end(e)
         except Exception as e:  # a malformed request from our own worker: a bug, said so

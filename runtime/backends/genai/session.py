@@ -52,19 +52,45 @@ class EngineSession(LLMSession):
 
     def prompt_ids(self, r: GenRequest, prefill: str = "") -> list[int]:
         if r.messages is not None:
-            # The template wants text where an assistant turn only called tools.
-            history = [m if m.get("content") is not None else {**m, "content": ""}
-                       for m in r.messages]
-            if r.calls_tools:
-                text = self._tok.apply_chat_template(
-                    history, add_generation_prompt=True,
-                    tools=[t.to_wire() for t in r.offered_tools()])
-            else:
-                text = self._tok.apply_chat_template(history, add_generation_prompt=True)
-            ids = self._tok.encode(text + prefill, add_special_tokens=False).input_ids.data
+            ids = self._tok.encode(self._chat_text(r) + prefill,
+                                   add_special_tokens=False).input_ids.data
         else:
             ids = self._tok.encode(f"{r.prompt}{prefill}").input_ids.data
         return [int(t) for t in ids[0]]
+
+    def _chat_text(self, r: GenRequest) -> str:
+        # The template wants text where an assistant turn only called tools.
+        history = [m if m.get("content") is not None else {**m, "content": ""}
+                   for m in r.messages or []]
+        if r.calls_tools:
+            return self._tok.apply_chat_template(
+                history, add_generation_prompt=True,
+                tools=[t.to_wire() for t in r.offered_tools()])
+        return self._tok.apply_chat_template(history, add_generation_prompt=True)
+
+    def chat_prompts(self, requests: list[GenRequest]) -> list[list[int] | None]:
+        """The prompt ids of the chat requests among ``requests``, tokenized in one call (a
+        batch of 8 takes an eighth of 8 calls' time; the engine process's reader does this
+        while a fan-out's first step waits); None for a request to tokenize on its own (a
+        prompt, a template that fails), and all None if the batch fails."""
+        texts: dict[int, str] = {}
+        for i, r in enumerate(requests):
+            if r.messages is not None:
+                try:
+                    texts[i] = self._chat_text(r) + constraints.prefill(r)
+                except Exception:  # start() tokenizes it alone, and says what is wrong
+                    pass
+        out: list[list[int] | None] = [None] * len(requests)
+        if len(texts) < 2:
+            return out
+        try:
+            enc = self._tok.encode(list(texts.values()), add_special_tokens=False)
+            ids, mask = enc.input_ids.data, enc.attention_mask.data
+        except Exception:  # each is tokenized alone then
+            return out
+        for row, i in enumerate(texts):
+            out[i] = [int(t) for t, keep in zip(ids[row], mask[row]) if keep]
+        return out
 
     def warm_up(self) -> None:
         """Render a tool conversation once, before callers' threads do: the engine's first
@@ -110,16 +136,18 @@ class EngineSession(LLMSession):
         return outcome[0]
 
     def start(self, request: GenRequest, on_tokens: TokensFn, on_end: EndFn,
-              cancel: CancelToken) -> None:
+              cancel: CancelToken, prompt: list[int] | None = None) -> None:
         """Hand ``request`` to the engine: ``on_tokens`` gets its deltas (on the engine
         thread) and ``on_end`` its result or error, once. Raises what is wrong with the
-        request itself before anything runs."""
+        request itself before anything runs. ``prompt``: its ids, if already tokenized
+        (``chat_prompts``)."""
         self.check(request)
         prefill = constraints.prefill(request)
-        try:
-            prompt = self.prompt_ids(request, prefill)
-        except Exception as e:  # a chat template that rejects the messages, ...
-            raise InvalidInput(f"{self._label}: cannot tokenize the request: {e}") from e
+        if prompt is None:
+            try:
+                prompt = self.prompt_ids(request, prefill)
+            except Exception as e:  # a chat template that rejects the messages, ...
+                raise InvalidInput(f"{self._label}: cannot tokenize the request: {e}") from e
         if len(prompt) + request.max_tokens > self.context_length:
             # the GGUF tokenizer silently truncates at the model's context: a lower bound then
             at_least = "at least " if len(prompt) >= self.context_length else ""
