@@ -415,3 +415,16 @@ def test_frames_go_and_come_whole_through_the_socket_helpers():
         a.close(linger=0)
         b.close(linger=0)
         ctx.term()
+
+
+@pytest.mark.parametrize("shape", [[0] * 33, [1] * 33, [-1, 4], [2.0, 2], [True, 4], [2**40]],
+                         ids=["33 dims of size 0", "33 dims", "negative", "float", "bool",
+                              "too large"])
+def test_an_array_of_a_bad_shape_is_a_protocol_error_on_either_path(shape):
+    head = msgpack.packb({"v": p.PROTOCOL_VERSION, "t": "submit", "task_id": "t", "model": "m",
+                          "inputs": [["x", "float32", shape]]})
+    for decode_arrays in (True, False):
+        decoder = p.Decoder(p.CLIENT_TO_SCHEDULER, 1 << 20, decode_arrays=decode_arrays)
+        with pytest.raises(ProtocolError, match="bad shape") as info:
+            decoder.decode([head, b""])
+        assert info.value.ref == "t"

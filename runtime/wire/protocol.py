@@ -717,14 +717,13 @@ class Decoder:
             if expected is None:
                 raise ProtocolError(f"{cls.TYPE}: array {brief(name)} has dtype {brief(dtype)}; "
                                     f"allowed: {', '.join(sorted(ALLOWED_DTYPES))}")
-            if len(shape) > 32:
-                expected = -1
+            bad = len(shape) > 32
             for d in shape:
-                if type(d) is not int or not 0 <= d < _MAX_DIM:
-                    expected = -1
+                if bad or type(d) is not int or not 0 <= d < _MAX_DIM:
+                    bad = True
                     break
                 expected *= d
-            if expected < 0:
+            if bad:
                 raise ProtocolError(f"{cls.TYPE}: array {brief(name)} has bad shape "
                                     f"{brief(shape)}")
             if name in out:
