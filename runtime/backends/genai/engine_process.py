@@ -145,7 +145,10 @@ class EngineServer:
                 requests.append(request_from_wire(message[2]))
             except Exception:  # generate() reads it again, and answers with the error
                 requests.append(None)
-        prompts = self.session.chat_prompts([r for r in requests if r is not None])
+        try:
+            prompts = self.session.chat_prompts([r for r in requests if r is not None])
+        except Exception:  # a bug here must not end the engine: each is tokenized alone
+            prompts = [None] * len(requests)
         found = iter(prompts)
         for message, request in zip(messages, requests):
             prompt = next(found) if request is not None else None
