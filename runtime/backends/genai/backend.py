@@ -63,7 +63,6 @@ class GenAIBackend:
     def __init__(self, device: str = "CPU", options: dict[str, Any] | None = None) -> None:
         self.device = device
         self.options = dict(options or {})
-        self._sessions: list[Any] = []
         self._shared: dict[str, tuple[Any, str]] = {}  # engine settings -> (session, model)
 
     def load(self, model: ModelSpec, progress: ProgressFn) -> Any:
@@ -89,10 +88,10 @@ class GenAIBackend:
         context = int(context or DEFAULT_CONTEXT_LENGTH)
         structured = bool(opts.get("structured_output", True)) and constraints.available()
         numerics = "deterministic numerics" if deterministic else "fast numerics"
-        key = json.dumps([model.path, batched, _flag(opts, "engine_process", True, label),
-                          structured, context, props,
-                          {k: opts[k] for k in sorted(SCHEDULER_OPTIONS & opts.keys())}],
-                         sort_keys=True, default=str)
+        in_process = not _flag(opts, "engine_process", True, label)
+        scheduling = {k: opts[k] for k in SCHEDULER_OPTIONS & opts.keys()}
+        key = json.dumps([model.path, batched, in_process, structured, context, props,
+                          scheduling], sort_keys=True, default=str)
         if key in self._shared:
             shared, first = self._shared[key]
             progress(f"{model.name} on {self.device} shares the pipeline loaded for {first}")
@@ -100,16 +99,15 @@ class GenAIBackend:
         try:
             if batched:
                 progress(f"loading {model.name} on {self.device} (continuous batching) ...")
-                scheduler = {"enable_prefix_caching": True,
-                             **{k: opts[k] for k in SCHEDULER_OPTIONS & opts.keys()}}
+                scheduler = {"enable_prefix_caching": True, **scheduling}
                 spec = {"path": model.path, "device": self.device, "properties": props,
                         "scheduler": scheduler, "label": label, "context_length": context,
                         "structured_output": structured}
-                if _flag(opts, "engine_process", True, label):
-                    session: Any = EngineProcessSession(spec, progress)
-                else:
-                    session = open_session(spec, None)
+                if in_process:
+                    session: Any = open_session(spec, None)
                     session.warm_up()
+                else:
+                    session = EngineProcessSession(spec, progress)
                 if scheduler["enable_prefix_caching"]:
                     numerics += ", prefix caching"
             else:
@@ -123,14 +121,12 @@ class GenAIBackend:
             raise ModelUnavailable(f"{label}: {str(e).strip()}") from e
         progress(f"loaded {model.name} on {self.device}: context {context} tokens, {numerics}"
                  + ("" if session.structured_output else ", no constrained decoding"))
-        self._sessions.append(session)
         self._shared[key] = (session, model.name)
         return session
 
     def close(self) -> None:
-        for s in self._sessions:
-            s.close()
-        self._sessions.clear()
+        for session, _ in self._shared.values():
+            session.close()
         self._shared.clear()
 
 
