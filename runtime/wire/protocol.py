@@ -718,11 +718,12 @@ class Decoder:
                 raise ProtocolError(f"{cls.TYPE}: array {brief(name)} has dtype {brief(dtype)}; "
                                     f"allowed: {', '.join(sorted(ALLOWED_DTYPES))}")
             bad = len(shape) > 32
-            for d in shape:
-                if bad or type(d) is not int or not 0 <= d < _MAX_DIM:
-                    bad = True
-                    break
-                expected *= d
+            if not bad:
+                for d in shape:
+                    if type(d) is not int or not 0 <= d < _MAX_DIM:
+                        bad = True
+                        break
+                    expected *= d
             if bad:
                 raise ProtocolError(f"{cls.TYPE}: array {brief(name)} has bad shape "
                                     f"{brief(shape)}")
@@ -814,15 +815,14 @@ def _check_typed() -> None:
             raise TypeError(f"wire/typed.py's {cls.TYPE} header has fields {sorted(have)}, "
                             f"the message {sorted(want)}")
         # A field a header leaves out takes the typed default: it must be the message's.
-        defaults = dict(zip(header.__struct_fields__[-len(header.__struct_defaults__):],
-                            header.__struct_defaults__)) if header.__struct_defaults__ else {}
+        typed_defaults = {
+            f.name: f.default if f.default_factory is msgspec.NODEFAULT else f.default_factory()
+            for f in msgspec.structs.fields(header)}
         for f in fields(cls):
             if f.name == cls.ARRAYS:
                 continue
             default = f.default if f.default_factory is MISSING else f.default_factory()
-            typed_default = defaults.get(f.name, MISSING)
-            if hasattr(typed_default, "factory"):  # msgspec's holder of a [] default
-                typed_default = typed_default.factory()
+            typed_default = typed_defaults[f.name]
             if default is not MISSING and typed_default != default:
                 raise TypeError(f"wire/typed.py's {cls.TYPE}.{f.name} defaults to "
                                 f"{typed_default!r}, the message's to {default!r}")
