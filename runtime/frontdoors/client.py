@@ -959,7 +959,6 @@ class _Fan:
         errors = await self.client._send_many([submit for _, submit in batch], self.wait)
         for (task_id, _), error in zip(batch, errors):
             if error is not None:
-                self.client._pending.pop(task_id, None)
                 slot = self.open.get(task_id)
                 if slot is not None:
                     slot.set_exception(error)
@@ -974,7 +973,6 @@ class _Fan:
                 break
             expired.append(task_id)
         for task_id in expired:
-            self.client._pending.pop(task_id, None)
             slot = self.open.get(task_id)
             if slot is not None:
                 slot.set_exception(ClusterUnavailable(
