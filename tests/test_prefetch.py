@@ -169,3 +169,20 @@ def test_submits_fed_together_are_refused_only_past_what_the_workers_take_at_onc
     assert [d.payload for d in dispatches(actions)] == ["t0"]
     assert [t.key for t in h.state.queue] == keys[1:5]
     assert [a.key for a in actions if isinstance(a, Reject)] == keys[5:]
+
+
+def test_a_prefetched_task_is_expected_to_run_from_when_a_slot_freed_not_from_its_dispatch(make):
+    """A held task that waited at its worker is not overdue for that wait: were its run taken
+    to begin at dispatch, the worker would look free too soon and a slower one would be
+    booked behind it, ending the fan-out late."""
+    h = make(one_cpu(capacity=1, prefetch=1))
+    h.up()
+    h.handle(ModelStateChanged("cpu0", h.epochs["cpu0"], "m", ModelLoad(
+        "ready", calibration=Calibration(service_s=0.05))))
+    h.submit("a")
+    h.submit("b")  # held at the worker behind "a"
+    h.clock.advance(0.05)
+    h.succeed("a", 0.05)  # "b" runs from now
+    h.clock.advance(0.02)
+    lanes = h.state._lanes(h.clock.now)
+    assert lanes.start_s("cpu0") == pytest.approx(0.03)  # not 0.02: "b" is 20 ms into 50

@@ -431,6 +431,9 @@ class Task:
     expected_s: float = 0.0
     batch: int = 1
     tokens_before: int = 0
+    # When the running attempt's run is taken to have begun: at dispatch when a slot was
+    # free, else when one freed for it (a prefetched task waits at its worker first).
+    ran_from: float | None = None
     nbytes: int = 0
     # Slots whose device errors on this task wait to count toward their breakers until
     # another device serves it: a task no device can run is the input's fault, not theirs.
@@ -992,10 +995,16 @@ class SchedulerState:
         view = self._current(device, epoch)
         if view is None:
             return None, None
-        view.last_seen = self.clock()
+        view.last_seen = now = self.clock()
         task = view.in_flight.pop(attempt, None)
-        if task is not None and task.running == (device, attempt):
-            task.running = None
+        if task is not None:
+            if task.running == (device, attempt):
+                task.running = None
+            if len(view.in_flight) >= view.capacity:  # a slot freed: the next held task runs
+                # (workers take held tasks in the order sent)
+                nxt = next(itertools.islice(view.in_flight.values(), view.capacity - 1, None))
+                if nxt.ran_from is None:
+                    nxt.ran_from = now
         return view, task
 
     def _accept(self, task: Task) -> None:
@@ -1151,7 +1160,7 @@ class SchedulerState:
 
     def _remaining(self, view: WorkerView, task: Task, now: float) -> float:
         gen, slot = task.generation, view.models.get(task.model)
-        elapsed = now - task.started_at
+        elapsed = now - (task.started_at if task.ran_from is None else task.ran_from)
         if gen is not None and slot is not None and slot.estimate.token_s is not None:
             if len(gen.ids) > task.tokens_before:  # under way: the tokens it has left to make
                 left = max(0, self._tokens_total(task) - len(gen.ids))
@@ -1331,6 +1340,7 @@ class SchedulerState:
         view.in_flight[attempt] = task
         task.running = (view.device, attempt)
         task.started_at, task.expected_s, task.batch = now, choice.service_s, len(view.in_flight)
+        task.ran_from = now if len(view.in_flight) <= view.capacity else None
         task.tokens_before = len(task.generation.ids) if task.generation else 0
         actions.append(Dispatch(view.device, view.epoch, attempt, task.model, task.payload,
                                 max(0.0, task.deadline - now), task.generation))
