@@ -478,17 +478,18 @@ def test_deploy_copy_is_byte_identical_to_the_embedded_default():
     assert (REPO / "deploy" / "local.yaml").read_bytes() == embedded
 
 
-def test_fail_after_tokens_is_parsed_validated_and_survives_the_dict_round_trip(write):
-    text = TWO_DEVICES.replace("backend: qnn}", "backend: qnn, faults: {fail_after_tokens: 3}}")
+@pytest.mark.parametrize("key", ["fail_after_tokens", "garble_after_tokens"])
+def test_token_faults_are_parsed_validated_and_survive_the_dict_round_trip(write, key):
+    text = TWO_DEVICES.replace("backend: qnn}", f"backend: qnn, faults: {{{key}: 3}}}}")
     cfg = load(write(text + MINILM))
-    assert cfg.device("npu0").faults == FaultConfig(fail_after_tokens=3)
-    assert config_from_dict(config_to_dict(cfg)).device("npu0").faults.fail_after_tokens == 3
+    assert cfg.device("npu0").faults == FaultConfig(**{key: 3})
+    assert getattr(config_from_dict(config_to_dict(cfg)).device("npu0").faults, key) == 3
     assert load(write(TWO_DEVICES + MINILM)).device("cpu0").faults is None
     for bad, shown in (("-1", "got -1"), ("2.5", "got 2.5"), ("'3'", "got '3'"), ("true", "got True")):
         path = write(TWO_DEVICES.replace("backend: qnn}", f"backend: qnn, faults: "
-                                         f"{{fail_after_tokens: {bad}}}}}") + MINILM)
+                                         f"{{{key}: {bad}}}}}") + MINILM)
         message = load_error(path)
-        assert f"{path}: devices[0].faults.fail_after_tokens: must be an integer 0.." in message
+        assert f"{path}: devices[0].faults.{key}: must be an integer 0.." in message
         assert shown in message
 
 

@@ -175,23 +175,29 @@ def test_a_client_that_disappears_mid_stream_frees_its_slot(one_slot):
     assert one_slot.client().generate("smollm2", chat(CHATS[4]), max_tokens=4).text
 
 
-def test_a_device_failing_mid_stream_continues_on_the_next_without_losing_text(clusters):
+@pytest.mark.parametrize("fault, says", [
+    ('fail_after_tokens: 5, message: "device reset mid-stream"', "device reset mid-stream"),
+    # A token id no vocabulary has: the scheduler refuses the message and tells the worker,
+    # which stops (and is restarted); the id reaches neither the client nor llm1's prefix.
+    ("garble_after_tokens: 5", "could not be read (tokens.ids[0]: expected a token id"),
+], ids=["device error", "broken message"])
+def test_a_device_failing_mid_stream_continues_on_the_next_without_losing_text(
+        clusters, fault, says):
     # smollm2 skips the warm-up that measures devices: both are unmeasured alike, and its
     # device order starts the stream on llm0 (a measured llm1 had won it on a loaded machine).
     # Deterministic numerics: the continuation on llm1 from the streamed ids equals the
     # uninterrupted run.
-    cluster = clusters.start("""
+    cluster = clusters.start(f"""
         devices:
-          - {name: llm0, kind: cpu, backend: openvino-genai, capacity: 1,
-             options: {deterministic: true},
-             faults: {fail_after_tokens: 5, message: "device reset mid-stream"}}
-          - {name: llm1, kind: cpu, backend: openvino-genai, capacity: 1,
-             options: {deterministic: true}}
+          - {{name: llm0, kind: cpu, backend: openvino-genai, capacity: 1,
+             options: {{deterministic: true}}, faults: {{{fault}}}}}
+          - {{name: llm1, kind: cpu, backend: openvino-genai, capacity: 1,
+             options: {{deterministic: true}}}}
         models:
-          - {name: smollm2, source: "packaged:smollm2", devices: [llm0, llm1], options: {
-             llm0: {warmup: false}, llm1: {warmup: false}}}
-          - {name: smollm2-ref, source: "packaged:smollm2", devices: [llm1],
-             options: {llm1: {warmup: false}}}
+          - {{name: smollm2, source: "packaged:smollm2", devices: [llm0, llm1], options: {{
+             llm0: {{warmup: false}}, llm1: {{warmup: false}}}}}}
+          - {{name: smollm2-ref, source: "packaged:smollm2", devices: [llm1],
+             options: {{llm1: {{warmup: false}}}}}}
     """)
     client = cluster.client()
     request = chat("Explain why the sky is blue in two sentences.")
@@ -204,7 +210,8 @@ def test_a_device_failing_mid_stream_continues_on_the_next_without_losing_text(c
     final = chunks[-1]
     assert final.usage["completion_tokens"] == 32
     (attempt,) = final.attempts
-    assert attempt.device == "llm0" and "device reset mid-stream" in attempt.message
+    assert attempt.device == "llm0" and says in attempt.message, attempt
+    assert client.generate("smollm2-ref", request, max_tokens=4).text  # the cluster goes on
 
 
 def test_a_generation_past_its_deadline_is_stopped_and_its_slot_freed(one_slot):

@@ -111,6 +111,47 @@ def test_a_malformed_nested_field_is_a_protocol_error_naming_it_and_its_task(fie
     assert info.value.ref == "t9" and info.value.msg_type == fields["t"]
 
 
+@pytest.mark.parametrize("fields, where", [
+    ({"ids": ["7"]}, "tokens.ids[0]: expected int"),
+    ({"ids": [5, 1 << 40]}, "tokens.ids[1]: expected a token id"),
+    ({"ids": [-1]}, "tokens.ids[0]: expected a token id"),
+    ({"ids": [True]}, "tokens.ids[0]: expected int"),
+    ({"tool_calls": ["get_weather"]}, "tokens.tool_calls[0]: expected a map"),
+    ({"tool_calls": [{"name": 3, "arguments": "{}"}]}, "tokens.tool_calls[0]: expected a tool"),
+    ({"tool_calls": [{"name": "f", "arguments": {}}]}, "tokens.tool_calls[0]: expected a tool"),
+    ({"tool_calls": [{"name": "f", "arguments": "{}", "index": -1}]}, "tokens.tool_calls[0]"),
+    ({"tool_calls": [{"name": "", "arguments": "{}"}]}, "tokens.tool_calls[0]"),
+    ({"logprobs": [["a"]]}, "tokens.logprobs[0]: expected [token, finite log-probability]"),
+    ({"logprobs": [["a", float("nan")]]}, "tokens.logprobs[0]"),
+    ({"logprobs": [[1, -0.5]]}, "tokens.logprobs[0]"),
+], ids=["id not an int", "id past int32", "negative id", "id a bool", "call not a map",
+        "name not a string", "arguments not a string", "negative index", "empty name",
+        "logprob without its value", "nan logprob", "token not a string"])
+def test_tokens_a_worker_streams_are_checked_where_they_arrive(fields, where):
+    """What a worker streams is passed on as it came (to the client, and as the prefix of a
+    re-run on another device): a broken one is refused on arrival, naming the field, and the
+    scheduler can still tell which run it was about."""
+    frames = p.encode(p.Tokens(attempt=41, **fields))
+    with pytest.raises(ProtocolError) as info:
+        p.Decoder(p.WORKER_TO_SCHEDULER, 1 << 20).decode(frames)
+    assert where in str(info.value)
+    assert p.peek_attempt(frames[0]) == 41
+
+
+def test_well_formed_tokens_and_finish_reasons_pass_and_others_do_not():
+    decode = p.Decoder(p.WORKER_TO_SCHEDULER, 1 << 20).decode
+    good = p.Tokens(attempt=2, ids=[0, (1 << 31) - 1], text="Hi", logprobs=[["Hi", -0.25]],
+                    tool_calls=[{"index": 1, "name": "get_weather", "arguments": '{"c": 1}'}])
+    assert decode(p.encode(good)) == good
+    for reason in ("stop", "length", "tool_calls"):
+        assert decode(p.encode(p.Generated(attempt=2, finish_reason=reason))).finish_reason \
+            == reason
+    with pytest.raises(ProtocolError, match="generated.finish_reason: expected 'stop'"):
+        decode(p.encode(p.Generated(attempt=2, finish_reason="content_filter")))
+    assert p.peek_attempt(msgpack.packb({"t": "done", "attempt": "7"})) is None
+    assert p.peek_attempt(b"\xc1garbage") is None
+
+
 def test_a_hello_naming_its_previous_connection_in_anything_but_bytes_is_refused():
     for bad, got in (("C0123", "str"), (12, "int"), ([1], "list")):
         with pytest.raises(ProtocolError, match=f"hello.previous: expected bytes, got {got}"):

@@ -4,7 +4,8 @@ Runs that are not failed go to the real engine. Runs are counted per backend (on
 worker), over the models the faults apply to, under a lock: concurrent runs get distinct numbers;
 the worker's warm-up run at load is delayed by ``hang_s`` like any run, but not counted.
 For an LLM session each ``generate`` call is one run, and ``fail_after_tokens`` also fails a
-generation mid-stream, after it has delivered that many tokens.
+generation mid-stream, after it has delivered that many tokens; ``garble_after_tokens`` makes
+it stream a token id no vocabulary has at that point (what a broken worker would send).
 """
 from __future__ import annotations
 
@@ -98,6 +99,24 @@ class FaultySession:
         self._inner.close()
 
 
+GARBLED_TOKEN_ID = 1 << 40  # no vocabulary's: the wire refuses token ids of 2^31 and over
+
+
+def _garbling(on_tokens: TokensFn, after: int) -> TokensFn:
+    """``on_tokens``, and once ``after`` tokens are through, a delta with a token id no
+    vocabulary has (then the rest as they come)."""
+    delivered, sent = 0, False
+
+    def garbling(delta: Delta) -> None:
+        nonlocal delivered, sent
+        on_tokens(delta)
+        delivered += len(delta.ids)
+        if not sent and delivered >= after:
+            sent = True
+            on_tokens(Delta([GARBLED_TOKEN_ID], text="?"))
+    return garbling
+
+
 class FaultyLLMSession(LLMSession):
     """An ``LLMSession`` whose generations fail as the faults say, before or mid-stream."""
 
@@ -110,8 +129,13 @@ class FaultyLLMSession(LLMSession):
     def generate(self, request: GenRequest, on_tokens: TokensFn,
                  cancel: CancelToken) -> GenResult:
         self._backend.before_run(self._model, cancel)
+        if isinstance(cancel, WarmUp):
+            return self._inner.generate(request, on_tokens, cancel)
+        garble = self._backend.faults.garble_after_tokens
+        if garble is not None:
+            on_tokens = _garbling(on_tokens, garble)
         limit = self._backend.faults.fail_after_tokens
-        if limit is None or isinstance(cancel, WarmUp):
+        if limit is None:
             return self._inner.generate(request, on_tokens, cancel)
         delivered = 0
 

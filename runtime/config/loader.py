@@ -625,10 +625,9 @@ class _Parser:
         if fail_after is not None:
             fail_after = self.integer(f"{path}.fail_after", fail_after, 0, 2**31 - 1)
         fail_every = self.integer(f"{path}.fail_every", d.get("fail_every", 0), 0, 2**31 - 1)
-        fail_after_tokens = d.get("fail_after_tokens")
-        if fail_after_tokens is not None:
-            fail_after_tokens = self.integer(f"{path}.fail_after_tokens", fail_after_tokens,
-                                             0, 2**31 - 1)
+        fail_after_tokens, garble_after_tokens = (
+            None if d.get(key) is None else self.integer(f"{path}.{key}", d[key], 0, 2**31 - 1)
+            for key in ("fail_after_tokens", "garble_after_tokens"))
         fail_load = self.boolean(f"{path}.fail_load", d.get("fail_load", False))
         hang_s = self.number(f"{path}.hang_s", d.get("hang_s", 0.0), 0.0, 3600.0)
         models = self.name_list(f"{path}.models", d.get("models", []), _MODEL_NAME_RE, "model")
@@ -638,7 +637,8 @@ class _Parser:
         return FaultConfig(fail_after=fail_after, fail_every=fail_every,  # type: ignore[arg-type]
                            fail_load=fail_load,  # type: ignore[arg-type]
                            hang_s=hang_s, models=models, message=message,  # type: ignore[arg-type]
-                           fail_after_tokens=fail_after_tokens)
+                           fail_after_tokens=fail_after_tokens,
+                           garble_after_tokens=garble_after_tokens)
 
     def models(self, raw: Any) -> list[ModelConfig] | None:
         if not isinstance(raw, list):

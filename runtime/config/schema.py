@@ -30,6 +30,9 @@ class FaultConfig:
     fail_every: every Nth run raises DeviceError (>= 1; 0 = off).
     fail_after_tokens: an LLM generation raises DeviceError after it has delivered this many
       tokens (>= 0; None = off): a mid-stream failure.
+    garble_after_tokens: after delivering this many tokens, an LLM generation streams a token
+      id no vocabulary has (2^40), then goes on (>= 0; None = off): a worker's broken
+      message, which the scheduler must refuse without passing it on.
     fail_load: loading any listed model (or all, if the list is empty and this is true) fails.
     hang_s: each run sleeps this long first (0..3600), to test deadlines and hung workers.
     models: restrict the faults to these models (empty = all).
@@ -43,6 +46,7 @@ class FaultConfig:
     models: list[str] = field(default_factory=list)
     message: str = "injected device fault"
     fail_after_tokens: int | None = None
+    garble_after_tokens: int | None = None
 
 
 # The default capacity of a continuously batching LLM device, from the capacity sweep of

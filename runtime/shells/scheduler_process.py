@@ -528,7 +528,8 @@ class SchedulerProcess:
             msg = self.back_decoder.decode(frames)
         except ProtocolError as exc:
             self.peers.warning(f"worker {who}", "bad", "worker %s: bad message: %s", who, exc)
-            self._to_worker(ident, p.error_reply(None, exc))
+            self._to_worker(ident, p.error_reply(None, exc))  # it stops, and is restarted
+            self._fail_unreadable(ident, frames, exc)
             return
         if isinstance(msg, p.Register):
             refusal = self._refuse_registration(ident, msg)
@@ -569,6 +570,19 @@ class SchedulerProcess:
             case p.Failed():
                 self._feed(s.TaskFailed(device, epoch, msg.attempt, msg.kind,
                                         msg.message[:MAX_ERROR_CHARS], msg.service_s))
+
+    def _fail_unreadable(self, ident: bytes, frames: list, exc: ProtocolError) -> None:
+        """A registered worker's message about a run could not be read (its result, say, or
+        tokens out of range): that run fails here, with what was wrong, and is re-run
+        elsewhere at once. What it sent reaches nobody."""
+        registered = self._workers.get(ident)
+        attempt = p.peek_attempt(frames[0].bytes if hasattr(frames[0], "bytes") else frames[0])
+        if registered is None or attempt is None:
+            return
+        device, epoch = registered
+        self._feed(s.TaskFailed(device, epoch, attempt, "protocol", (
+            f"{device} sent a message about this run that could not be read "
+            f"({exc.message}); the worker was told to stop, and is restarted")[:MAX_ERROR_CHARS]))
 
     def _refuse_registration(self, ident: bytes, msg: p.Register) -> str | None:
         """Why a worker may not register as it asks, or None. Only the incarnation this

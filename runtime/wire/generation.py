@@ -14,7 +14,7 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import InvalidInput, brief
 
@@ -141,10 +141,13 @@ class GenRequest:
         return [t for t in self.tools if t.name == self.forced_tool]
 
 
+# "stop" (end of sequence or a stop string) | "length" | "tool_calls" (it called tools)
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
 @dataclass
 class GenResult:
-    # "stop" (end of sequence or a stop string) | "length" | "tool_calls" (it called tools)
-    finish_reason: str
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int  # all tokens of the completion, prefix_ids included
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from types import UnionType
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgpack
 import msgspec
@@ -38,7 +38,8 @@ import zmq
 
 from ..errors import Attempt, ErrorKind, FanoutError, ProtocolError, brief
 from . import typed
-from .records import plain, reader
+from .generation import FinishReason
+from .records import Check, plain, reader
 from .status import ClusterInfo, ModelLoad
 
 PROTOCOL_VERSION = 4  # 3: arrays split into frames of at most FRAME_BYTES; 4: packs
@@ -251,21 +252,45 @@ class RunGenerate(Message):
     prefix_calls: int = 0  # whole tool calls already streamed
 
 
+# What a worker streams is passed on as it came: to the client, and as the prefix of a re-run
+# on another device. So it is checked here, where it arrives: a broken one fails its worker's
+# message (the worker is told, and restarted), never the client's stream or another device.
+MAX_TOKEN_ID = 1 << 31  # an int32 vocabulary index; engines take prefix ids as int64
+_CALL_KEYS = frozenset(("index", "name", "arguments"))
+
+
+def _wire_call(d: dict) -> bool:
+    index = d.get("index", 0)
+    return (d.keys() <= _CALL_KEYS and isinstance(d.get("name"), str)
+            and 0 < len(d["name"]) <= 64 and isinstance(d.get("arguments"), str)
+            and type(index) is int and 0 <= index < MAX_TOKEN_ID)
+
+
+def _wire_logprob(v: list) -> bool:
+    return (len(v) == 2 and isinstance(v[0], str) and type(v[1]) in (int, float)
+            and -1e308 <= v[1] <= 1e308)  # finite: nan fails every comparison
+
+
+TokenId = Annotated[int, Check(lambda v: 0 <= v < MAX_TOKEN_ID, "a token id in [0, 2^31)")]
+WireToolCall = Annotated[dict, Check(_wire_call, "a tool call {index, name, arguments}")]
+WireLogprob = Annotated[list, Check(_wire_logprob, "[token, finite log-probability]")]
+
+
 @dataclass
 class Tokens(Message):
     TYPE = "tokens"
     attempt: int
-    ids: list = field(default_factory=list)
+    ids: list[TokenId] = field(default_factory=list)
     text: str = ""
-    tool_calls: list = field(default_factory=list)
-    logprobs: list = field(default_factory=list)
+    tool_calls: list[WireToolCall] = field(default_factory=list)
+    logprobs: list[WireLogprob] = field(default_factory=list)
 
 
 @dataclass
 class Generated(Message):
     TYPE = "generated"
     attempt: int
-    finish_reason: str
+    finish_reason: FinishReason
     prompt_tokens: int = 0
     completion_tokens: int = 0
     service_s: float = 0.0
@@ -337,7 +362,7 @@ _AS_IS = (int, float, str, bool, bytes, dict, list, type(None))  # msgpack write
 
 
 def _plan(cls: type[Message]) -> tuple[_Field, ...]:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)  # keep each Annotated's Check
     out = []
     for f in fields(cls):
         tp = hints[f.name]
@@ -782,21 +807,33 @@ def peek_ids(head: bytes) -> tuple[str | None, str | None]:
     """The type and the task or request id of a header that cannot be decoded whole (too
     large, or broken past those fields), read without building its other values, so that the
     sender's call can be failed by its id instead of left waiting."""
-    found: dict[str, str] = {}
+    found = _peek(head, ("t", "task_id", "req_id"))
+    t, ref = found.get("t"), found.get("task_id", found.get("req_id"))
+    return (t if isinstance(t, str) else None), (ref if isinstance(ref, str) else None)
+
+
+def peek_attempt(head: bytes) -> int | None:
+    """The attempt a worker's header names, read as ``peek_ids`` reads ids."""
+    attempt = _peek(head, ("attempt",)).get("attempt")
+    return attempt if type(attempt) is int else None
+
+
+def _peek(head: bytes, keys: tuple[str, ...]) -> dict[str, str | int]:
+    found: dict[str, str | int] = {}
     try:
         unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(head), 1))
         unpacker.feed(head)
         for _ in range(min(unpacker.read_map_header(), 64)):
             key = unpacker.unpack()
-            if key in ("t", "task_id", "req_id"):
+            if key in keys:
                 value = unpacker.unpack()
-                if isinstance(value, str) and len(value) <= 256:
+                if (isinstance(value, str) and len(value) <= 256) or type(value) is int:
                     found[key] = value
             else:
                 unpacker.skip()
     except Exception:  # a header broken before the fields: nothing more can be told
         pass
-    return found.get("t"), found.get("task_id", found.get("req_id"))
+    return found
 
 
 def error_reply(req_id: str | None, exc: Exception) -> Reply:

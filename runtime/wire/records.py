@@ -13,11 +13,22 @@ import math
 import types
 import typing
 from collections.abc import Callable
-from typing import Any, Literal, Union
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
 
 from ..errors import Attempt, FanoutError, ProtocolError, brief, error_from_wire
 
 Reader = Callable[[Any, str], Any]
+
+
+@dataclass(frozen=True)
+class Check:
+    """``Annotated[T, Check(ok, what)]``: read as ``T``, and then ``ok(value)`` must hold
+    (``what`` says what was expected). For a value that stays plain data, say a token id in
+    range or a tool call's map, yet must be well formed before it is passed on."""
+
+    ok: Callable[[Any], bool]
+    what: str
 
 
 def read(tp: Any, value: Any, where: str) -> Any:
@@ -47,6 +58,9 @@ def reader(tp: Any) -> Reader:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return lambda v, where: v
+    if origin is Annotated:
+        base, *meta = args
+        return _checked(reader(base), [m for m in meta if isinstance(m, Check)])
     if origin in (Union, types.UnionType):
         return _union([reader(a) for a in args if a is not type(None)],
                       type(None) in args, describe(tp))
@@ -79,6 +93,8 @@ def describe(tp: Any) -> str:
         return " | ".join(describe(a) for a in args)
     if origin is Literal:
         return " | ".join(repr(a) for a in args)
+    if origin is Annotated:
+        return describe(args[0])
     if origin is not None:
         inner = ", ".join("..." if a is Ellipsis else describe(a) for a in args)
         return f"{origin.__name__}[{inner}]" if args else origin.__name__
@@ -160,6 +176,16 @@ def _mapping(item: Reader) -> Reader:
             out[key] = item(v, f"{where}.{key if len(key) <= 40 else brief(key, 40)}")
         return out
     return read_mapping
+
+
+def _checked(inner: Reader, checks: list[Check]) -> Reader:
+    def read_checked(value: Any, where: str) -> Any:
+        value = inner(value, where)
+        for check in checks:
+            if not check.ok(value):
+                raise ProtocolError(f"{where}: expected {check.what}, got {brief(value, 60)}")
+        return value
+    return read_checked
 
 
 def _guarded(parse: Callable[[Any], Any]) -> Reader:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ...errors import DeviceError
-from ...wire.generation import Delta, GenRequest, TokenLogprob, ToolCall
+from ...wire.generation import Delta, FinishReason, GenRequest, TokenLogprob, ToolCall
 from .tool_calls import ToolCallReader
 
 
@@ -105,7 +105,7 @@ class Deltas:
         delta = self._delta([], self.text.flush())
         return delta if delta.text or delta.tool_calls else None
 
-    def finish_reason(self, engine_reason: str) -> str:
+    def finish_reason(self, engine_reason: FinishReason) -> FinishReason:
         return "tool_calls" if self.calls else engine_reason
 
     def _check_replay(self, ids: list[int]) -> list[int]:

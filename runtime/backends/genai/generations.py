@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ...errors import FanoutError
-from ...wire.generation import GenRequest, GenResult
+from ...wire.generation import FinishReason, GenRequest, GenResult
 from ..base import TokensFn
 from .deltas import Deltas
 
@@ -47,7 +47,7 @@ class Generation:
             return True
         return False
 
-    def finished(self, reason: str) -> Any:
+    def finished(self, reason: FinishReason) -> Any:
         """The current stage ended ("stop" or "length"): the next stage's job, else None
         (the generation has then ended)."""
         if self.ended:
@@ -66,7 +66,7 @@ class Generation:
     def fail(self, exc: FanoutError) -> None:
         self._end(exc)
 
-    def _result(self, reason: str) -> GenResult:
+    def _result(self, reason: FinishReason) -> GenResult:
         return GenResult(self.deltas.finish_reason(reason), len(self.prompt),
                          len(self.deltas.ids))
 

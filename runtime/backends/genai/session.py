@@ -14,7 +14,7 @@ import threading
 from typing import Any
 
 from ...errors import Cancelled, DeviceError, FanoutError, InvalidInput, Unsupported
-from ...wire.generation import GenRequest, GenResult
+from ...wire.generation import FinishReason, GenRequest, GenResult
 from ..base import CancelToken, LLMSession, TokensFn
 from . import constraints
 from .deltas import Deltas
@@ -236,7 +236,7 @@ class EngineSession(LLMSession):
             job.gen.fail(_as_device_error(self._label, e))
             return True
 
-    def _finish(self, job: Job, reason: str) -> Job | None:
+    def _finish(self, job: Job, reason: FinishReason) -> Job | None:
         """The job ended with ``reason``: its generation's next stage, if any."""
         try:
             return job.gen.finished(reason)
