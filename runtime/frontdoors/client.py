@@ -60,6 +60,8 @@ from .loopthread import END, LoopThread, pump
 log = logging.getLogger("fanout.client")
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# Plain ints: an int & a zmq enum flag goes through the enum's Python code, several times a reply.
+_EVENTS, _POLLIN, _POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
 KEEPALIVE_S = 1.0  # how often a client says it is still there
 # Silent longer than this (its event loop stalled), a client says hello again before anything
 # else: the scheduler may have forgotten it (it does after 5 keepalives, at least 2 s).
@@ -478,7 +480,7 @@ class AsyncClient:
                 if not self._room.is_set():
                     await self._wait_or_lose(asyncio.ensure_future(self._room.wait()),
                                              _left(deadline, loop), "sending")
-        if int(self._raw.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # the send took its wake-up
+        if self._raw.getsockopt(_EVENTS) & _POLLIN:  # the send took its wake-up
             loop.call_soon(self._drain)
         self._last_sent = now
 
@@ -531,12 +533,12 @@ class AsyncClient:
         and wake senders waiting for room."""
         try:
             for _ in range(most):
-                events = int(self._raw.getsockopt(zmq.EVENTS))
-                if events & zmq.POLLOUT:
+                events = self._raw.getsockopt(_EVENTS)
+                if events & _POLLOUT:
                     if self._later:
                         self._send_later()
                     self._room.set()
-                if not events & zmq.POLLIN:
+                if not events & _POLLIN:
                     return
                 self._take(p.recv_frames(self._raw))
             asyncio.get_running_loop().call_soon(self._drain)
