@@ -211,6 +211,11 @@ def test_a_device_failing_mid_stream_continues_on_the_next_without_losing_text(
     assert final.usage["completion_tokens"] == 32
     (attempt,) = final.attempts
     assert attempt.device == "llm0" and says in attempt.message, attempt
+    if fault.startswith("garble"):  # the worker that sent it was told, stopped, came back
+        wait_for(lambda: worker(cluster.status(), "llm0")["restarts"] == 1
+                 and worker(cluster.status(), "llm0")["state"] == "up",
+                 timeout=60, what="llm0 to be restarted")
+        assert cluster.status()["cluster"]["internal_errors"] == 0
     assert client.generate("smollm2-ref", request, max_tokens=4).text  # the cluster goes on
 
 
