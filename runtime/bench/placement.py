@@ -225,7 +225,7 @@ def _print(table: list[Row], names: list[str], targets: bool) -> None:
         vs_best, vs_fluid = row.mixed_s / row.best_alone[1], row.mixed_s / row.fluid_s
         mark = ("" if not targets else "  ok" if _meets(row) else "  MISSED")
         print(f"  {row.n:>5} {row.mixed_s:>10.3f} s {alone} {row.fluid_s:>10.3f} s "
-              f"{vs_best:>11.2f}x {vs_fluid:>6.2f}x  "
+              f"{vs_best:>11.3f}x {vs_fluid:>6.3f}x  "  # 3 places: a "1.05x" can miss 1.05
               f"{', '.join(f'{d} {c}' for d, c in row.served.most_common())}{mark}")
     if targets:
         print(f"  targets: <= {TARGET_ALONE:.2f}x the best device alone at every N, <= "
