@@ -191,12 +191,12 @@ class WorkerProcess:
             return self._handle(frames)
         except Exception as exc:  # a bug in handling one message must not end the worker
             head = frames[0].bytes if hasattr(frames[0], "bytes") else bytes(frames[0])
-            attempt = p.peek_field(head, "attempt")
+            attempt = p.peek_attempt(head)
             self.peers.error("scheduler", "internal", "%s: failed to handle a message from "
                              "the scheduler (%s: %s); its run fails, the worker goes on",
                              self.device.name, type(exc).__name__, str(exc)[:200],
                              exc_info=True)
-            if isinstance(attempt, int) and not isinstance(attempt, bool):
+            if attempt is not None:
                 self.send(p.Failed(attempt=attempt, kind="error", message=(
                     f"the worker failed to handle this run: {type(exc).__name__}: "
                     f"{str(exc)[:200]}")))

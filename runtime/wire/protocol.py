@@ -811,33 +811,27 @@ def peek_ids(head: bytes) -> tuple[str | None, str | None]:
     """The type and the task or request id of a header that cannot be decoded whole (too
     large, or broken past those fields), read without building its other values, so that the
     sender's call can be failed by its id instead of left waiting."""
-    found = _peek(head, ("t", "task_id", "req_id"))
-    t, ref = found.get("t"), found.get("task_id", found.get("req_id"))
-    return (t if isinstance(t, str) else None), (ref if isinstance(ref, str) else None)
-
-
-def peek_attempt(head: bytes) -> int | None:
-    """The attempt a worker's header names, read as ``peek_ids`` reads ids."""
-    attempt = _peek(head, ("attempt",)).get("attempt")
-    return attempt if type(attempt) is int else None
-
-
-def _peek(head: bytes, keys: tuple[str, ...]) -> dict[str, str | int]:
-    found: dict[str, str | int] = {}
+    found: dict[str, str] = {}
     try:
         unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(head), 1))
         unpacker.feed(head)
         for _ in range(min(unpacker.read_map_header(), 64)):
             key = unpacker.unpack()
-            if key in keys:
+            if key in ("t", "task_id", "req_id"):
                 value = unpacker.unpack()
-                if (isinstance(value, str) and len(value) <= 256) or type(value) is int:
+                if isinstance(value, str) and len(value) <= 256:
                     found[key] = value
             else:
                 unpacker.skip()
     except Exception:  # a header broken before the fields: nothing more can be told
         pass
-    return found
+    return found.get("t"), found.get("task_id", found.get("req_id"))
+
+
+def peek_attempt(head: bytes) -> int | None:
+    """The attempt a worker's header names (``peek_field``), if it is an int."""
+    attempt = peek_field(head, "attempt")
+    return attempt if type(attempt) is int else None
 
 
 def error_reply(req_id: str | None, exc: Exception) -> Reply:
