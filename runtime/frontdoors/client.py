@@ -480,7 +480,7 @@ class AsyncClient:
                 if not self._room.is_set():
                     await self._wait_or_lose(asyncio.ensure_future(self._room.wait()),
                                              _left(deadline, loop), "sending")
-        if self._raw.getsockopt(_EVENTS) & _POLLIN:  # the send took its wake-up
+        if int(self._raw.getsockopt(_EVENTS)) & _POLLIN:  # the send took its wake-up
             loop.call_soon(self._drain)
         self._last_sent = now
 
@@ -533,7 +533,7 @@ class AsyncClient:
         and wake senders waiting for room."""
         try:
             for _ in range(most):
-                events = self._raw.getsockopt(_EVENTS)
+                events = int(self._raw.getsockopt(_EVENTS))
                 if events & _POLLOUT:
                     if self._later:
                         self._send_later()
