@@ -47,7 +47,7 @@ DOCS = [
     "The marathon route passes the old harbour twice.",
     "Espresso is brewed by forcing hot water through finely ground coffee.",
 ]
-ROUNDS = 3
+ROUNDS = 5  # alternately, best of: a 0.1 s fan-out on a shared machine moves by a third
 QUERIES = [
     "What happens when the accelerator breaks?",
     "Why does dough get bigger?",

@@ -32,7 +32,7 @@ def test_the_fanout_example_serves_every_text_and_answers_the_queries(output):
 
 
 def test_the_fanout_takes_no_longer_than_the_cpu_alone(output):
-    took, alone = map(float, re.search(r"20 texts embedded in ([\d.]+) s \(best of 3; on "
+    took, alone = map(float, re.search(r"20 texts embedded in ([\d.]+) s \(best of \d+; on "
                                        r"cpu0 alone: ([\d.]+) s\)", output).groups())
     # Before placement counted backlogs, one text went to the QNN HTP simulator (~0.4 s) while
     # cpu0 did the rest in a few ms; the margin covers a shared machine's noise.
