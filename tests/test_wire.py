@@ -120,12 +120,11 @@ def test_a_malformed_nested_field_is_a_protocol_error_naming_it_and_its_task(fie
     ({"tool_calls": [{"name": 3, "arguments": "{}"}]}, "tokens.tool_calls[0]: expected a tool"),
     ({"tool_calls": [{"name": "f", "arguments": {}}]}, "tokens.tool_calls[0]: expected a tool"),
     ({"tool_calls": [{"name": "f", "arguments": "{}", "index": -1}]}, "tokens.tool_calls[0]"),
-    ({"tool_calls": [{"name": "", "arguments": "{}"}]}, "tokens.tool_calls[0]"),
     ({"logprobs": [["a"]]}, "tokens.logprobs[0]: expected [token, finite log-probability]"),
     ({"logprobs": [["a", float("nan")]]}, "tokens.logprobs[0]"),
     ({"logprobs": [[1, -0.5]]}, "tokens.logprobs[0]"),
 ], ids=["id not an int", "id past int32", "negative id", "id a bool", "call not a map",
-        "name not a string", "arguments not a string", "negative index", "empty name",
+        "name not a string", "arguments not a string", "negative index",
         "logprob without its value", "nan logprob", "token not a string"])
 def test_tokens_a_worker_streams_are_checked_where_they_arrive(fields, where):
     """What a worker streams is passed on as it came (to the client, and as the prefix of a

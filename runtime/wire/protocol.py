@@ -260,9 +260,11 @@ _CALL_KEYS = frozenset(("index", "name", "arguments"))
 
 
 def _wire_call(d: dict) -> bool:
+    # Types only: what a model named is its answer (constrained decoding keeps it to the
+    # tools offered; without it, the caller sees what the model wrote).
     index = d.get("index", 0)
     return (d.keys() <= _CALL_KEYS and isinstance(d.get("name"), str)
-            and 0 < len(d["name"]) <= 64 and isinstance(d.get("arguments"), str)
+            and isinstance(d.get("arguments"), str)
             and type(index) is int and 0 <= index < MAX_TOKEN_ID)
 
 
