@@ -120,9 +120,9 @@ def test_a_malformed_nested_field_is_a_protocol_error_naming_it_and_its_task(fie
     ({"tool_calls": [{"name": 3, "arguments": "{}"}]}, "tokens.tool_calls[0]: expected a tool"),
     ({"tool_calls": [{"name": "f", "arguments": {}}]}, "tokens.tool_calls[0]: expected a tool"),
     ({"tool_calls": [{"name": "f", "arguments": "{}", "index": -1}]}, "tokens.tool_calls[0]"),
-    ({"logprobs": [["a"]]}, "tokens.logprobs[0]: expected [token, finite log-probability]"),
-    ({"logprobs": [["a", float("nan")]]}, "tokens.logprobs[0]"),
-    ({"logprobs": [[1, -0.5]]}, "tokens.logprobs[0]"),
+    ({"logprobs": [["a"]]}, "tokens.logprobs[0]: expected tuple[str, float]"),
+    ({"logprobs": [["a", float("nan")]]}, "tokens.logprobs[0][1]: expected a finite float"),
+    ({"logprobs": [[1, -0.5]]}, "tokens.logprobs[0][0]: expected str"),
 ], ids=["id not an int", "id past int32", "negative id", "id a bool", "call not a map",
         "name not a string", "arguments not a string", "negative index",
         "logprob without its value", "nan logprob", "token not a string"])
@@ -141,7 +141,8 @@ def test_well_formed_tokens_and_finish_reasons_pass_and_others_do_not():
     decode = p.Decoder(p.WORKER_TO_SCHEDULER, 1 << 20).decode
     good = p.Tokens(attempt=2, ids=[0, (1 << 31) - 1], text="Hi", logprobs=[["Hi", -0.25]],
                     tool_calls=[{"index": 1, "name": "get_weather", "arguments": '{"c": 1}'}])
-    assert decode(p.encode(good)) == good
+    assert decode(p.encode(good)) == p.Tokens(
+        attempt=2, ids=good.ids, text="Hi", logprobs=[("Hi", -0.25)], tool_calls=good.tool_calls)
     for reason in ("stop", "length", "tool_calls"):
         assert decode(p.encode(p.Generated(attempt=2, finish_reason=reason))).finish_reason \
             == reason

@@ -83,8 +83,8 @@ class TokenLogprob:
     token: str
     logprob: float
 
-    def to_wire(self) -> list:
-        return [self.token, self.logprob]
+    def to_wire(self) -> tuple[str, float]:
+        return (self.token, self.logprob)
 
     @classmethod
     def from_wire(cls, v: list) -> TokenLogprob:

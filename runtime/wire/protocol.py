@@ -268,14 +268,9 @@ def _wire_call(d: dict) -> bool:
             and type(index) is int and 0 <= index < MAX_TOKEN_ID)
 
 
-def _wire_logprob(v: list) -> bool:
-    return (len(v) == 2 and isinstance(v[0], str) and type(v[1]) in (int, float)
-            and -1e308 <= v[1] <= 1e308)  # finite: nan fails every comparison
-
-
 TokenId = Annotated[int, Check(lambda v: 0 <= v < MAX_TOKEN_ID, "a token id in [0, 2^31)")]
 WireToolCall = Annotated[dict, Check(_wire_call, "a tool call {index, name, arguments}")]
-WireLogprob = Annotated[list, Check(_wire_logprob, "[token, finite log-probability]")]
+WireLogprob = tuple[str, float]  # [token, log-probability]: the reader refuses nan and inf
 
 
 @dataclass
