@@ -180,6 +180,18 @@ class Paired:
     def run(self) -> Load:
         return best_of(self.runs)
 
+    @property
+    def ttft_p95s(self) -> list[float]:
+        """Each round's p95 time to first text, in round order."""
+        return [pct(load.ttfts, 95) for load in self.runs]
+
+    @property
+    def ttft_p95(self) -> float:
+        """The median over rounds of each round's p95, as the engine's figures are medians
+        over rounds (one round whose requests reached the engine across two steps is one
+        round in three, not the whole figure)."""
+        return statistics.median(self.ttft_p95s)
+
 
 def _timed(fn, *args) -> float:
     t0 = time.perf_counter()
@@ -241,7 +253,8 @@ def bench_llm(tokens: int = 64, n: int = 8) -> int:
     for load, k in ((fan8, n), (fan32, 32)):
         assert load.tokens == k * tokens, f"expected {k * tokens} tokens, got {load.tokens}"
 
-    print(f"\n{'':<44} {'total s':>8} {'tokens/s':>9} {'TTFT ms':>8} {'p95 ms':>8}  "
+    print(f"\nthe runtime's rows: its round of median total time; the engine's: medians\n"
+          f"{'':<44} {'total s':>8} {'tokens/s':>9} {'TTFT ms':>8} {'p95 ms':>8}  "
           f"vs one-after-another")
     print(row(f"in-process, {n} one after another", sequential, n * tokens, sequential_ttfts,
               None))
@@ -257,14 +270,16 @@ def bench_llm(tokens: int = 64, n: int = 8) -> int:
           f"(target >= 4x)")
     print(f"runtime vs the engine's batched call: {n}-way {fan8.total_s / eight.engine_s:.2f}x, "
           f"32-way {fan32.total_s / wide.engine_s:.2f}x the time (target <= 1.10x)")
-    ttft, own_s, prefill = (pct(fan8.ttfts, 95), statistics.median(own_first),
-                            statistics.median(prefill_s))
-    print(f"first tokens of the {n}-way fan-out: p95 {ttft * 1000:.0f} ms against the engine's "
-          f"batched prefill of {prefill * 1000:.0f} ms: {ttft / prefill:.2f}x (target <= 1.2x)")
+    ttft, own_s, prefill = eight.ttft_p95, statistics.median(own_first), statistics.median(
+        prefill_s)
+    print(f"first tokens of the {n}-way fan-out: p95 {ttft * 1000:.0f} ms (the median of the "
+          f"rounds' {', '.join(f'{x * 1000:.0f}' for x in eight.ttft_p95s)} ms) against the "
+          f"engine's batched prefill of {prefill * 1000:.0f} ms: {ttft / prefill:.2f}x "
+          f"(target <= 1.2x)")
     print(f"  the same {n} chats added at once to the worker's own engine in this process "
           f"(ContinuousBatchingPipeline, prefix caching, a step() loop): first tokens p95 "
           f"{own_s * 1000:.0f} ms, so the runtime's p95 is {ttft / own_s:.2f}x its engine's own")
-    ttft_fresh = pct(fresh.run.ttfts, 95)
+    ttft_fresh = fresh.ttft_p95
     print(f"  prompts not seen before (a new tag leads each, every round, in both): first "
           f"tokens p95 {ttft_fresh * 1000:.0f} ms against the engine's batched prefill of "
           f"{fresh.engine_s * 1000:.0f} ms: {ttft_fresh / fresh.engine_s:.2f}x")
