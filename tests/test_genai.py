@@ -476,6 +476,21 @@ def test_text_deltas_hold_back_incomplete_characters_and_stop_prefixes():
     assert cont.push([3]) == "\u00e9" and cont.flush() == ""
 
 
+def test_text_deltas_use_a_text_decoded_for_them_and_only_for_their_ids():
+    calls: list[list[int]] = []
+
+    def decode(ids):
+        calls.append(list(ids))
+        return "".join(f"<{i}>" for i in ids)
+
+    deltas = TextDeltas(decode, GenRequest(prompt="x"))
+    deltas.prime([1, 2], "<1><2>")  # as the engine thread's one call for a step's jobs
+    assert deltas.push([1, 2]) == "<1><2>" and calls == []
+    deltas.prime([9], "wrong")  # primed for other ids than pushed: decoded again
+    assert deltas.push([3]) == "<3>" and calls == [[1, 2, 3]]
+    assert deltas.push([4]) == "<4>"  # a prime serves one push only
+
+
 def test_a_prompt_longer_than_the_context_is_invalid_input_with_the_numbers(session):
     with pytest.raises(InvalidInput, match=r"prompt is \d+ tokens, max_tokens 8190, the "
                                            r"model's context is 8192"):

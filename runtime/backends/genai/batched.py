@@ -127,8 +127,10 @@ class BatchedLLMSession(EngineSession):
             except Exception as e:
                 self._step_failed(e)
                 continue
-            for job in list(self._running.values()):
-                self._collect(job, g)
+            read = [self._read(job, g) for job in list(self._running.values())]
+            self._decode_together(read)
+            for job, status, ids, logprobs, reason in read:
+                self._collect(job, g, status, ids, logprobs, reason)
 
     # -- admission --
 
@@ -201,7 +203,10 @@ class BatchedLLMSession(EngineSession):
 
     # -- after a step --
 
-    def _collect(self, job: Job, g: Any) -> None:
+    @staticmethod
+    def _read(job: Job, g: Any) -> tuple[Job, Any, list[int], list[float], Any]:
+        """What the last step made for ``job``: its status, new ids, their log-probabilities
+        and the engine's finish reason."""
         h = job.handle
         status = h.get_status()  # before reading: a finished request's last ids are readable
         ids: list[int] = []
@@ -212,6 +217,24 @@ class BatchedLLMSession(EngineSession):
                 ids += out.generated_ids
                 logprobs += out.generated_log_probs
                 reason = out.finish_reason
+        return job, status, ids, logprobs, reason
+
+    def _decode_together(self, read: list[tuple[Job, Any, list[int], list[float], Any]]) -> None:
+        """Decode the text of every job with new ids in one tokenizer call, for their deltas
+        to use; if that call fails, each decodes its own."""
+        texts = [(job.gen.deltas.text, ids) for job, _, ids, _, _ in read
+                 if ids and not job.gen.ended]
+        if len(texts) < 2:
+            return
+        try:
+            decoded = self._tok.decode([text.ids + ids for text, ids in texts])
+        except Exception:
+            return
+        for (text, ids), out in zip(texts, decoded):
+            text.prime(ids, out)
+
+    def _collect(self, job: Job, g: Any, status: Any, ids: list[int], logprobs: list[float],
+                 reason: Any) -> None:
         if job.rid in self._prefilling and (ids or status != g.GenerationStatus.RUNNING):
             self._computed.append(job.input_ids)  # its prompt's blocks are computed (and cached)
             self._release(job)

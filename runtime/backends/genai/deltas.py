@@ -35,10 +35,20 @@ class TextDeltas:
         self.ids = list(r.prefix_ids) if continued else []
         self.emitted = len(r.prefix_text) if continued else 0
         self.stopped = False  # a stop string was found in the text
+        self._primed: tuple[int, list[int], str] | None = None
+
+    def prime(self, new_ids: list[int], text: str) -> None:
+        """``text`` is what ``self.ids + new_ids`` decode to: the next ``push(new_ids)`` uses
+        it instead of decoding (the engine thread decodes every job of a step in one call:
+        a call costs ~75 us here whatever its length, so eight jobs alone cost 0.7 ms a step,
+        together 0.1 ms)."""
+        self._primed = (len(self.ids), list(new_ids), text)
 
     def push(self, new_ids: list[int]) -> str:
+        primed, self._primed = self._primed, None
+        fits = primed is not None and primed[0] == len(self.ids) and primed[1] == new_ids
         self.ids += new_ids
-        text = self._decode(self.ids)
+        text = primed[2] if fits and primed is not None else self._decode(self.ids)
         hits = [i for i in (text.find(s, self.emitted) for s in self._stop) if i >= 0]
         if hits:
             self.stopped = True
