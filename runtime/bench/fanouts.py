@@ -1,9 +1,12 @@
 """Streaming fan-outs against a cluster, timed per request: the loads of ``fanout bench llm``."""
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
+
+import runtime
 
 from .common import pct
 
@@ -65,6 +68,56 @@ def fan_out(client, model: str, chats: list[list[dict]], tokens: int,
         t.join()
     load.total_s = time.perf_counter() - started
     return load
+
+
+class AsyncFanOut:
+    """Every chat streamed at once from one event loop, ``asyncio.gather`` over
+    ``AsyncClient.astream``: how an async agent framework fans out. The thread-per-chat
+    ``fan_out`` sends them over a few ms; these leave in one pass of the loop. One
+    connection for every call, on a loop of its own; ``close()`` ends both."""
+
+    def __init__(self, cluster) -> None:
+        self._runner = asyncio.Runner()
+        self._client = self._runner.run(
+            runtime.AsyncClient(cluster.address, cluster.token, keys=cluster.keys).connect())
+
+    def __call__(self, model: str, chats: list[list[dict]], tokens: int,
+                 ignore_eos: bool = True) -> Load:
+        return self._runner.run(self._fan_out(model, chats, tokens, ignore_eos))
+
+    async def _fan_out(self, model: str, chats: list[list[dict]], tokens: int,
+                       ignore_eos: bool) -> Load:
+        load = Load(texts=[""] * len(chats))
+
+        async def one(i: int) -> None:
+            t0 = last = time.perf_counter()
+            first: float | None = None
+            parts: list[str] = []
+            async for chunk in self._client.astream(model, chats[i], max_tokens=tokens,
+                                                    ignore_eos=ignore_eos):
+                now = time.perf_counter()
+                if chunk.text:
+                    parts.append(chunk.text)
+                    if first is None:
+                        first = now - t0
+                    else:
+                        load.gaps.append(now - last)
+                    last = now
+                if chunk.usage:
+                    load.tokens += chunk.usage["completion_tokens"]
+            load.ttfts.append(first if first is not None else float("nan"))
+            load.texts[i] = "".join(parts)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(len(chats))))
+        load.total_s = time.perf_counter() - started
+        return load
+
+    def close(self) -> None:
+        try:
+            self._runner.run(self._client.close())
+        finally:
+            self._runner.close()
 
 
 def best_of(runs: list[Load]) -> Load:

@@ -24,7 +24,7 @@ from ..launchers.models import fetch
 from . import control, peer
 from .common import LLM_PROMPTS, cluster_config, hardware, pct, row
 from .constrained import bench_constrained, bench_tool_use, constrained_steps
-from .fanouts import Load, best_of, fan_out
+from .fanouts import AsyncFanOut, Load, best_of, fan_out
 from .prefix import bench_prefix
 
 SWEEP = [1, 4, 8, 16, 32]
@@ -223,7 +223,7 @@ def bench_llm(tokens: int = 64, n: int = 8) -> int:
              options: {{cpu0: {{deterministic: true, enable_prefix_caching: false,
                                warmup: false}}}}}}
     """)
-    eight, wide, fresh = Paired(), Paired(), Paired()
+    eight, wide, fresh, gathered = Paired(), Paired(), Paired(), Paired()
     prefill_s: list[float] = []
     own_first: list[float] = []
     with runtime.start(config_path) as cluster:
@@ -232,16 +232,23 @@ def bench_llm(tokens: int = 64, n: int = 8) -> int:
         burst = control.status_during(cluster, client, "smollm2", chats_for(64), tokens)
         client.generate("smollm2", LLM_PROMPTS[0], max_tokens=8)
         fan_out(client, "smollm2", chats_for(n), tokens)  # its blocks cached, as the engine's
-        for r in range(ROUNDS):
-            batched_s, prefilled_s = engine.batched_then_prefill(chats_for(n))
-            eight.engine.append(batched_s)
-            prefill_s.append(prefilled_s)
-            eight.runs.append(fan_out(client, "smollm2", chats_for(n), tokens))
-            own_first.append(own.first_tokens(chats_for(n)))
-            fresh.engine.append(engine.prefill_fresh(fresh_chats(n, 900 + r)))
-            fresh.runs.append(fan_out(client, "smollm2", fresh_chats(n, 100 + r), tokens))
-            wide.engine.append(engine.batched(chats_for(32)))
-            wide.runs.append(fan_out(client, "smollm2", chats_for(32), tokens))
+        in_loop = AsyncFanOut(cluster)
+        try:
+            in_loop("smollm2", chats_for(n), tokens)  # its connection up
+            for r in range(ROUNDS):
+                batched_s, prefilled_s = engine.batched_then_prefill(chats_for(n))
+                eight.engine.append(batched_s)
+                prefill_s.append(prefilled_s)
+                eight.runs.append(fan_out(client, "smollm2", chats_for(n), tokens))
+                gathered.engine.append(prefilled_s)
+                gathered.runs.append(in_loop("smollm2", chats_for(n), tokens))
+                own_first.append(own.first_tokens(chats_for(n)))
+                fresh.engine.append(engine.prefill_fresh(fresh_chats(n, 900 + r)))
+                fresh.runs.append(fan_out(client, "smollm2", fresh_chats(n, 100 + r), tokens))
+                wide.engine.append(engine.batched(chats_for(32)))
+                wide.runs.append(fan_out(client, "smollm2", chats_for(32), tokens))
+        finally:
+            in_loop.close()
         del own, engine
         sweep = {k: best_of([fan_out(client, "smollm2", chats_for(k), tokens)
                              for _ in range(2)]) for k in SWEEP}
@@ -250,7 +257,7 @@ def bench_llm(tokens: int = 64, n: int = 8) -> int:
         bench_tool_use(client, "smollm2")
     constrained_steps(path, LLM_PROMPTS[:n], tokens)
     fan8, fan32 = eight.run, wide.run
-    for load, k in ((fan8, n), (fan32, 32)):
+    for load, k in ((fan8, n), (fan32, 32), (gathered.run, n)):
         assert load.tokens == k * tokens, f"expected {k * tokens} tokens, got {load.tokens}"
 
     print(f"\nthe runtime's rows: its round of median total time; the engine's: medians\n"
@@ -279,6 +286,11 @@ def bench_llm(tokens: int = 64, n: int = 8) -> int:
     print(f"  the same {n} chats added at once to the worker's own engine in this process "
           f"(ContinuousBatchingPipeline, prefix caching, a step() loop): first tokens p95 "
           f"{own_s * 1000:.0f} ms, so the runtime's p95 is {ttft / own_s:.2f}x its engine's own")
+    print(f"  the same {n} from one event loop (asyncio.gather over AsyncClient.astream, as an "
+          f"async agent framework fans out): first tokens p95 {gathered.ttft_p95 * 1000:.0f} "
+          f"ms (rounds {', '.join(f'{x * 1000:.0f}' for x in gathered.ttft_p95s)}): "
+          f"{gathered.ttft_p95 / prefill:.2f}x the engine's batched prefill; total "
+          f"{gathered.run.total_s / eight.engine_s:.2f}x the engine's batched call")
     ttft_fresh = fresh.ttft_p95
     print(f"  prompts not seen before (a new tag leads each, every round, in both): first "
           f"tokens p95 {ttft_fresh * 1000:.0f} ms against the engine's batched prefill of "
