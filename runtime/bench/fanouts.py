@@ -31,6 +31,37 @@ class Load:
         return pct(self.gaps, 95) * 1000
 
 
+class _Timed:
+    """One stream's figures as its chunks come: time to first text, the gaps between chunks
+    with text, the completion tokens and the text."""
+
+    def __init__(self) -> None:
+        self.t0 = self.last = time.perf_counter()
+        self.first: float | None = None
+        self.gaps: list[float] = []
+        self.parts: list[str] = []
+        self.count = 0
+
+    def see(self, chunk) -> None:
+        now = time.perf_counter()
+        if chunk.text:
+            self.parts.append(chunk.text)
+            if self.first is None:
+                self.first = now - self.t0
+            else:
+                self.gaps.append(now - self.last)
+            self.last = now
+        if chunk.usage:
+            self.count = chunk.usage["completion_tokens"]
+
+    def add_to(self, load: Load, i: int) -> None:
+        """Into ``load``, as the stream of chat ``i`` (under the caller's lock, if shared)."""
+        load.ttfts.append(self.first if self.first is not None else float("nan"))
+        load.gaps += self.gaps
+        load.tokens += self.count
+        load.texts[i] = "".join(self.parts)
+
+
 def fan_out(client, model: str, chats: list[list[dict]], tokens: int,
             ignore_eos: bool = True) -> Load:
     """Every chat streamed at once, one thread each, ``tokens`` new tokens per chat."""
@@ -38,27 +69,11 @@ def fan_out(client, model: str, chats: list[list[dict]], tokens: int,
     lock = threading.Lock()
 
     def one(i: int) -> None:
-        t0 = last = time.perf_counter()
-        first: float | None = None
-        gaps: list[float] = []
-        parts: list[str] = []
-        count = 0
+        timed = _Timed()
         for chunk in client.stream(model, chats[i], max_tokens=tokens, ignore_eos=ignore_eos):
-            now = time.perf_counter()
-            if chunk.text:
-                parts.append(chunk.text)
-                if first is None:
-                    first = now - t0
-                else:
-                    gaps.append(now - last)
-                last = now
-            if chunk.usage:
-                count = chunk.usage["completion_tokens"]
+            timed.see(chunk)
         with lock:
-            load.ttfts.append(first if first is not None else float("nan"))
-            load.gaps += gaps
-            load.tokens += count
-            load.texts[i] = "".join(parts)
+            timed.add_to(load, i)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(chats))]
     started = time.perf_counter()
@@ -90,23 +105,11 @@ class AsyncFanOut:
         load = Load(texts=[""] * len(chats))
 
         async def one(i: int) -> None:
-            t0 = last = time.perf_counter()
-            first: float | None = None
-            parts: list[str] = []
+            timed = _Timed()
             async for chunk in self._client.astream(model, chats[i], max_tokens=tokens,
                                                     ignore_eos=ignore_eos):
-                now = time.perf_counter()
-                if chunk.text:
-                    parts.append(chunk.text)
-                    if first is None:
-                        first = now - t0
-                    else:
-                        load.gaps.append(now - last)
-                    last = now
-                if chunk.usage:
-                    load.tokens += chunk.usage["completion_tokens"]
-            load.ttfts.append(first if first is not None else float("nan"))
-            load.texts[i] = "".join(parts)
+                timed.see(chunk)
+            timed.add_to(load, i)
 
         started = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(len(chats))))
